@@ -1,0 +1,71 @@
+import logging
+
+from aiohttp import web
+
+from mirror.api.context import route
+from mirror.cache.blobs import Flight, FlightFailed, LocalBlob
+from mirror.errors import RegistryError
+from mirror.names import Digest, parse_digest, parse_range
+
+log = logging.getLogger("mirror.api")
+
+
+def _headers(digest: Digest) -> dict[str, str]:
+    return {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes"}
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD /v2/<name>/blobs/<digest>: sendfile when warm, the shared Flight when cold."""
+    registry, r = route(request)
+    digest = parse_digest(request.match_info["digest"])
+    if request.method == "HEAD":
+        size, request["cache"] = await registry.blob_head(r, digest)
+        headers = _headers(digest)
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        return web.Response(headers=headers)
+
+    source = await registry.blob(r, digest)
+    range_header = request.headers.get("Range")
+    if isinstance(source, LocalBlob):
+        request["cache"] = "hit"
+        if range_header:
+            parse_range(range_header, source.size)  # a clear OCI error before FileResponse's own 416
+        return web.FileResponse(source.path, headers=_headers(digest))
+    request["cache"] = "miss"
+    return await _stream(request, source, digest, range_header)
+
+
+async def _stream(request: web.Request, flight: Flight, digest: Digest, range_header: str | None) -> web.StreamResponse:
+    await flight.started.wait()
+    if flight.error is not None and flight.written == 0:
+        raise _as_registry_error(flight.error)
+    size = flight.size
+    start, end, status = 0, size, 200
+    headers = _headers(digest)
+    if range_header and size is not None:
+        start, end = parse_range(range_header, size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp = web.StreamResponse(status=status, headers=headers)
+    if end is not None:
+        resp.content_length = end - start
+    await resp.prepare(request)
+    try:
+        async for chunk in flight.read(start, end):
+            await resp.write(chunk)
+    except FlightFailed as e:
+        # Headers are gone: the only honest signal left is to cut the connection short.
+        log.warning("cutting %s for %s: %s", request.path, request.remote, e)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(str(e)) from None
+    await resp.write_eof()
+    return resp
+
+
+def _as_registry_error(error: Exception) -> RegistryError:
+    if isinstance(error, RegistryError):
+        return error
+    return RegistryError("UPSTREAM_UNAVAILABLE", str(error))

@@ -1,0 +1,10 @@
+from aiohttp import web
+
+from mirror.api.context import REGISTRY
+from mirror.api.pages import paginate
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """GET /v2/_catalog?n=&last=: repositories with content here."""
+    page, headers = paginate(request, await request.app[REGISTRY].repositories())
+    return web.json_response({"repositories": page}, headers=headers)

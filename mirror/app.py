@@ -1,0 +1,118 @@
+"""Build the aiohttp application: routes, middlewares, and the lifecycle of shared state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from mirror.api import ROUTES
+from mirror.api.context import REGISTRY
+from mirror.cache.blobs import BlobCache
+from mirror.cache.index import Index
+from mirror.cache.manifests import ManifestCache
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.registry import Registry
+from mirror.routing import Router, Upstream
+from mirror.storage.filesystem import FilesystemStorage
+from mirror.upstream import UpstreamClient
+
+log = logging.getLogger("mirror")
+CONFIG = web.AppKey("config", Config)
+INDEX_FLUSH_SECONDS = 30.0
+
+
+def error_response(error: RegistryError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Every failure leaves as one OCI error body: ours, the router's, or an unexpected one."""
+    request["request_id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    try:
+        return await handler(request)
+    except RegistryError as e:
+        return error_response(e)
+    except web.HTTPMethodNotAllowed:
+        return error_response(RegistryError("UNSUPPORTED", f"{request.method} is not supported on "
+                                                           f"{request.path[:200]}"))
+    except web.HTTPNotFound:
+        return error_response(RegistryError("NOT_FOUND", f"no API endpoint at {request.path[:200]}"))
+    except (ConnectionResetError, asyncio.CancelledError, web.HTTPException):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(RegistryError("UNKNOWN", "internal server error"))
+
+
+def _on_prepare(config: Config):  # type: ignore[no-untyped-def]
+    extra = {name: ", ".join(values) for name, values in config.http.headers.items()}
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+        if "request_id" in request:
+            response.headers["X-Request-Id"] = request["request_id"]
+        for name, value in extra.items():
+            response.headers.setdefault(name, value)
+
+    return on_prepare
+
+
+async def _state(app: web.Application) -> AsyncIterator[None]:
+    """Open storage, index, the upstream session and the caches; close them on shutdown."""
+    config = app[CONFIG]
+    storage = FilesystemStorage(config.storage.rootdirectory)
+    _clear_staging(storage.staging_dir())
+    index = Index(config.cache.index_dir(config.storage))
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+        auto_decompress=False,  # blob bytes must reach the hash exactly as the upstream sent them
+        headers={"User-Agent": "mirror/0.1"},
+    )
+    upstreams = [
+        Upstream(up, UpstreamClient(up, session), Router.local_prefix(up, i == 0))
+        for i, up in enumerate(config.upstreams)
+    ]
+    manifests = ManifestCache(storage, index, config.cache.memory)
+    blobs = BlobCache(storage, index)
+    app[REGISTRY] = Registry(storage, Router(upstreams), manifests, blobs)
+
+    async def flush_index() -> None:
+        while True:
+            await asyncio.sleep(INDEX_FLUSH_SECONDS)
+            index.flush()
+
+    flusher = asyncio.create_task(flush_index())
+    try:
+        yield
+    finally:
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await blobs.close()
+        await session.close()
+        index.close()
+        await storage.close()
+
+
+def _clear_staging(staging: Path) -> None:
+    """Spool and temp files of a process that died: never complete, never visible."""
+    for leftover in staging.iterdir():
+        leftover.unlink(missing_ok=True)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=4 << 20)
+    app[CONFIG] = config
+    app.router.add_routes(ROUTES)
+    app.on_response_prepare.append(_on_prepare(config))
+    app.cleanup_ctx.append(_state)
+    return app

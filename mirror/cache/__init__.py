@@ -1,0 +1,2 @@
+"""Every pull-through rule: blobs.py (single-flight tee), manifests.py (tag TTL, revalidation,
+stale-if-error), index.py (the diskcache index)."""

@@ -1,0 +1,275 @@
+"""Cached blobs: warm = a local file for sendfile; cold = one upstream fetch per digest (a Flight)
+fanned out to every client while it is written, hashed and committed only if the digest matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from mirror.cache.index import Index
+from mirror.errors import RegistryError
+from mirror.names import Digest
+from mirror.routing import Route
+from mirror.storage import Storage, paths
+from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+
+log = logging.getLogger("mirror.cache")
+
+READ_CHUNK = 1 << 20
+WRITE_BATCH = 256 << 10  # gather upstream bytes into writes of this size
+
+
+class FlightFailed(Exception):
+    """The upstream transfer broke or its bytes did not match the digest."""
+
+
+OpenUpstream = Callable[[int], Awaitable[aiohttp.ClientResponse]]
+Commit = Callable[[Path], Awaitable[None]]
+
+
+class Flight:
+    """One upstream read of one blob, fanned out to N readers and one storage commit.
+
+    The fetch writes to a spool file while hashing; readers follow that file by offset and wait
+    for progress, so a slow reader never slows the fetch and a leaving reader never cancels it.
+    Readers are held back from the newest bytes until the digest has verified: on a mismatch no
+    client ever holds a complete body with wrong bytes, and their connections are cut.
+    """
+
+    def __init__(self, digest: Digest, spool: Path, route: Route) -> None:
+        self.digest = digest
+        self.spool = spool
+        self.route = route
+        self.fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.size: int | None = None
+        self.written = 0
+        self.readable = 0
+        self.done = False
+        self.error: Exception | None = None
+        self.started = asyncio.Event()  # size known, or failed before the first byte
+        self._progress = asyncio.Event()
+        self._readers = 0
+        self._finished = False
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def run(self, open_upstream: OpenUpstream, commit: Commit, attempts: int) -> None:
+        try:
+            await self._fetch(open_upstream, attempts)
+            await asyncio.to_thread(os.fsync, self.fd)  # durable before it is named complete
+            await commit(self.spool)
+            self.readable = self.written
+            self.done = True
+        except Exception as e:
+            self.error = e
+            with contextlib.suppress(FileNotFoundError):
+                self.spool.unlink()
+            if not isinstance(e, RegistryError | FlightFailed):
+                log.exception("blob fetch %s failed", self.digest)
+        except asyncio.CancelledError:
+            self.error = FlightFailed("server shutting down")
+            with contextlib.suppress(FileNotFoundError):
+                self.spool.unlink()
+            raise
+        finally:
+            self._finished = True
+            self.started.set()
+            self._notify()
+            self._maybe_close()
+
+    async def _fetch(self, open_upstream: OpenUpstream, attempts: int) -> None:
+        hasher = self.digest.hasher()
+        resp = await open_upstream(0)
+        self.size = resp.content_length
+        self.started.set()
+        pending = bytearray()
+        for attempt in range(1, attempts + 1):
+            try:
+                async with resp:
+                    async for chunk in resp.content.iter_chunked(WRITE_BATCH):
+                        pending += chunk
+                        if len(pending) >= WRITE_BATCH:
+                            await self._write(pending, hasher)
+                            pending = bytearray()
+                break
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
+                if attempt == attempts or self.size is None:
+                    raise FlightFailed(f"upstream transfer of {self.digest} broke: {e}") from None
+                await self._write(pending, hasher)
+                pending = bytearray()
+                log.warning("upstream transfer of %s broke at %d bytes (%s), resuming",
+                            self.digest, self.written, e)
+                resp = await open_upstream(self.written)
+        await self._write(pending, hasher)
+        if self.size is not None and self.written != self.size:
+            raise FlightFailed(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
+        if hasher.hexdigest() != self.digest.hex:
+            log.error("upstream sent bytes for %s that do not match its digest", self.digest)
+            raise FlightFailed(f"upstream sent bytes that do not match {self.digest}")
+
+    async def _write(self, data: bytearray, hasher: object) -> None:
+        if not data:
+            return
+        hasher.update(data)  # type: ignore[attr-defined]
+        await asyncio.to_thread(os.pwrite, self.fd, data, self.written)
+        self.readable = self.written  # release what came before; hold back this batch
+        self.written += len(data)
+        self._notify()
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) as they become readable; raises FlightFailed if the fetch fails."""
+        self._readers += 1
+        try:
+            pos = start
+            while end is None or pos < end:
+                if self.error is not None:
+                    raise FlightFailed(str(self.error))
+                limit = self.readable if end is None else min(self.readable, end)
+                if pos < limit:
+                    data = await asyncio.to_thread(os.pread, self.fd, min(READ_CHUNK, limit - pos), pos)
+                    if not data:
+                        raise FlightFailed(f"spool of {self.digest} ended early")
+                    pos += len(data)
+                    yield data
+                elif self.done:
+                    return
+                else:
+                    await self._progress.wait()
+        finally:
+            self._readers -= 1
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._finished and self._readers == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    path: Path
+    size: int
+
+
+class BlobCache:
+    def __init__(self, storage: Storage, index: Index) -> None:
+        self.storage = storage
+        self.index = index
+        self.flights: dict[str, Flight] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._linked: set[tuple[str, str]] = set()
+
+    async def open(self, route: Route, digest: Digest) -> LocalBlob | Flight:
+        """A warm local blob, or the Flight fetching it (joined or started)."""
+        key = str(digest)
+        local = await self._local(route, digest)
+        if local is not None:
+            return local
+        flight = self.flights.get(key)
+        if flight is not None and flight.route.local == route.local:
+            return flight
+        if flight is not None or await self.storage.stat(paths.blob(digest)) is not None:
+            # Stored for another repository: serve it here only if this repository's upstream has it.
+            await self.head_upstream(route, digest)
+            await self._link(route.local, digest)
+            local = await self._local(route, digest)
+            if local is not None:
+                return local
+            flight = self.flights.get(key)
+            if flight is not None:
+                return flight
+        return self._start(route, digest)
+
+    async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
+        """(size, cache result) without fetching the blob."""
+        local = await self._local(route, digest)
+        if local is not None:
+            return local.size, "hit"
+        flight = self.flights.get(str(digest))
+        if flight is not None and flight.route.local == route.local:
+            await flight.started.wait()
+            if flight.error is None:
+                return flight.size, "miss"
+        return await self.head_upstream(route, digest), "miss"
+
+    async def head_upstream(self, route: Route, digest: Digest) -> int | None:
+        try:
+            return await route.upstream.client.head_blob(route.remote, str(digest))
+        except UpstreamNotFound:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
+        except UpstreamDenied as e:
+            raise RegistryError("DENIED", str(e)) from None
+        except UpstreamError as e:
+            raise e.to_registry_error() from None
+
+    async def _local(self, route: Route, digest: Digest) -> LocalBlob | None:
+        key = str(digest)
+        if (route.local, key) not in self._linked:
+            if await self.storage.stat(paths.layer(route.local, digest)) is None:
+                return None
+            self._remember_link(route.local, key)
+        path = self.storage.local_path(paths.blob(digest))
+        st = await self.storage.stat(paths.blob(digest))
+        if st is None or path is None:
+            self._linked.discard((route.local, key))
+            return None
+        self.index.touch_blob(key)
+        return LocalBlob(path, st.size)
+
+    def _remember_link(self, repository: str, digest: str) -> None:
+        if len(self._linked) > 200_000:
+            self._linked.clear()
+        self._linked.add((repository, digest))
+
+    async def _link(self, repository: str, digest: Digest) -> None:
+        await self.storage.put_bytes(paths.layer(repository, digest), str(digest).encode())
+        self._remember_link(repository, str(digest))
+
+    def _start(self, route: Route, digest: Digest) -> Flight:
+        key = str(digest)
+        spool = self.storage.staging_dir() / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
+        flight = Flight(digest, spool, route)
+        self.flights[key] = flight
+
+        async def open_upstream(offset: int) -> aiohttp.ClientResponse:
+            try:
+                return await route.upstream.client.open_blob(route.remote, key, offset)
+            except UpstreamNotFound:
+                raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
+            except UpstreamDenied as e:
+                raise RegistryError("DENIED", str(e)) from None
+            except UpstreamError as e:
+                raise e.to_registry_error() from None
+
+        async def commit(spool: Path) -> None:
+            await self.storage.put_file(paths.blob(digest), spool)
+            await self._link(route.local, digest)
+            self.index.touch_blob(key)
+
+        async def run() -> None:
+            try:
+                await flight.run(open_upstream, commit, route.upstream.config.retries)
+            finally:
+                if self.flights.get(key) is flight:
+                    del self.flights[key]
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return flight
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,64 @@
+"""The local index in diskcache: tag -> (digest, fetched_at), blob -> last access.
+
+An accelerator only: storage holds the truth (tag files, links), so the index can be deleted
+and rebuilt. Reads go through a dict so the hot path never touches sqlite; blob access times
+are batched in memory and flushed in the background instead of one sqlite write per hit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import diskcache
+
+
+@dataclass(slots=True)
+class TagEntry:
+    digest: str
+    fetched_at: float  # when upstream last confirmed this digest (0 = never: revalidate)
+
+
+class Index:
+    def __init__(self, directory: str) -> None:
+        self.db = diskcache.Cache(directory, eviction_policy="none", size_limit=2**62)
+        self._tags: dict[tuple[str, str], TagEntry | None] = {}
+        self._access: dict[str, float] = {}
+
+    def tag(self, repository: str, tag: str) -> TagEntry | None:
+        key = (repository, tag)
+        try:
+            return self._tags[key]
+        except KeyError:
+            pass
+        raw = self.db.get(("tag", repository, tag))
+        entry = TagEntry(*raw) if raw else None
+        if len(self._tags) > 100_000:  # bound the read-through dict; sqlite still has them all
+            self._tags.clear()
+        self._tags[key] = entry
+        return entry
+
+    def set_tag(self, repository: str, tag: str, digest: str, fetched_at: float) -> None:
+        self._tags[(repository, tag)] = TagEntry(digest, fetched_at)
+        self.db.set(("tag", repository, tag), (digest, fetched_at))
+
+    def drop_tag(self, repository: str, tag: str) -> None:
+        self._tags[(repository, tag)] = None
+        self.db.delete(("tag", repository, tag))
+
+    def touch_blob(self, digest: str) -> None:
+        self._access[digest] = time.time()
+
+    def last_access(self, digest: str) -> float | None:
+        return self._access.get(digest) or self.db.get(("access", digest))
+
+    def flush(self) -> None:
+        pending, self._access = self._access, {}
+        if pending:
+            with self.db.transact():
+                for digest, at in pending.items():
+                    self.db.set(("access", digest), at)
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()

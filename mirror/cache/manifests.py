@@ -1,0 +1,187 @@
+"""Cached manifests: digest = immutable; tag = fresh for the upstream's tag TTL, then one HEAD
+upstream (GET only when the digest changed); stale-if-error when the upstream fails.
+
+Hot path: a tag hit is two dict lookups (tag index, manifest bodies in memory) and no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from mirror import mediatypes
+from mirror.cache.index import Index
+from mirror.errors import RegistryError
+from mirror.names import Digest, parse_digest
+from mirror.routing import Route
+from mirror.storage import NotFound, Storage, paths
+from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+
+log = logging.getLogger("mirror.cache")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    manifest: Manifest
+    cache: str  # hit | miss | revalidated | stale
+    warning: str | None = None
+
+
+class ManifestCache:
+    def __init__(self, storage: Storage, index: Index, memory: int) -> None:
+        self.storage = storage
+        self.index = index
+        self.memory_limit = memory
+        self._memory: OrderedDict[str, Manifest] = OrderedDict()
+        self._memory_size = 0
+        self._linked: set[tuple[str, str]] = set()  # (repository, digest) known to have a revision link
+        self._flights: dict[tuple[str, str], asyncio.Task[Served]] = {}
+
+    # --- public --------------------------------------------------------------------------
+
+    async def get(self, route: Route, reference: str | Digest) -> Served:
+        if isinstance(reference, Digest):
+            return await self.by_digest(route, str(reference))
+        return await self.by_tag(route, reference)
+
+    async def by_digest(self, route: Route, digest: str) -> Served:
+        manifest = await self._local(route.local, digest)
+        if manifest is not None:
+            return Served(manifest, "hit")
+        return await self._single_flight(route.local, digest, lambda: self._fetch_digest(route, digest))
+
+    async def by_tag(self, route: Route, tag: str) -> Served:
+        entry = self.index.tag(route.local, tag)
+        if entry is not None and time.time() - entry.fetched_at < route.upstream.config.tag_ttl:
+            manifest = await self._local(route.local, entry.digest)
+            if manifest is not None:
+                return Served(manifest, "hit")
+        return await self._single_flight(route.local, f"tag:{tag}", lambda: self._revalidate(route, tag))
+
+    # --- memory and storage --------------------------------------------------------------
+
+    async def _local(self, repository: str, digest: str) -> Manifest | None:
+        manifest = self._memory.get(digest)
+        if manifest is not None and (repository, digest) in self._linked:
+            self._memory.move_to_end(digest)
+            return manifest
+        d = parse_digest(digest)
+        if await self.storage.stat(paths.revision(repository, d)) is None:
+            return None
+        if manifest is None:
+            try:
+                body = await self.storage.get_bytes(paths.blob(d))
+            except NotFound:
+                return None
+            manifest = Manifest(digest, mediatypes.detect(body), body)
+            self._remember(manifest)
+        self._link_known(repository, digest)
+        return manifest
+
+    def _remember(self, manifest: Manifest) -> None:
+        if manifest.digest in self._memory:
+            return
+        self._memory[manifest.digest] = manifest
+        self._memory_size += len(manifest.body)
+        while self._memory_size > self.memory_limit and len(self._memory) > 1:
+            _, old = self._memory.popitem(last=False)
+            self._memory_size -= len(old.body)
+
+    def _link_known(self, repository: str, digest: str) -> None:
+        if len(self._linked) > 200_000:
+            self._linked.clear()
+        self._linked.add((repository, digest))
+
+    async def _store(self, repository: str, manifest: Manifest) -> None:
+        d = parse_digest(manifest.digest)
+        if await self.storage.stat(paths.blob(d)) is None:
+            await self.storage.put_bytes(paths.blob(d), manifest.body)
+        await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
+        self._remember(manifest)
+        self._link_known(repository, manifest.digest)
+
+    # --- upstream ------------------------------------------------------------------------
+
+    async def _single_flight(self, repository: str, key: str, fetch: Callable[[], Awaitable[Served]]) -> Served:
+        """One upstream exchange per (repository, reference); a client leaving never cancels it."""
+        fkey = (repository, key)
+        task = self._flights.get(fkey)
+        if task is None:
+            task = asyncio.create_task(fetch())
+            self._flights[fkey] = task
+            task.add_done_callback(lambda _t: self._flights.pop(fkey, None))
+        return await asyncio.shield(task)
+
+    async def _revalidate(self, route: Route, tag: str) -> Served:
+        entry = self.index.tag(route.local, tag)
+        cached = await self._local(route.local, entry.digest) if entry else None
+        up = route.upstream.client
+        try:
+            if cached is not None:
+                digest = await up.head_manifest(route.remote, tag)
+                if digest == cached.digest:
+                    self.index.set_tag(route.local, tag, cached.digest, time.time())
+                    return Served(cached, "revalidated")
+            else:
+                digest = None
+            # Fetch by the digest HEAD named, so a tag moving between HEAD and GET can't mix them.
+            served = await self._fetch(route, digest, tag)
+        except UpstreamError as e:
+            if cached is None:
+                raise e.to_registry_error() from None
+            log.warning("serving stale %s:%s: %s", route.local, tag, e)
+            return Served(cached, "stale", '110 - "Response is Stale"')
+        except UpstreamNotFound:
+            if entry is not None:  # the tag is gone upstream: forget it, keep the content by digest
+                self.index.drop_tag(route.local, tag)
+                await self.storage.delete(paths.tag(route.local, tag))
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{tag}") from None
+        self.index.set_tag(route.local, tag, served.manifest.digest, time.time())
+        await self.storage.put_bytes(paths.tag(route.local, tag), served.manifest.digest.encode())
+        return served
+
+    async def _fetch_digest(self, route: Route, digest: str) -> Served:
+        try:
+            return await self._fetch(route, digest, None)
+        except UpstreamError as e:
+            raise e.to_registry_error() from None
+
+    async def _fetch(self, route: Route, digest: str | None, tag: str | None) -> Served:
+        """GET by digest (or by tag when the digest is unknown), verify, store."""
+        up = route.upstream.client
+        reference = digest or tag
+        assert reference is not None
+        try:
+            fetched = await up.fetch_manifest(route.remote, reference)
+        except UpstreamNotFound:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}@{reference}") from None
+        except UpstreamDenied as e:
+            raise RegistryError("DENIED", str(e)) from None
+        expected = digest or fetched.digest
+        algorithm = expected.split(":")[0] if expected and ":" in expected else "sha256"
+        if algorithm not in ("sha256", "sha512"):
+            algorithm = "sha256"
+        actual = str(Digest.of(fetched.body, algorithm))
+        if expected is not None and actual != expected:
+            log.error("upstream %s sent a manifest for %s@%s whose digest is %s",
+                      up.name, route.remote, reference, actual)
+            raise RegistryError("UPSTREAM_UNAVAILABLE",
+                                f"upstream sent a manifest that does not match digest {expected}")
+        manifest = Manifest(actual, mediatypes.detect(fetched.body, fetched.media_type), fetched.body)
+        await self._store(route.local, manifest)
+        return Served(manifest, "miss")
+
+

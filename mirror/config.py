@@ -1,0 +1,450 @@
+"""Configuration: registry:2's config.yml keys plus our own, parsed once into typed dataclasses.
+
+`load(path, environ)` reads YAML, applies `REGISTRY_*` environment overrides from an explicit
+table, and refuses unknown keys and bad values with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from mirror.names import _COMPONENT
+
+DEFAULT_CONFIG = Path(__file__).with_name("mirror.yml")  # symlink to config/mirror.yml
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message names the key."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    hosts: tuple[str, ...] = ()  # containerd `?ns=` values routed here; "*" = any
+    prefixes: tuple[str, ...] = ()  # first path component routed here, e.g. /v2/ghcr.io/owner/repo
+    dockerhub: bool = False  # `alpine` -> `library/alpine`
+    tag_ttl: float = 300.0  # seconds a tag manifest is served without asking upstream
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 3  # attempts on connect errors and 5xx
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    accesslog: bool = True
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = ""  # "" = all interfaces
+    port: int = 5000
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    draintimeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    rootdirectory: str = "/var/lib/mirror"
+    delete_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    index: str | None = None  # diskcache directory; default <rootdirectory>/_index
+    memory: int = 64 << 20  # bytes of manifests kept in memory for the hot path
+    content_ttl: float | None = 168 * 3600.0  # proxy.ttl: unused proxied content expires (issue 8)
+
+    def index_dir(self, storage: StorageConfig) -> str:
+        return self.index or str(Path(storage.rootdirectory) / "_index")
+
+
+@dataclass(frozen=True)
+class Config:
+    log: LogConfig = field(default_factory=LogConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
+
+
+# --- environment overrides -------------------------------------------------------------------
+
+# REGISTRY_<SECTION>_<KEY> -> key path, as registry:2 names them. Explicit on purpose: a typo'd
+# variable must not silently create a key.
+ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "REGISTRY_VERSION": ("version",),
+    "REGISTRY_LOG_LEVEL": ("log", "level"),
+    "REGISTRY_LOG_FORMATTER": ("log", "formatter"),
+    "REGISTRY_LOG_ACCESSLOG_DISABLED": ("log", "accesslog", "disabled"),
+    "REGISTRY_HTTP_ADDR": ("http", "addr"),
+    "REGISTRY_HTTP_NET": ("http", "net"),
+    "REGISTRY_HTTP_HOST": ("http", "host"),
+    "REGISTRY_HTTP_SECRET": ("http", "secret"),
+    "REGISTRY_HTTP_RELATIVEURLS": ("http", "relativeurls"),
+    "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
+    "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": ("storage", "filesystem", "rootdirectory"),
+    "REGISTRY_STORAGE_DELETE_ENABLED": ("storage", "delete", "enabled"),
+    "REGISTRY_PROXY_REMOTEURL": ("proxy", "remoteurl"),
+    "REGISTRY_PROXY_USERNAME": ("proxy", "username"),
+    "REGISTRY_PROXY_PASSWORD": ("proxy", "password"),
+    "REGISTRY_PROXY_TTL": ("proxy", "ttl"),
+    "REGISTRY_CACHE_INDEX": ("cache", "index"),
+    "REGISTRY_CACHE_MEMORY": ("cache", "memory"),
+}
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Apply REGISTRY_* overrides in place; return warnings for variables we do not know.
+
+    Unknown variables only warn: Kubernetes sets REGISTRY_PORT etc. for a service named registry.
+    """
+    warnings = []
+    for var in sorted(environ):
+        if not var.startswith("REGISTRY_"):
+            continue
+        keys = ENV_KEYS.get(var)
+        if keys is None:
+            warnings.append(f"ignoring unknown environment variable {var}")
+            continue
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = node[k] = {}
+            node = child
+        # registry:2 reads each value as YAML, so `true` and `10` keep their types.
+        try:
+            node[keys[-1]] = yaml.safe_load(environ[var]) if environ[var] != "" else ""
+        except yaml.YAMLError:
+            node[keys[-1]] = environ[var]
+    return warnings
+
+
+# --- value parsers -----------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Go-style durations (`168h`, `1h30m`, `500ms`) or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 10s or 168h, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip()
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ConfigError(f"{key}: expected a duration like 10s or 168h, got {value!r}")
+    return total
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """`64MiB`, `50GiB`, `1g`, or plain bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.fullmatch(str(value).strip())
+    unit = m.group(2).lower().removesuffix("b") if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise ConfigError(f"{key}: expected a size like 64MiB or 50GiB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_addr(value: Any, key: str) -> tuple[str, int]:
+    """`:5000`, `0.0.0.0:5000`, `[::1]:5000` -> (host, port)."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected host:port or :port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class Section:
+    """One mapping of the YAML: typed getters that consume keys, then `done()` refuses leftovers."""
+
+    def __init__(self, raw: Any, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
+        self.raw = dict(raw)
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def take(self, name: str, default: Any = None) -> Any:
+        return self.raw.pop(name, default)
+
+    def section(self, name: str) -> Section:
+        return Section(self.take(name), self.key(name))
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.take(name, default)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.take(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.take(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{self.key(name)}: expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        return parse_duration(self.take(name, default), self.key(name))
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.take(name, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)}: expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def ignore(self, *names: str) -> None:
+        """registry:2 keys that change nothing here (e.g. storage.cache: we always cache in memory)."""
+        for name in names:
+            self.raw.pop(name, None)
+
+    def refuse(self, *names: str, why: str) -> None:
+        """registry:2 keys we do not implement and must not silently skip (auth, TLS)."""
+        for name in names:
+            if name in self.raw:
+                raise ConfigError(f"{self.key(name)}: not supported by this version of mirror ({why})")
+
+    def done(self) -> None:
+        if self.raw:
+            name = sorted(self.raw, key=str)[0]
+            raise ConfigError(f"{self.key(str(name))}: unknown configuration key")
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+
+
+def _log(s: Section) -> LogConfig:
+    level = (s.str("level", "info") or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{s.key('level')}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    formatter = s.str("formatter", "json")
+    if formatter not in ("json", "text", "logstash"):
+        raise ConfigError(f"{s.key('formatter')}: expected json, text or logstash, got {formatter!r}")
+    fields = s.take("fields", {}) or {}
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{s.key('fields')}: expected a mapping")
+    access = s.section("accesslog")
+    disabled = access.bool("disabled", False)
+    access.done()
+    s.ignore("hooks", "reportcaller")
+    s.done()
+    return LogConfig(level="warning" if level == "warn" else level, fields=fields, accesslog=not disabled)
+
+
+def _http(s: Section) -> HttpConfig:
+    host, port = parse_addr(s.take("addr", ":5000"), s.key("addr"))
+    net = s.str("net", "tcp")
+    if net != "tcp":
+        raise ConfigError(f"{s.key('net')}: only tcp is supported, got {net!r}")
+    headers_raw = s.take("headers", {}) or {}
+    if not isinstance(headers_raw, dict):
+        raise ConfigError(f"{s.key('headers')}: expected a mapping of header -> list of values")
+    headers = {}
+    for name, values in headers_raw.items():
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list):
+            raise ConfigError(f"{s.key('headers')}.{name}: expected a list of strings")
+        headers[str(name)] = tuple(str(v) for v in values)
+    draintimeout = s.duration("draintimeout", 10.0)
+    s.refuse("tls", why="TLS arrives with issue 7; terminate TLS in front of mirror meanwhile")
+    s.refuse("prefix", why="serve mirror at the root path")
+    # Accepted: secret (upload state lives in storage, nothing to sign), host and relativeurls
+    # (we answer with relative Location headers), debug (no debug server), http2.
+    s.ignore("secret", "host", "relativeurls", "debug", "http2", "h2c")
+    s.done()
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout)
+
+
+def _storage(s: Section) -> StorageConfig:
+    backends = [b for b in ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss") if s.has(b)]
+    if backends and backends != ["filesystem"]:
+        other = [b for b in backends if b != "filesystem"][0]
+        raise ConfigError(f"storage.{other}: storage driver not supported by this version of mirror")
+    fs = s.section("filesystem")
+    root = fs.str("rootdirectory", StorageConfig.rootdirectory) or StorageConfig.rootdirectory
+    fs.ignore("maxthreads")
+    fs.done()
+    delete = s.section("delete")
+    delete_enabled = delete.bool("enabled", False)
+    delete.done()
+    # cache.blobdescriptor: we always keep descriptors in memory; maintenance: no uploads yet.
+    s.ignore("cache", "maintenance")
+    s.refuse("redirect", why="no backend here can redirect")
+    s.done()
+    return StorageConfig(rootdirectory=root, delete_enabled=delete_enabled)
+
+
+def _upstream(s: Section, index: int) -> UpstreamConfig:
+    name = s.str("name")
+    url = s.str("url")
+    if not name:
+        raise ConfigError(f"{s.key('name')}: every upstream needs a name")
+    if not url:
+        raise ConfigError(f"{s.key('url')}: every upstream needs a url")
+    hosts = s.strings("hosts")
+    prefixes = s.strings("prefixes")
+    for prefix in prefixes:
+        if not re.fullmatch(_COMPONENT, prefix):
+            raise ConfigError(f"{s.key('prefixes')}: {prefix!r} is not a single repository-name component")
+    dockerhub = s.take("dockerhub")
+    if dockerhub is None:
+        dockerhub = urlsplit(url).hostname == "registry-1.docker.io" or "docker.io" in hosts
+    elif not isinstance(dockerhub, bool):
+        raise ConfigError(f"{s.key('dockerhub')}: expected true or false, got {dockerhub!r}")
+    up = UpstreamConfig(
+        name=name,
+        url=_url(url, s.key("url")),
+        username=s.str("username"),
+        password=s.str("password"),
+        hosts=hosts,
+        prefixes=prefixes,
+        dockerhub=dockerhub,
+        tag_ttl=s.duration("tag_ttl", UpstreamConfig.tag_ttl),
+        connect_timeout=s.duration("connect_timeout", UpstreamConfig.connect_timeout),
+        read_timeout=s.duration("read_timeout", UpstreamConfig.read_timeout),
+        retries=s.int("retries", UpstreamConfig.retries, minimum=1),
+    )
+    s.done()
+    return up
+
+
+def _url(url: str, key: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
+    url = s.str("remoteurl")
+    if not url:
+        raise ConfigError(f"{s.key('remoteurl')}: required when proxy is set")
+    url = _url(url, s.key("remoteurl"))
+    hub = urlsplit(url).hostname == "registry-1.docker.io"
+    ttl = s.take("ttl")
+    up = UpstreamConfig(
+        name="proxy",
+        url=url,
+        username=s.str("username"),
+        password=s.str("password"),
+        hosts=("*",),  # registry:2 ignores ?ns=: whatever containerd names goes to remoteurl
+        prefixes=("docker.io",) if hub else (),
+        dockerhub=hub,
+    )
+    s.done()
+    return up, None if ttl is None else parse_duration(ttl, s.key("ttl"))
+
+
+def parse(raw: Any, warnings: list[str] | None = None) -> Config:
+    s = Section(raw, "")
+    version = s.take("version", "0.1")
+    if str(version) != "0.1":
+        raise ConfigError(f"version: expected 0.1, got {version!r}")
+    log = _log(s.section("log"))
+    http = _http(s.section("http"))
+    storage = _storage(s.section("storage"))
+
+    upstreams: list[UpstreamConfig] = []
+    content_ttl = CacheConfig.content_ttl
+    if s.has("proxy"):
+        up, ttl = _proxy(s.section("proxy"))
+        upstreams.append(up)
+        if ttl is not None:
+            content_ttl = ttl or None  # ttl 0 = never expire, as registry:2
+    items = s.take("upstreams", []) or []
+    if not isinstance(items, list):
+        raise ConfigError("upstreams: expected a list")
+    for i, item in enumerate(items):
+        upstreams.append(_upstream(Section(item, f"upstreams[{i}]"), i))
+    _check_unique(upstreams)
+
+    c = s.section("cache")
+    cache = CacheConfig(
+        index=c.str("index"),
+        memory=parse_size(c.take("memory", CacheConfig.memory), c.key("memory")),
+        content_ttl=content_ttl,
+    )
+    c.done()
+
+    # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis.
+    s.ignore("health", "redis")
+    s.refuse("auth", why="htpasswd and token auth arrive with issue 7")
+    s.refuse("notifications", why="notifications arrive with issue 9")
+    s.refuse("validation", "compatibility", why="manifest push arrives with issue 4")
+    s.done()
+    return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
+                  warnings=tuple(warnings or ()))
+
+
+def _check_unique(upstreams: list[UpstreamConfig]) -> None:
+    seen: dict[str, str] = {}
+    for up in upstreams:
+        for kind, values in (("name", (up.name,)), ("host", up.hosts), ("prefix", up.prefixes)):
+            for v in values:
+                if v == "*":
+                    continue
+                other = seen.setdefault(f"{kind}:{v}", up.name)
+                if other != up.name:
+                    raise ConfigError(f"upstreams: {kind} {v!r} is used by both {other!r} and {up.name!r}")
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read a config file (default: the embedded config/mirror.yml) and REGISTRY_* overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    warnings = apply_env(raw, environ if environ is not None else {})
+    return parse(raw, warnings)

@@ -1,0 +1,70 @@
+"""Structured logs: one JSON object per line, the access log among them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+access = logging.getLogger("mirror.access")
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            **self.fields,
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        else:
+            entry["msg"] = record.getMessage()
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup(level: str, fields: Mapping[str, Any]) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(fields))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").disabled = True  # ours is richer
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, written when the response is done (bytes and duration known)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        self.logger.info("", extra={"fields": {
+            "msg": "request",
+            "request_id": request.get("request_id"),
+            "client": request.remote,
+            "method": request.method,
+            "path": request.path_qs,
+            "repository": request.get("repository"),
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(duration * 1000, 3),
+            "cache": request.get("cache"),
+            "user_agent": request.headers.get("User-Agent"),
+        }})
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

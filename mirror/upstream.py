@@ -1,0 +1,287 @@
+"""Client for one upstream registry: token dance, credentials, redirects, retries.
+
+One aiohttp ClientSession is shared by every upstream; each UpstreamClient keeps its own
+tokens. Errors come out as three exception types the cache layer decides on:
+UpstreamNotFound / UpstreamDenied are answers (the upstream said no), UpstreamError is a
+failure (unreachable, 5xx, 429) after which cached content may be served stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from mirror.config import UpstreamConfig
+from mirror.errors import RegistryError
+
+log = logging.getLogger("mirror.upstream")
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
+MAX_MANIFEST = 4 << 20
+MAX_REDIRECTS = 5
+MAX_TAG_PAGES = 50
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
+class UpstreamError(Exception):
+    """The upstream failed (unreachable, timeout, 5xx, 429): cached content may be served stale."""
+
+    def __init__(self, upstream: str, message: str, status: int | None = None,
+                 retry_after: str | None = None) -> None:
+        super().__init__(f"upstream {upstream}: {message}")
+        self.upstream = upstream
+        self.status = status
+        self.retry_after = retry_after
+
+    def to_registry_error(self) -> RegistryError:
+        """What a client sees when nothing cached can stand in for the upstream."""
+        if self.status == 429:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return RegistryError("TOOMANYREQUESTS", str(self), headers=headers)
+        return RegistryError("UPSTREAM_UNAVAILABLE", str(self))
+
+
+class UpstreamNotFound(Exception):
+    """The upstream answered 404."""
+
+
+class UpstreamDenied(Exception):
+    """The upstream answered 401/403 even with our credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedManifest:
+    body: bytes
+    media_type: str | None
+    digest: str | None  # Docker-Content-Digest as the upstream sent it
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires: float
+
+
+_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """`Bearer realm="…",service="…",scope="…"` -> ("bearer", {realm, service, scope})."""
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), {m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM.finditer(rest)}
+
+
+class UpstreamClient:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.name = config.name
+        self.base = URL(config.url)
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        )
+        self._basic = (
+            aiohttp.BasicAuth(config.username, config.password or "").encode()
+            if config.username is not None else None
+        )
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._uses_basic = False
+        self.ratelimit: dict[str, float] = {}  # Docker Hub's ratelimit-limit / -remaining
+
+    # --- public calls ----------------------------------------------------------------------
+
+    async def fetch_manifest(self, name: str, reference: str) -> FetchedManifest:
+        async with await self.request("GET", name, f"manifests/{reference}",
+                                      {"Accept": MANIFEST_ACCEPT}) as resp:
+            self._check(resp)
+            if (resp.content_length or 0) > MAX_MANIFEST:
+                raise UpstreamError(self.name, f"manifest larger than {MAX_MANIFEST} bytes")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > MAX_MANIFEST:
+                    raise UpstreamError(self.name, f"manifest larger than {MAX_MANIFEST} bytes")
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
+            return FetchedManifest(bytes(body), media_type, resp.headers.get("Docker-Content-Digest"))
+
+    async def head_manifest(self, name: str, reference: str) -> str | None:
+        """The digest the upstream has for `reference` (None if it does not say)."""
+        async with await self.request("HEAD", name, f"manifests/{reference}",
+                                      {"Accept": MANIFEST_ACCEPT}) as resp:
+            self._check(resp)
+            return resp.headers.get("Docker-Content-Digest")
+
+    async def head_blob(self, name: str, digest: str) -> int | None:
+        async with await self.request("HEAD", name, f"blobs/{digest}") as resp:
+            self._check(resp)
+            return resp.content_length
+
+    async def open_blob(self, name: str, digest: str, offset: int = 0) -> aiohttp.ClientResponse:
+        """A streaming response for the blob from `offset` (status checked); the caller releases it."""
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        resp = await self.request("GET", name, f"blobs/{digest}", headers)
+        try:
+            self._check(resp)
+            if offset and resp.status != 206:
+                raise UpstreamError(self.name, f"asked to resume at {offset}, got status {resp.status}")
+        except BaseException:
+            resp.release()
+            raise
+        return resp
+
+    async def tags(self, name: str) -> list[str]:
+        """Every tag of `name`, following the upstream's Link pagination (bounded)."""
+        tags: list[str] = []
+        suffix = "tags/list"
+        for _ in range(MAX_TAG_PAGES):
+            async with await self.request("GET", name, suffix) as resp:
+                self._check(resp)
+                try:
+                    body = json.loads(await resp.read())
+                    tags.extend(t for t in body.get("tags") or [] if isinstance(t, str))
+                except (ValueError, AttributeError):
+                    raise UpstreamError(self.name, "tags/list answered with invalid JSON") from None
+                link = resp.headers.get("Link", "")
+            m = re.match(r'\s*<([^>]+)>\s*;\s*rel="?next"?', link)
+            if not m:
+                break
+            nxt = URL(m.group(1))
+            suffix = f"tags/list?{nxt.query_string}"
+        return tags
+
+    # --- the request machinery --------------------------------------------------------------
+
+    async def request(self, method: str, name: str, suffix: str,
+                      headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """Send with auth, retries on connect errors and 5xx, and redirects followed safely."""
+        url = URL(f"{self.base}/v2/{name}/{suffix}", encoded="?" in suffix)
+        scope = f"repository:{name}:pull"
+        delay = 0.2
+        for attempt in range(1, self.config.retries + 1):
+            last = attempt == self.config.retries
+            try:
+                resp = await self._authorized(method, url, scope, headers or {})
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+                if last:
+                    raise UpstreamError(self.name, f"{method} {url.path}: {type(e).__name__}: {e}") from None
+                log.warning("upstream %s: %s %s failed (%s), retrying", self.name, method, url.path, e)
+            else:
+                if resp.status not in RETRY_STATUSES or last:
+                    return resp
+                resp.release()
+                log.warning("upstream %s: %s %s answered %s, retrying",
+                            self.name, method, url.path, resp.status)
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _authorized(self, method: str, url: URL, scope: str,
+                          headers: dict[str, str]) -> aiohttp.ClientResponse:
+        auth = self._auth_header(scope)
+        resp = await self._send(method, url, headers, auth)
+        if resp.status != 401:
+            return resp
+        challenge = resp.headers.get("WWW-Authenticate", "")
+        resp.release()
+        scheme, params = parse_challenge(challenge)
+        if scheme == "bearer" and params.get("realm"):
+            auth = await self._token(params, scope)
+        elif scheme == "basic" and self._basic is not None:
+            self._uses_basic = True
+            auth = self._basic
+        else:
+            raise UpstreamDenied(f"upstream {self.name} requires authentication ({challenge or 'no challenge'})")
+        return await self._send(method, url, headers, auth)
+
+    def _auth_header(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token and token.expires > time.monotonic():
+            return f"Bearer {token.value}"
+        return self._basic if self._uses_basic else None
+
+    async def _send(self, method: str, url: URL, headers: dict[str, str],
+                    auth: str | None) -> aiohttp.ClientResponse:
+        origin = url.origin()
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if auth and url.origin() == origin:  # never hand a registry token to a CDN
+                h["Authorization"] = auth
+            resp = await self.session.request(method, url, headers=h, allow_redirects=False,
+                                              timeout=self.timeout)
+            self._note_ratelimit(resp)
+            if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                return resp
+            url = resp.url.join(URL(resp.headers["Location"], encoded=True))
+            resp.release()
+            if resp.status == 303:
+                method = "GET"
+        raise UpstreamError(self.name, f"more than {MAX_REDIRECTS} redirects for {url.path}")
+
+    async def _token(self, params: dict[str, str], scope: str) -> str:
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:  # one token request per scope, however many clients are waiting
+            cached = self._tokens.get(scope)
+            if cached and cached.expires > time.monotonic():
+                return f"Bearer {cached.value}"
+            query = {"scope": params.get("scope") or scope}
+            if params.get("service"):
+                query["service"] = params["service"]
+            headers = {"Authorization": self._basic} if self._basic else {}
+            try:
+                async with self.session.get(URL(params["realm"]).update_query(query), headers=headers,
+                                            timeout=self.timeout) as resp:
+                    if resp.status in (401, 403):
+                        raise UpstreamDenied(f"upstream {self.name}: token server refused our credentials")
+                    if resp.status != 200:
+                        raise UpstreamError(self.name, f"token server answered {resp.status}",
+                                            status=resp.status)
+                    body: dict[str, Any] = json.loads(await resp.read())
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise UpstreamError(self.name, f"token server: {type(e).__name__}: {e}") from None
+            except ValueError:
+                raise UpstreamError(self.name, "token server answered with invalid JSON") from None
+            value = body.get("token") or body.get("access_token")
+            if not isinstance(value, str):
+                raise UpstreamError(self.name, "token server answered without a token")
+            lifetime = body.get("expires_in")
+            lifetime = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else 60.0
+            # Renew a little early so a token never expires between our check and the upstream's.
+            self._tokens[scope] = _Token(value, time.monotonic() + max(lifetime - 10, lifetime / 2))
+            return f"Bearer {value}"
+
+    def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
+        for header in ("ratelimit-limit", "ratelimit-remaining"):
+            value = resp.headers.get(header)
+            if value:
+                try:
+                    self.ratelimit[header] = float(value.split(";")[0])
+                except ValueError:
+                    pass
+
+    def _check(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status in (200, 206):
+            return
+        if resp.status == 404:
+            raise UpstreamNotFound(f"upstream {self.name}: not found")
+        if resp.status in (401, 403):
+            raise UpstreamDenied(f"upstream {self.name} denied access ({resp.status})")
+        if resp.status == 429:
+            raise UpstreamError(self.name, "rate limited (429)", status=429,
+                                retry_after=resp.headers.get("Retry-After"))
+        raise UpstreamError(self.name, f"answered {resp.status}", status=resp.status)
