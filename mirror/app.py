@@ -19,6 +19,7 @@ from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.logs import REQUEST_ID
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage.filesystem import FilesystemStorage
@@ -36,7 +37,7 @@ def error_response(error: RegistryError) -> web.Response:
 @web.middleware
 async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Every failure leaves as one OCI error body: ours, the router's, or an unexpected one."""
-    request["request_id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request[REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     try:
         return await handler(request)
     except RegistryError as e:
@@ -58,8 +59,8 @@ def _on_prepare(config: Config):  # type: ignore[no-untyped-def]
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
-        if "request_id" in request:
-            response.headers["X-Request-Id"] = request["request_id"]
+        if REQUEST_ID in request:
+            response.headers["X-Request-Id"] = request[REQUEST_ID]
         for name, value in extra.items():
             response.headers.setdefault(name, value)
 

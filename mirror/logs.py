@@ -14,6 +14,11 @@ from aiohttp.abc import AbstractAccessLogger
 
 access = logging.getLogger("mirror.access")
 
+# What a request learned on its way, for its access-log line.
+REQUEST_ID = web.RequestKey("request_id", str)
+REPOSITORY = web.RequestKey("repository", str)
+CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, fields: Mapping[str, Any]) -> None:
@@ -53,15 +58,15 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         self.logger.info("", extra={"fields": {
             "msg": "request",
-            "request_id": request.get("request_id"),
+            "request_id": request.get(REQUEST_ID),
             "client": request.remote,
             "method": request.method,
             "path": request.path_qs,
-            "repository": request.get("repository"),
+            "repository": request.get(REPOSITORY),
             "status": response.status,
             "bytes": response.body_length,
             "duration_ms": round(duration * 1000, 3),
-            "cache": request.get("cache"),
+            "cache": request.get(CACHE),
             "user_agent": request.headers.get("User-Agent"),
         }})
 

@@ -96,7 +96,7 @@ class UpstreamClient:
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
         )
         self._basic = (
-            aiohttp.BasicAuth(config.username, config.password or "").encode()
+            aiohttp.encode_basic_auth(config.username, config.password or "")
             if config.username is not None else None
         )
         self._tokens: dict[str, _Token] = {}

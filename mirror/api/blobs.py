@@ -3,6 +3,7 @@ import logging
 from aiohttp import web
 
 from mirror.api.context import route
+from mirror.logs import CACHE
 from mirror.cache.blobs import Flight, FlightFailed, LocalBlob
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest, parse_range
@@ -20,7 +21,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     registry, r = route(request)
     digest = parse_digest(request.match_info["digest"])
     if request.method == "HEAD":
-        size, request["cache"] = await registry.blob_head(r, digest)
+        size, request[CACHE] = await registry.blob_head(r, digest)
         headers = _headers(digest)
         if size is not None:
             headers["Content-Length"] = str(size)
@@ -29,11 +30,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     source = await registry.blob(r, digest)
     range_header = request.headers.get("Range")
     if isinstance(source, LocalBlob):
-        request["cache"] = "hit"
+        request[CACHE] = "hit"
         if range_header:
             parse_range(range_header, source.size)  # a clear OCI error before FileResponse's own 416
         return web.FileResponse(source.path, headers=_headers(digest))
-    request["cache"] = "miss"
+    request[CACHE] = "miss"
     return await _stream(request, source, digest, range_header)
 
 

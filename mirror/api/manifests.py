@@ -2,6 +2,7 @@ from aiohttp import web
 
 from mirror import mediatypes
 from mirror.api.context import route
+from mirror.logs import CACHE
 from mirror.names import parse_reference
 
 
@@ -11,7 +12,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     reference = parse_reference(request.match_info["reference"])
     accept = mediatypes.accepted(request.headers.getall("Accept", []))
     served = await registry.manifest(r, reference, accept)
-    request["cache"] = served.cache
+    request[CACHE] = served.cache
     m = served.manifest
     etag = f'"{m.digest}"'
     headers = {"Docker-Content-Digest": m.digest, "ETag": etag}

@@ -1,0 +1,164 @@
+from pathlib import Path
+
+import pytest
+
+from mirror.config import ConfigError, load, parse, parse_addr, parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# registry:2's own shipped config.yml with a proxy section, as the seeds run it.
+SEED = """
+version: 0.1
+log:
+  fields:
+    service: registry
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: /var/lib/registry
+http:
+  addr: :5000
+  headers:
+    X-Content-Type-Options: [nosniff]
+health:
+  storagedriver:
+    enabled: true
+    interval: 10s
+    threshold: 3
+proxy:
+  remoteurl: https://registry-1.docker.io
+  username: user
+  password: secret
+  ttl: 72h
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yml"
+    p.write_text(text)
+    return p
+
+
+def test_embedded_default_is_a_docker_hub_mirror_on_5000() -> None:
+    c = load(None, {})
+    assert c.http.port == 5000 and c.http.host == ""
+    assert c.storage.rootdirectory == "/var/lib/mirror"
+    (hub,) = c.upstreams
+    assert hub.url == "https://registry-1.docker.io" and hub.dockerhub and "docker.io" in hub.hosts
+
+
+def test_config_dir_file_is_the_embedded_default() -> None:
+    assert load(ROOT / "config" / "mirror.yml", {}) == load(None, {})
+
+
+def test_seed_registry_config_starts_unchanged(tmp_path: Path) -> None:
+    c = load(write(tmp_path, SEED), {})
+    assert c.storage.rootdirectory == "/var/lib/registry"
+    assert c.http.headers == {"X-Content-Type-Options": ("nosniff",)}
+    assert c.log.fields == {"service": "registry"}
+    (up,) = c.upstreams
+    assert (up.url, up.username, up.password, up.dockerhub) == ("https://registry-1.docker.io", "user", "secret", True)
+    assert c.cache.content_ttl == 72 * 3600
+    assert "secret" not in repr(up)  # credentials never end up in logs via repr
+
+
+def test_env_overrides_win(tmp_path: Path) -> None:
+    env = {
+        "REGISTRY_PROXY_REMOTEURL": "http://127.0.0.1:9999",
+        "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/data",
+        "REGISTRY_HTTP_ADDR": "127.0.0.1:6000",
+        "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+        "REGISTRY_LOG_LEVEL": "debug",
+    }
+    c = load(write(tmp_path, SEED), env)
+    assert c.upstreams[0].url == "http://127.0.0.1:9999"
+    assert c.storage.rootdirectory == "/data"
+    assert (c.http.host, c.http.port) == ("127.0.0.1", 6000)
+    assert c.storage.delete_enabled is True
+    assert c.log.level == "debug"
+
+
+def test_env_creates_missing_sections(tmp_path: Path) -> None:
+    c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_PROXY_REMOTEURL": "http://127.0.0.1:1"})
+    assert c.upstreams[0].url == "http://127.0.0.1:1"
+
+
+def test_unknown_env_var_warns_not_fails(tmp_path: Path) -> None:
+    # Kubernetes sets these for a service named "registry".
+    c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_PORT": "tcp://10.0.0.1:5000"})
+    assert any("REGISTRY_PORT" in w for w in c.warnings)
+
+
+def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage\.delete\.enabled"):
+        load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_STORAGE_DELETE_ENABLED": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("version: 0.1\nlog: {levle: info}\n", r"log\.levle: unknown"),
+        ("version: 0.1\nhttp: {addr: nope}\n", r"http\.addr"),
+        ("version: 0.2\n", r"version"),
+        ("version: 0.1\nlog: {level: loud}\n", r"log\.level"),
+        ("version: 0.1\nproxy: {}\n", r"proxy\.remoteurl"),
+        ("version: 0.1\nproxy: {remoteurl: ftp://x}\n", r"proxy\.remoteurl"),
+        ("version: 0.1\nproxy: {remoteurl: 'http://x', ttl: soon}\n", r"proxy\.ttl"),
+        ("version: 0.1\nupstreams: [{name: a}]\n", r"upstreams\[0\]\.url"),
+        ("version: 0.1\nupstreams: [{name: a, url: 'http://a', tag_ttl: -}]\n", r"upstreams\[0\]\.tag_ttl"),
+        ("version: 0.1\nupstreams: [{name: a, url: 'http://a', prefixes: [Bad/x]}]\n", r"upstreams\[0\]\.prefixes"),
+        ("version: 0.1\nupstreams: [{name: a, url: 'http://a', colour: red}]\n", r"upstreams\[0\]\.colour"),
+        ("version: 0.1\nupstreams: [{name: a, url: 'http://a', hosts: [x]}, {name: b, url: 'http://b', hosts: [x]}]\n",
+         r"host 'x'"),
+        ("version: 0.1\nstorage: {s3: {bucket: b}}\n", r"storage\.s3"),
+        ("version: 0.1\nauth: {htpasswd: {realm: r, path: /p}}\n", r"^auth: not supported"),
+        ("version: 0.1\nhttp: {addr: ':5000', tls: {certificate: c}}\n", r"http\.tls"),
+        ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
+        ("- a\n- b\n", r"mapping"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load(write(tmp_path, text), {})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.yml", {})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(write(tmp_path, "a: [\n"), {})
+
+
+def test_upstreams_list_and_dockerhub_detection() -> None:
+    c = parse({"upstreams": [
+        {"name": "hub", "url": "https://registry-1.docker.io"},
+        {"name": "quay", "url": "https://quay.io/", "hosts": ["quay.io"], "prefixes": ["quay.io"],
+         "tag_ttl": "1m30s", "username": "u", "password": "p"},
+    ]})
+    hub, quay = c.upstreams
+    assert hub.dockerhub and not quay.dockerhub
+    assert quay.url == "https://quay.io" and quay.tag_ttl == 90
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("168h", 604800), ("1h30m", 5400), ("500ms", 0.5), (10, 10),
+                                                ("1.5s", 1.5)])
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value, "k") == seconds
+
+
+@pytest.mark.parametrize("value", ["", "10", "h", "10x", "1h 2m", True])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ConfigError, match="^k:"):
+        parse_duration(value, "k")
+
+
+def test_sizes_and_addrs() -> None:
+    assert parse_size("64MiB", "k") == 64 << 20
+    assert parse_size("1g", "k") == 10**9
+    assert parse_size(123, "k") == 123
+    assert parse_addr(":5000", "k") == ("", 5000)
+    assert parse_addr("[::1]:5000", "k") == ("::1", 5000)
+    for bad in ("5000", "host:", "host:70000"):
+        with pytest.raises(ConfigError):
+            parse_addr(bad, "k")
