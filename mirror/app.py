@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from mirror.api import ROUTES
 from mirror.api.context import REGISTRY
@@ -35,7 +36,7 @@ def error_response(error: RegistryError) -> web.Response:
 
 
 @web.middleware
-async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as one OCI error body: ours, the router's, or an unexpected one."""
     request[REQUEST_ID] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     try:
@@ -54,7 +55,7 @@ async def errors(request: web.Request, handler: web.Handler) -> web.StreamRespon
         return error_response(RegistryError("UNKNOWN", "internal server error"))
 
 
-def _on_prepare(config: Config):  # type: ignore[no-untyped-def]
+def _on_prepare(config: Config) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     extra = {name: ", ".join(values) for name, values in config.http.headers.items()}
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -206,7 +206,7 @@ class Section:
     def section(self, name: str) -> Section:
         return Section(self.take(name), self.key(name))
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def string(self, name: str, default: str | None = None) -> str | None:
         value = self.take(name, default)
         if value is None or isinstance(value, str):
             return value
@@ -214,13 +214,13 @@ class Section:
             return str(value)
         raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value = self.take(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
         return value
 
-    def int(self, name: str, default: int, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
         value = self.take(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{self.key(name)}: expected an integer >= {minimum}, got {value!r}")
@@ -260,17 +260,17 @@ LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 
 def _log(s: Section) -> LogConfig:
-    level = (s.str("level", "info") or "info").lower()
+    level = (s.string("level", "info") or "info").lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"{s.key('level')}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    formatter = s.str("formatter", "json")
+    formatter = s.string("formatter", "json")
     if formatter not in ("json", "text", "logstash"):
         raise ConfigError(f"{s.key('formatter')}: expected json, text or logstash, got {formatter!r}")
     fields = s.take("fields", {}) or {}
     if not isinstance(fields, dict):
         raise ConfigError(f"{s.key('fields')}: expected a mapping")
     access = s.section("accesslog")
-    disabled = access.bool("disabled", False)
+    disabled = access.flag("disabled", False)
     access.done()
     s.ignore("hooks", "reportcaller")
     s.done()
@@ -279,7 +279,7 @@ def _log(s: Section) -> LogConfig:
 
 def _http(s: Section) -> HttpConfig:
     host, port = parse_addr(s.take("addr", ":5000"), s.key("addr"))
-    net = s.str("net", "tcp")
+    net = s.string("net", "tcp")
     if net != "tcp":
         raise ConfigError(f"{s.key('net')}: only tcp is supported, got {net!r}")
     headers_raw = s.take("headers", {}) or {}
@@ -305,14 +305,14 @@ def _http(s: Section) -> HttpConfig:
 def _storage(s: Section) -> StorageConfig:
     backends = [b for b in ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss") if s.has(b)]
     if backends and backends != ["filesystem"]:
-        other = [b for b in backends if b != "filesystem"][0]
+        other = next(b for b in backends if b != "filesystem")
         raise ConfigError(f"storage.{other}: storage driver not supported by this version of mirror")
     fs = s.section("filesystem")
-    root = fs.str("rootdirectory", StorageConfig.rootdirectory) or StorageConfig.rootdirectory
+    root = fs.string("rootdirectory", StorageConfig.rootdirectory) or StorageConfig.rootdirectory
     fs.ignore("maxthreads")
     fs.done()
     delete = s.section("delete")
-    delete_enabled = delete.bool("enabled", False)
+    delete_enabled = delete.flag("enabled", False)
     delete.done()
     # cache.blobdescriptor: we always keep descriptors in memory; maintenance: no uploads yet.
     s.ignore("cache", "maintenance")
@@ -322,8 +322,8 @@ def _storage(s: Section) -> StorageConfig:
 
 
 def _upstream(s: Section, index: int) -> UpstreamConfig:
-    name = s.str("name")
-    url = s.str("url")
+    name = s.string("name")
+    url = s.string("url")
     if not name:
         raise ConfigError(f"{s.key('name')}: every upstream needs a name")
     if not url:
@@ -341,15 +341,15 @@ def _upstream(s: Section, index: int) -> UpstreamConfig:
     up = UpstreamConfig(
         name=name,
         url=_url(url, s.key("url")),
-        username=s.str("username"),
-        password=s.str("password"),
+        username=s.string("username"),
+        password=s.string("password"),
         hosts=hosts,
         prefixes=prefixes,
         dockerhub=dockerhub,
         tag_ttl=s.duration("tag_ttl", UpstreamConfig.tag_ttl),
         connect_timeout=s.duration("connect_timeout", UpstreamConfig.connect_timeout),
         read_timeout=s.duration("read_timeout", UpstreamConfig.read_timeout),
-        retries=s.int("retries", UpstreamConfig.retries, minimum=1),
+        retries=s.integer("retries", UpstreamConfig.retries, minimum=1),
     )
     s.done()
     return up
@@ -363,7 +363,7 @@ def _url(url: str, key: str) -> str:
 
 
 def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
-    url = s.str("remoteurl")
+    url = s.string("remoteurl")
     if not url:
         raise ConfigError(f"{s.key('remoteurl')}: required when proxy is set")
     url = _url(url, s.key("remoteurl"))
@@ -372,8 +372,8 @@ def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
     up = UpstreamConfig(
         name="proxy",
         url=url,
-        username=s.str("username"),
-        password=s.str("password"),
+        username=s.string("username"),
+        password=s.string("password"),
         hosts=("*",),  # registry:2 ignores ?ns=: whatever containerd names goes to remoteurl
         prefixes=("docker.io",) if hub else (),
         dockerhub=hub,
@@ -407,7 +407,7 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
 
     c = s.section("cache")
     cache = CacheConfig(
-        index=c.str("index"),
+        index=c.string("index"),
         memory=parse_size(c.take("memory", CacheConfig.memory), c.key("memory")),
         content_ttl=content_ttl,
     )

@@ -316,7 +316,7 @@ async def test_blob_cached_for_one_repo_is_checked_upstream_for_another(upstream
 
 async def test_bearer_token_dance_with_credentials(upstream, mirror) -> None:
     script, _ = upstream
-    m, blob = image(script)
+    _m, blob = image(script)
     script.token, script.basic = "t0k3n", ("user", "pass")
     client = await mirror(username="user", password="pass")
     assert (await client.get("/v2/app/manifests/latest")).status == 200

@@ -149,7 +149,7 @@ def test_durations(value: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("value", ["", "10", "h", "10x", "1h 2m", True])
 def test_bad_durations(value: object) -> None:
-    with pytest.raises(ConfigError, match="^k:"):
+    with pytest.raises(ConfigError, match=r"^k:"):
         parse_duration(value, "k")
 
 

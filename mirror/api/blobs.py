@@ -3,9 +3,9 @@ import logging
 from aiohttp import web
 
 from mirror.api.context import route
-from mirror.logs import CACHE
 from mirror.cache.blobs import Flight, FlightFailed, LocalBlob
 from mirror.errors import RegistryError
+from mirror.logs import CACHE
 from mirror.names import Digest, parse_digest, parse_range
 
 log = logging.getLogger("mirror.api")

@@ -10,9 +10,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
 
 from mirror import mediatypes
 from mirror.cache.index import Index
@@ -23,7 +22,6 @@ from mirror.storage import NotFound, Storage, paths
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("mirror.cache")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,8 @@ class ManifestCache:
 
     # --- upstream ------------------------------------------------------------------------
 
-    async def _single_flight(self, repository: str, key: str, fetch: Callable[[], Awaitable[Served]]) -> Served:
+    async def _single_flight(self, repository: str, key: str,
+                             fetch: Callable[[], Coroutine[None, None, Served]]) -> Served:
         """One upstream exchange per (repository, reference); a client leaving never cancels it."""
         fkey = (repository, key)
         task = self._flights.get(fkey)

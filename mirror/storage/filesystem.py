@@ -76,7 +76,7 @@ class FilesystemStorage(Storage):
             f = await aiofiles.open(self.path(key), "rb")
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(key) from None
-        async with f:
+        try:
             await f.seek(offset)
             remaining = length
             while remaining is None or remaining > 0:
@@ -86,6 +86,8 @@ class FilesystemStorage(Storage):
                 if remaining is not None:
                     remaining -= len(chunk)
                 yield chunk
+        finally:
+            await f.close()
 
     async def writer(self, key: str) -> Writer:
         check_key(key)
