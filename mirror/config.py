@@ -377,6 +377,7 @@ def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
         hosts=("*",),  # registry:2 ignores ?ns=: whatever containerd names goes to remoteurl
         prefixes=("docker.io",) if hub else (),
         dockerhub=hub,
+        tag_ttl=s.duration("tag_ttl", UpstreamConfig.tag_ttl),  # our extension
     )
     s.done()
     return up, None if ttl is None else parse_duration(ttl, s.key("ttl"))

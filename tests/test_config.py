@@ -45,7 +45,14 @@ def test_embedded_default_is_a_docker_hub_mirror_on_5000() -> None:
     assert c.http.port == 5000 and c.http.host == ""
     assert c.storage.rootdirectory == "/var/lib/mirror"
     (hub,) = c.upstreams
-    assert hub.url == "https://registry-1.docker.io" and hub.dockerhub and "docker.io" in hub.hosts
+    assert hub.url == "https://registry-1.docker.io" and hub.dockerhub and hub.prefixes == ("docker.io",)
+    assert hub.tag_ttl == 300
+
+
+def test_registry_env_overrides_apply_to_the_default() -> None:
+    c = load(None, {"REGISTRY_PROXY_USERNAME": "me", "REGISTRY_PROXY_PASSWORD": "pw"})
+    (hub,) = c.upstreams
+    assert (hub.username, hub.password) == ("me", "pw")
 
 
 def test_config_dir_file_is_the_embedded_default() -> None:
