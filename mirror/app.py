@@ -24,6 +24,7 @@ from mirror.logs import REQUEST_ID
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage.filesystem import FilesystemStorage
+from mirror.store import BlobStore, ManifestStore
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror")
@@ -83,9 +84,10 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         Upstream(up, UpstreamClient(up, session), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
-    manifests = ManifestCache(storage, index, config.cache.memory)
-    blobs = BlobCache(storage, index)
-    app[REGISTRY] = Registry(storage, Router(upstreams), manifests, blobs)
+    manifest_store = ManifestStore(storage, config.cache.memory)
+    blob_store = BlobStore(storage, index)
+    blobs = BlobCache(blob_store, storage.staging_dir())
+    app[REGISTRY] = Registry(storage, Router(upstreams), ManifestCache(manifest_store, index), blobs)
 
     async def flush_index() -> None:
         while True:

@@ -6,12 +6,13 @@ Private repositories (pushed here) join in issue 4; today every name is proxied.
 from __future__ import annotations
 
 from mirror import mediatypes
-from mirror.cache.blobs import BlobCache, Flight, LocalBlob
+from mirror.cache.blobs import BlobCache, Flight
 from mirror.cache.manifests import ManifestCache, Served
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
 from mirror.routing import Route, Router
 from mirror.storage import Storage, paths
+from mirror.store import LocalBlob
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
 

@@ -3,10 +3,11 @@ import logging
 from aiohttp import web
 
 from mirror.api.context import route
-from mirror.cache.blobs import Flight, FlightFailed, LocalBlob
+from mirror.cache.blobs import Flight, FlightFailed
 from mirror.errors import RegistryError
 from mirror.logs import CACHE
 from mirror.names import Digest, parse_digest, parse_range
+from mirror.store import LocalBlob
 
 log = logging.getLogger("mirror.api")
 

@@ -10,16 +10,15 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from mirror.cache.index import Index
 from mirror.errors import RegistryError
 from mirror.names import Digest
 from mirror.routing import Route
-from mirror.storage import Storage, paths
+from mirror.storage import paths
+from mirror.store import BlobStore, LocalBlob
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("mirror.cache")
@@ -156,34 +155,27 @@ class Flight:
             self.fd = -1
 
 
-@dataclass(frozen=True, slots=True)
-class LocalBlob:
-    path: Path
-    size: int
-
-
 class BlobCache:
-    def __init__(self, storage: Storage, index: Index) -> None:
-        self.storage = storage
-        self.index = index
+    def __init__(self, store: BlobStore, staging: Path) -> None:
+        self.store = store
+        self.staging = staging
         self.flights: dict[str, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._linked: set[tuple[str, str]] = set()
 
     async def open(self, route: Route, digest: Digest) -> LocalBlob | Flight:
         """A warm local blob, or the Flight fetching it (joined or started)."""
         key = str(digest)
-        local = await self._local(route, digest)
+        local = await self.store.local(route.local, digest)
         if local is not None:
             return local
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
             return flight
-        if flight is not None or await self.storage.stat(paths.blob(digest)) is not None:
+        if flight is not None or await self.store.stat(digest) is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
-            await self._link(route.local, digest)
-            local = await self._local(route, digest)
+            await self.store.link(route.local, digest)
+            local = await self.store.local(route.local, digest)
             if local is not None:
                 return local
             flight = self.flights.get(key)
@@ -193,7 +185,7 @@ class BlobCache:
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """(size, cache result) without fetching the blob."""
-        local = await self._local(route, digest)
+        local = await self.store.local(route.local, digest)
         if local is not None:
             return local.size, "hit"
         flight = self.flights.get(str(digest))
@@ -213,32 +205,9 @@ class BlobCache:
         except UpstreamError as e:
             raise e.to_registry_error() from None
 
-    async def _local(self, route: Route, digest: Digest) -> LocalBlob | None:
-        key = str(digest)
-        if (route.local, key) not in self._linked:
-            if await self.storage.stat(paths.layer(route.local, digest)) is None:
-                return None
-            self._remember_link(route.local, key)
-        path = self.storage.local_path(paths.blob(digest))
-        st = await self.storage.stat(paths.blob(digest))
-        if st is None or path is None:
-            self._linked.discard((route.local, key))
-            return None
-        self.index.touch_blob(key)
-        return LocalBlob(path, st.size)
-
-    def _remember_link(self, repository: str, digest: str) -> None:
-        if len(self._linked) > 200_000:
-            self._linked.clear()
-        self._linked.add((repository, digest))
-
-    async def _link(self, repository: str, digest: Digest) -> None:
-        await self.storage.put_bytes(paths.layer(repository, digest), str(digest).encode())
-        self._remember_link(repository, str(digest))
-
     def _start(self, route: Route, digest: Digest) -> Flight:
         key = str(digest)
-        spool = self.storage.staging_dir() / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
+        spool = self.staging / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
         flight = Flight(digest, spool, route)
         self.flights[key] = flight
 
@@ -253,9 +222,9 @@ class BlobCache:
                 raise e.to_registry_error() from None
 
         async def commit(spool: Path) -> None:
-            await self.storage.put_file(paths.blob(digest), spool)
-            await self._link(route.local, digest)
-            self.index.touch_blob(key)
+            await self.store.storage.put_file(paths.blob(digest), spool)
+            await self.store.link(route.local, digest)
+            self.store.index.touch_blob(key)
 
         async def run() -> None:
             try:

@@ -9,26 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from mirror import mediatypes
 from mirror.cache.index import Index
 from mirror.errors import RegistryError
-from mirror.names import Digest, parse_digest
+from mirror.names import Digest
 from mirror.routing import Route
-from mirror.storage import NotFound, Storage, paths
+from mirror.store import Manifest, ManifestStore
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("mirror.cache")
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    digest: str
-    media_type: str
-    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +31,9 @@ class Served:
 
 
 class ManifestCache:
-    def __init__(self, storage: Storage, index: Index, memory: int) -> None:
-        self.storage = storage
+    def __init__(self, store: ManifestStore, index: Index) -> None:
+        self.store = store
         self.index = index
-        self.memory_limit = memory
-        self._memory: OrderedDict[str, Manifest] = OrderedDict()
-        self._memory_size = 0
-        self._linked: set[tuple[str, str]] = set()  # (repository, digest) known to have a revision link
         self._flights: dict[tuple[str, str], asyncio.Task[Served]] = {}
 
     # --- public --------------------------------------------------------------------------
@@ -56,7 +44,7 @@ class ManifestCache:
         return await self.by_tag(route, reference)
 
     async def by_digest(self, route: Route, digest: str) -> Served:
-        manifest = await self._local(route.local, digest)
+        manifest = await self.store.get(route.local, digest)
         if manifest is not None:
             return Served(manifest, "hit")
         return await self._single_flight(route.local, digest, lambda: self._fetch_digest(route, digest))
@@ -64,52 +52,10 @@ class ManifestCache:
     async def by_tag(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
         if entry is not None and time.time() - entry.fetched_at < route.upstream.config.tag_ttl:
-            manifest = await self._local(route.local, entry.digest)
+            manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
                 return Served(manifest, "hit")
         return await self._single_flight(route.local, f"tag:{tag}", lambda: self._revalidate(route, tag))
-
-    # --- memory and storage --------------------------------------------------------------
-
-    async def _local(self, repository: str, digest: str) -> Manifest | None:
-        manifest = self._memory.get(digest)
-        if manifest is not None and (repository, digest) in self._linked:
-            self._memory.move_to_end(digest)
-            return manifest
-        d = parse_digest(digest)
-        if await self.storage.stat(paths.revision(repository, d)) is None:
-            return None
-        if manifest is None:
-            try:
-                body = await self.storage.get_bytes(paths.blob(d))
-            except NotFound:
-                return None
-            manifest = Manifest(digest, mediatypes.detect(body), body)
-            self._remember(manifest)
-        self._link_known(repository, digest)
-        return manifest
-
-    def _remember(self, manifest: Manifest) -> None:
-        if manifest.digest in self._memory:
-            return
-        self._memory[manifest.digest] = manifest
-        self._memory_size += len(manifest.body)
-        while self._memory_size > self.memory_limit and len(self._memory) > 1:
-            _, old = self._memory.popitem(last=False)
-            self._memory_size -= len(old.body)
-
-    def _link_known(self, repository: str, digest: str) -> None:
-        if len(self._linked) > 200_000:
-            self._linked.clear()
-        self._linked.add((repository, digest))
-
-    async def _store(self, repository: str, manifest: Manifest) -> None:
-        d = parse_digest(manifest.digest)
-        if await self.storage.stat(paths.blob(d)) is None:
-            await self.storage.put_bytes(paths.blob(d), manifest.body)
-        await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
-        self._remember(manifest)
-        self._link_known(repository, manifest.digest)
 
     # --- upstream ------------------------------------------------------------------------
 
@@ -126,7 +72,7 @@ class ManifestCache:
 
     async def _revalidate(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
-        cached = await self._local(route.local, entry.digest) if entry else None
+        cached = await self.store.get(route.local, entry.digest) if entry else None
         up = route.upstream.client
         try:
             if cached is not None:
@@ -146,10 +92,10 @@ class ManifestCache:
         except UpstreamNotFound:
             if entry is not None:  # the tag is gone upstream: forget it, keep the content by digest
                 self.index.drop_tag(route.local, tag)
-                await self.storage.delete(paths.tag(route.local, tag))
+                await self.store.delete_tag(route.local, tag)
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{tag}") from None
         self.index.set_tag(route.local, tag, served.manifest.digest, time.time())
-        await self.storage.put_bytes(paths.tag(route.local, tag), served.manifest.digest.encode())
+        await self.store.set_tag(route.local, tag, served.manifest.digest)
         return served
 
     async def _fetch_digest(self, route: Route, digest: str) -> Served:
@@ -180,7 +126,7 @@ class ManifestCache:
             raise RegistryError("UPSTREAM_UNAVAILABLE",
                                 f"upstream sent a manifest that does not match digest {expected}")
         manifest = Manifest(actual, mediatypes.detect(fetched.body, fetched.media_type), fetched.body)
-        await self._store(route.local, manifest)
+        await self.store.put(route.local, manifest)
         return Served(manifest, "miss")
 
 

@@ -70,7 +70,10 @@ class Storage(abc.ABC):
         """Chunks of the object from `offset`; raises NotFound."""
 
     @abc.abstractmethod
-    async def writer(self, key: str) -> Writer: ...
+    async def writer(self, key: str, append: bool = False) -> Writer:
+        """A new object, visible at commit; or with `append`, more bytes at the end of an existing
+        (or new) object, kept as written even if the writer is abandoned: for upload data, which
+        is never served and whose size tells the client where to resume."""
 
     @abc.abstractmethod
     async def get_bytes(self, key: str) -> bytes:

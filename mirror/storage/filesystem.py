@@ -47,6 +47,36 @@ class FileWriter(Writer):
         self.temp.unlink(missing_ok=True)
 
 
+class AppendWriter(Writer):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+        self.size = 0
+
+    async def open(self) -> AppendWriter:
+        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+        self.file = await aiofiles.open(self.path, "ab")
+        self.size = await self.file.tell()
+        return self
+
+    async def write(self, data: bytes) -> None:
+        assert self.file is not None, "writer is closed"
+        await self.file.write(data)
+        self.size += len(data)
+
+    async def commit(self) -> None:
+        if self.file is not None:
+            await self.file.flush()
+            await asyncio.to_thread(os.fsync, self.file.fileno())
+            await self.file.close()
+            self.file = None
+
+    async def cancel(self) -> None:
+        if self.file is not None:  # what was written stays: the client resumes from it
+            await self.file.close()
+            self.file = None
+
+
 class FilesystemStorage(Storage):
     name = "filesystem"
 
@@ -89,7 +119,9 @@ class FilesystemStorage(Storage):
         finally:
             await f.close()
 
-    async def writer(self, key: str) -> Writer:
+    async def writer(self, key: str, append: bool = False) -> Writer:
+        if append:
+            return await AppendWriter(self.path(key)).open()
         check_key(key)
         return await FileWriter(self, key).open()
 

@@ -31,3 +31,37 @@ def revision(name: str, digest: Digest) -> str:
 def layer(name: str, digest: Digest) -> str:
     """Link: repository `name` may serve blob `digest`."""
     return f"{REPOSITORIES}/{name}/_layers/{digest.algorithm}/{digest.hex}"
+
+
+def private_marker(name: str) -> str:
+    """Present once something was pushed to `name`: it is hosted here, never proxied."""
+    return f"{REPOSITORIES}/{name}/_private"
+
+
+def referrers(name: str, subject: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_referrers/{subject.algorithm}/{subject.hex}"
+
+
+def referrer(name: str, subject: Digest, manifest: Digest) -> str:
+    """The descriptor of `manifest`, which names `subject` as its subject."""
+    return f"{referrers(name, subject)}/{manifest.algorithm}-{manifest.hex}"
+
+
+def uploads(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_uploads"
+
+
+def upload(name: str, upload_id: str) -> str:
+    return f"{REPOSITORIES}/{name}/_uploads/{upload_id}"
+
+
+def upload_data(name: str, upload_id: str) -> str:
+    return f"{upload(name, upload_id)}/data"
+
+
+def upload_started(name: str, upload_id: str) -> str:
+    return f"{upload(name, upload_id)}/startedat"
+
+
+def upload_hashstate(name: str, upload_id: str) -> str:
+    return f"{upload(name, upload_id)}/hashstate"

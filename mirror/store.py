@@ -1,0 +1,155 @@
+"""Registry objects in storage: manifests (hot ones kept in memory), tags, and the links that say
+which repository may serve which manifest or blob. No upstream here: mirror/cache/ adds the
+pull-through rules on top, and private repositories use these stores directly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror import mediatypes
+from mirror.cache.index import Index
+from mirror.names import Digest, parse_digest
+from mirror.storage import NotFound, Stat, Storage, paths
+
+LINKS_REMEMBERED = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    path: Path
+    size: int
+
+
+class _Links:
+    """(repository, digest) pairs known to be linked, so hot requests skip the link stat."""
+
+    def __init__(self) -> None:
+        self._known: set[tuple[str, str]] = set()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._known
+
+    def add(self, repository: str, digest: str) -> None:
+        if len(self._known) > LINKS_REMEMBERED:
+            self._known.clear()
+        self._known.add((repository, digest))
+
+    def discard(self, repository: str, digest: str) -> None:
+        self._known.discard((repository, digest))
+
+
+class ManifestStore:
+    def __init__(self, storage: Storage, memory: int) -> None:
+        self.storage = storage
+        self.memory_limit = memory
+        self._memory: OrderedDict[str, Manifest] = OrderedDict()
+        self._memory_size = 0
+        self._links = _Links()
+
+    async def get(self, repository: str, digest: str) -> Manifest | None:
+        """The manifest if `repository` has it: a dict lookup when hot."""
+        manifest = self._memory.get(digest)
+        if manifest is not None and (repository, digest) in self._links:
+            self._memory.move_to_end(digest)
+            return manifest
+        d = parse_digest(digest)
+        if await self.storage.stat(paths.revision(repository, d)) is None:
+            return None
+        if manifest is None:
+            try:
+                body = await self.storage.get_bytes(paths.blob(d))
+            except NotFound:
+                return None
+            manifest = Manifest(digest, mediatypes.detect(body), body)
+            self._remember(manifest)
+        self._links.add(repository, digest)
+        return manifest
+
+    async def put(self, repository: str, manifest: Manifest) -> None:
+        d = parse_digest(manifest.digest)
+        if await self.storage.stat(paths.blob(d)) is None:
+            await self.storage.put_bytes(paths.blob(d), manifest.body)
+        await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
+        self._remember(manifest)
+        self._links.add(repository, manifest.digest)
+
+    async def unlink(self, repository: str, digest: Digest) -> bool:
+        """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
+        self._links.discard(repository, str(digest))
+        if await self.storage.stat(paths.revision(repository, digest)) is None:
+            return False
+        await self.storage.delete(paths.revision(repository, digest))
+        return True
+
+    async def tag(self, repository: str, tag: str) -> str | None:
+        try:
+            return (await self.storage.get_bytes(paths.tag(repository, tag))).decode()
+        except NotFound:
+            return None
+
+    async def set_tag(self, repository: str, tag: str, digest: str) -> None:
+        await self.storage.put_bytes(paths.tag(repository, tag), digest.encode())
+
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        if await self.storage.stat(paths.tag(repository, tag)) is None:
+            return False
+        await self.storage.delete(paths.tag(repository, tag))
+        return True
+
+    async def tags(self, repository: str) -> list[str]:
+        return await self.storage.list(paths.tags(repository))
+
+    def _remember(self, manifest: Manifest) -> None:
+        if manifest.digest in self._memory:
+            return
+        self._memory[manifest.digest] = manifest
+        self._memory_size += len(manifest.body)
+        while self._memory_size > self.memory_limit and len(self._memory) > 1:
+            _, old = self._memory.popitem(last=False)
+            self._memory_size -= len(old.body)
+
+
+class BlobStore:
+    def __init__(self, storage: Storage, index: Index) -> None:
+        self.storage = storage
+        self.index = index
+        self._links = _Links()
+
+    async def stat(self, digest: Digest) -> Stat | None:
+        return await self.storage.stat(paths.blob(digest))
+
+    async def local(self, repository: str, digest: Digest) -> LocalBlob | None:
+        """The blob on local disk if `repository` may serve it."""
+        key = str(digest)
+        if (repository, key) not in self._links:
+            if await self.storage.stat(paths.layer(repository, digest)) is None:
+                return None
+            self._links.add(repository, key)
+        path = self.storage.local_path(paths.blob(digest))
+        st = await self.storage.stat(paths.blob(digest))
+        if st is None or path is None:
+            self._links.discard(repository, key)
+            return None
+        self.index.touch_blob(key)
+        return LocalBlob(path, st.size)
+
+    async def link(self, repository: str, digest: Digest) -> None:
+        await self.storage.put_bytes(paths.layer(repository, digest), str(digest).encode())
+        self._links.add(repository, str(digest))
+
+    async def unlink(self, repository: str, digest: Digest) -> bool:
+        self._links.discard(repository, str(digest))
+        if await self.storage.stat(paths.layer(repository, digest)) is None:
+            return False
+        await self.storage.delete(paths.layer(repository, digest))
+        return True
