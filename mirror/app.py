@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -86,22 +87,35 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     ]
     manifest_store = ManifestStore(storage, config.cache.memory)
     blob_store = BlobStore(storage, index)
-    blobs = BlobCache(blob_store, storage.staging_dir())
-    app[REGISTRY] = Registry(storage, Router(upstreams), ManifestCache(manifest_store, index), blobs)
+    blob_cache = BlobCache(blob_store, storage.staging_dir())
+    registry = Registry(storage, Router(upstreams, config.private), index, manifest_store, blob_store,
+                        ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled)
+    await registry.load_private_names()
+    app[REGISTRY] = registry
 
     async def flush_index() -> None:
         while True:
             await asyncio.sleep(INDEX_FLUSH_SECONDS)
             index.flush()
 
-    flusher = asyncio.create_task(flush_index())
+    async def purge_uploads() -> None:
+        purging = config.storage.uploadpurging
+        while True:
+            await registry.uploads.purge(time.time() - purging.age, dry_run=purging.dryrun)
+            await asyncio.sleep(purging.interval)
+
+    tasks = [asyncio.create_task(flush_index())]
+    if config.storage.uploadpurging.enabled:
+        tasks.append(asyncio.create_task(purge_uploads()))
     try:
         yield
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await blobs.close()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await blob_cache.close()
         await session.close()
         index.close()
         await storage.close()

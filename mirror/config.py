@@ -56,9 +56,28 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class UploadPurging:
+    """storage.maintenance.uploadpurging, as registry:2: abandoned uploads are removed."""
+
+    enabled: bool = True
+    age: float = 168 * 3600.0
+    interval: float = 24 * 3600.0
+    dryrun: bool = False
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     rootdirectory: str = "/var/lib/mirror"
     delete_enabled: bool = False
+    uploadpurging: UploadPurging = field(default_factory=UploadPurging)
+
+
+@dataclass(frozen=True)
+class PrivateConfig:
+    """Which repositories are hosted here (pushed to, never looked up upstream)."""
+
+    patterns: tuple[str, ...] = ()  # globs: `*` within one name component, `**` across them
+    claim_on_push: bool = False  # a push to any other name makes it private instead of DENIED
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    private: PrivateConfig = field(default_factory=PrivateConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -98,6 +118,10 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
     "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": ("storage", "filesystem", "rootdirectory"),
     "REGISTRY_STORAGE_DELETE_ENABLED": ("storage", "delete", "enabled"),
+    "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_ENABLED": ("storage", "maintenance", "uploadpurging", "enabled"),
+    "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_AGE": ("storage", "maintenance", "uploadpurging", "age"),
+    "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_INTERVAL": ("storage", "maintenance", "uploadpurging", "interval"),
+    "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_DRYRUN": ("storage", "maintenance", "uploadpurging", "dryrun"),
     "REGISTRY_PROXY_REMOTEURL": ("proxy", "remoteurl"),
     "REGISTRY_PROXY_USERNAME": ("proxy", "username"),
     "REGISTRY_PROXY_PASSWORD": ("proxy", "password"),
@@ -314,11 +338,35 @@ def _storage(s: Section) -> StorageConfig:
     delete = s.section("delete")
     delete_enabled = delete.flag("enabled", False)
     delete.done()
-    # cache.blobdescriptor: we always keep descriptors in memory; maintenance: no uploads yet.
-    s.ignore("cache", "maintenance")
+    maintenance = s.section("maintenance")
+    p = maintenance.section("uploadpurging")
+    purging = UploadPurging(
+        enabled=p.flag("enabled", UploadPurging.enabled),
+        age=p.duration("age", UploadPurging.age),
+        interval=p.duration("interval", UploadPurging.interval),
+        dryrun=p.flag("dryrun", UploadPurging.dryrun),
+    )
+    p.done()
+    readonly = maintenance.section("readonly")
+    if readonly.flag("enabled", False):
+        raise ConfigError("storage.maintenance.readonly.enabled: read-only mode is not supported")
+    readonly.done()
+    maintenance.done()
+    # cache.blobdescriptor: we always keep descriptors in memory.
+    s.ignore("cache")
     s.refuse("redirect", why="no backend here can redirect")
     s.done()
-    return StorageConfig(rootdirectory=root, delete_enabled=delete_enabled)
+    return StorageConfig(rootdirectory=root, delete_enabled=delete_enabled, uploadpurging=purging)
+
+
+def _private(s: Section) -> PrivateConfig:
+    patterns = s.strings("patterns")
+    for pattern in patterns:
+        if not re.fullmatch(r"[a-z0-9._*/-]+", pattern) or "//" in pattern:
+            raise ConfigError(f"{s.key('patterns')}: {pattern!r} is not a repository name pattern")
+    private = PrivateConfig(patterns=patterns, claim_on_push=s.flag("claim_on_push", False))
+    s.done()
+    return private
 
 
 def _upstream(s: Section, index: int) -> UpstreamConfig:
@@ -414,14 +462,16 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     )
     c.done()
 
-    # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis.
-    s.ignore("health", "redis")
+    private = _private(s.section("private"))
+
+    # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis,
+    # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
+    s.ignore("health", "redis", "validation", "compatibility")
     s.refuse("auth", why="htpasswd and token auth arrive with issue 7")
     s.refuse("notifications", why="notifications arrive with issue 9")
-    s.refuse("validation", "compatibility", why="manifest push arrives with issue 4")
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
-                  warnings=tuple(warnings or ()))
+                  private=private, warnings=tuple(warnings or ()))
 
 
 def _check_unique(upstreams: list[UpstreamConfig]) -> None:

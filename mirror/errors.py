@@ -44,6 +44,7 @@ CODES = _table(
     ErrorCode("UPSTREAM_UNAVAILABLE", 502, "upstream registry unavailable"),
     ErrorCode("UNAVAILABLE", 503, "service unavailable"),
     ErrorCode("NOT_FOUND", 404, "no such API endpoint"),
+    ErrorCode("TOO_LARGE", 413, "payload too large"),
 )
 
 

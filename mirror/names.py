@@ -109,3 +109,22 @@ def parse_page_size(value: str | None, maximum: int) -> int | None:
     if n > maximum:
         raise RegistryError("PAGINATION_NUMBER_INVALID", f"n must be at most {maximum}")
     return n
+
+
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def parse_upload_id(value: str) -> str:
+    """Upload ids are ours (uuid4 hex): anything else is unknown, never a path."""
+    if not UPLOAD_ID_RE.fullmatch(value):
+        raise RegistryError("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")
+    return value
+
+
+def parse_content_range(header: str) -> tuple[int, int]:
+    """A PATCH's `Content-Range: <start>-<end>` (inclusive) -> (start, end exclusive)."""
+    spec = header.strip().removeprefix("bytes").strip().lstrip("=").strip()
+    first, dash, last = spec.partition("-")
+    if not dash or not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        raise RegistryError("RANGE_INVALID", f"malformed Content-Range: {header[:100]!r}")
+    return int(first), int(last) + 1

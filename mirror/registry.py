@@ -1,33 +1,75 @@
-"""The service the handlers call: route a name to its upstream, and answer from the caches.
-
-Private repositories (pushed here) join in issue 4; today every name is proxied.
-"""
+"""The service the handlers call: private repositories from storage, proxied ones through the
+caches, and the push side (uploads, manifests, deletes, referrers)."""
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
+
+from mirror import manifest as manifests_
 from mirror import mediatypes
 from mirror.cache.blobs import BlobCache, Flight
+from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache, Served
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
 from mirror.routing import Route, Router
-from mirror.storage import Storage, paths
-from mirror.store import LocalBlob
+from mirror.storage import NotFound, Storage, paths
+from mirror.store import BlobStore, LocalBlob, Manifest, ManifestStore, walk_repositories
+from mirror.uploads import Uploads
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+
+log = logging.getLogger("mirror.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    digest: str
+    subject: str | None
 
 
 class Registry:
-    def __init__(self, storage: Storage, router: Router, manifests: ManifestCache, blobs: BlobCache) -> None:
+    def __init__(self, storage: Storage, router: Router, index: Index, manifests: ManifestStore,
+                 blobs: BlobStore, manifest_cache: ManifestCache, blob_cache: BlobCache,
+                 delete_enabled: bool) -> None:
         self.storage = storage
         self.router = router
+        self.index = index
         self.manifests = manifests
         self.blobs = blobs
+        self.manifest_cache = manifest_cache
+        self.blob_cache = blob_cache
+        self.uploads = Uploads(storage, blobs)
+        self.delete_enabled = delete_enabled
+
+    async def load_private_names(self) -> None:
+        """Repositories pushed to before are private whatever the patterns say now."""
+        for name, marks in await walk_repositories(self.storage):
+            if "_private" in marks:
+                self.router.known_private.add(name)
 
     def route(self, name: str, ns: str | None) -> Route:
         return self.router.route(name, ns)
 
+    async def route_for_push(self, name: str, ns: str | None) -> Route:
+        """The route a push may write to: private, or claimed as private; DENIED for proxied names."""
+        route = self.router.route(name, ns)
+        if route.upstream is not None:
+            if not self.router.claim_on_push or ns:
+                raise RegistryError("DENIED", f"{name} is a pull-through cache of upstream "
+                                              f"{route.upstream.config.name}; push to a private repository "
+                                              f"(config private.patterns)")
+            route = Route(None, name, name)
+        if name not in self.router.known_private:
+            await self.storage.put_bytes(paths.private_marker(name), b"")
+            self.router.known_private.add(name)
+        return route
+
+    # --- pull ----------------------------------------------------------------------------------
+
     async def manifest(self, route: Route, reference: str | Digest, accept: frozenset[str]) -> Served:
-        served = await self.manifests.get(route, reference)
+        served = await self._manifest(route, reference)
         m = served.manifest
         if mediatypes.acceptable(m.media_type, accept) or m.media_type not in mediatypes.INDEX_TYPES:
             return served
@@ -37,19 +79,42 @@ class Registry:
             raise RegistryError("MANIFEST_UNKNOWN",
                                 f"{route.local} is an index with no linux/amd64 image, and the client "
                                 f"accepts only {', '.join(sorted(accept))}")
-        return await self.manifests.by_digest(route, str(parse_digest(child)))
+        return await self._manifest(route, parse_digest(child))
+
+    async def _manifest(self, route: Route, reference: str | Digest) -> Served:
+        if not route.private:
+            return await self.manifest_cache.get(route, reference)
+        digest = str(reference) if isinstance(reference, Digest) else await self.manifests.tag(route.local, reference)
+        found = await self.manifests.get(route.local, digest) if digest else None
+        if found is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
+        return Served(found, "private")
 
     async def blob(self, route: Route, digest: Digest) -> LocalBlob | Flight:
-        return await self.blobs.open(route, digest)
+        if not route.private:
+            return await self.blob_cache.open(route, digest)
+        local = await self.blobs.local(route.local, digest)
+        if local is None:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
+        return local
 
     async def blob_head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
-        return await self.blobs.head(route, digest)
+        if not route.private:
+            return await self.blob_cache.head(route, digest)
+        local = await self.blobs.local(route.local, digest)
+        if local is None:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
+        return local.size, "private"
 
     async def tags(self, route: Route) -> list[str]:
-        """Tags known upstream merged with the ones cached here (all of them, sorted)."""
-        local = set(await self.storage.list(paths.tags(route.local)))
+        """Tags here, merged for proxied repositories with the upstream's (all, sorted)."""
+        local = set(await self.manifests.tags(route.local))
+        if route.private:
+            if not local and route.local not in self.router.known_private:
+                raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {route.local}")
+            return sorted(local)
         try:
-            remote = set(await route.upstream.client.tags(route.remote))
+            remote = set(await route.proxy.client.tags(route.remote))
         except UpstreamNotFound:
             if not local:
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {route.local}") \
@@ -64,16 +129,83 @@ class Registry:
         return sorted(local | remote)
 
     async def repositories(self) -> list[str]:
-        """Every repository with content here, sorted (walks storage)."""
-        found: list[str] = []
+        """Every repository with manifests here, private and cached, sorted."""
+        return [name for name, marks in await walk_repositories(self.storage) if "_manifests" in marks]
 
-        async def walk(prefix: str, name: str) -> None:
-            children = await self.storage.list(prefix)
-            if "_manifests" in children:
-                found.append(name)
-            for child in children:
-                if not child.startswith("_"):
-                    await walk(f"{prefix}/{child}", f"{name}/{child}" if name else child)
+    async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
+        """Descriptors of the manifests whose subject is `subject` (pushed here)."""
+        found = []
+        prefix = paths.referrers(route.local, subject)
+        for entry in await self.storage.list(prefix):
+            try:
+                descriptor = json.loads(await self.storage.get_bytes(f"{prefix}/{entry}"))
+            except (NotFound, ValueError):
+                continue
+            if artifact_type is None or descriptor.get("artifactType") == artifact_type:
+                found.append(descriptor)
+        return found
 
-        await walk(paths.REPOSITORIES, "")
-        return sorted(found)
+    # --- push ----------------------------------------------------------------------------------
+
+    async def put_manifest(self, route: Route, reference: str | Digest, body: bytes,
+                           content_type: str | None) -> Pushed:
+        parsed = manifests_.parse(body, content_type)
+        algorithm = reference.algorithm if isinstance(reference, Digest) else "sha256"
+        digest = Digest.of(body, algorithm)
+        if isinstance(reference, Digest) and digest != reference:
+            raise RegistryError("DIGEST_INVALID", f"manifest digest is {digest}, not {reference}")
+        for blob in parsed.blobs:
+            if await self.blobs.local(route.local, blob) is None:
+                raise RegistryError("MANIFEST_BLOB_UNKNOWN", f"blob unknown to registry: {blob}", detail=str(blob))
+        for child in parsed.manifests:
+            if await self.manifests.get(route.local, str(child)) is None:
+                raise RegistryError("MANIFEST_BLOB_UNKNOWN", f"manifest unknown to registry: {child}",
+                                    detail=str(child))
+        await self.manifests.put(route.local, Manifest(str(digest), parsed.media_type, body))
+        if parsed.subject is not None:
+            descriptor = manifests_.Descriptor(parsed.media_type, digest, len(body), parsed.artifact_type,
+                                               parsed.annotations)
+            await self.storage.put_bytes(paths.referrer(route.local, parsed.subject.digest, digest),
+                                         json.dumps(descriptor.to_json()).encode())
+        if isinstance(reference, str):
+            await self.manifests.set_tag(route.local, reference, str(digest))
+            self.index.drop_tag(route.local, reference)  # a proxied tag index entry must not shadow it
+        return Pushed(str(digest), str(parsed.subject.digest) if parsed.subject else None)
+
+    async def delete_manifest(self, route: Route, reference: str | Digest) -> None:
+        self._check_delete()
+        if isinstance(reference, str):
+            if not await self.manifests.delete_tag(route.local, reference):
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
+            self.index.drop_tag(route.local, reference)
+            return
+        manifest = await self.manifests.get(route.local, str(reference))
+        if manifest is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}@{reference}")
+        for tag in await self.manifests.tags(route.local):  # tags pointing at it go with it, as distribution
+            if await self.manifests.tag(route.local, tag) == manifest.digest:
+                await self.manifests.delete_tag(route.local, tag)
+                self.index.drop_tag(route.local, tag)
+        try:
+            subject = manifests_.parse(manifest.body, manifest.media_type).subject
+        except RegistryError:
+            subject = None
+        if subject is not None:
+            await self.storage.delete(paths.referrer(route.local, subject.digest, reference))
+        await self.manifests.unlink(route.local, reference)
+
+    async def delete_blob(self, route: Route, digest: Digest) -> None:
+        self._check_delete()
+        if not await self.blobs.unlink(route.local, digest):
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
+
+    def _check_delete(self) -> None:
+        if not self.delete_enabled:
+            raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
+
+    async def mount(self, route: Route, digest: Digest, source: str) -> bool:
+        """Cross-repository mount: link the blob if `source` has it here."""
+        if await self.blobs.local(source, digest) is None:
+            return False
+        await self.blobs.link(route.local, digest)
+        return True

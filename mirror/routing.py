@@ -1,16 +1,20 @@
-"""Which upstream serves a request, under which remote and local repository names.
+"""Which upstream serves a request, under which remote and local repository names, or whether
+the repository is private (hosted here, never looked up upstream).
 
-containerd's `?ns=<registry>` picks by host, else a configured path prefix
-(`/v2/quay.io/org/app/...`), else the default (first) upstream. Content of the default upstream
+containerd's `?ns=<registry>` naming an upstream's host picks it. Otherwise a private name
+(matching `private.patterns`, or pushed to before) is served from storage only; else a configured
+path prefix (`/v2/quay.io/org/app/...`) picks an upstream, else the default (first) one. With no
+upstreams at all every repository is private, as in a plain registry:2. Content of the default upstream
 is stored under its own names (`library/alpine`); other upstreams under `<prefix>/<name>`, which
 is also the name that pulls it again without `?ns=`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from mirror.config import UpstreamConfig
+from mirror.config import PrivateConfig, UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import parse_name
 from mirror.upstream import UpstreamClient
@@ -25,14 +29,37 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    upstream: Upstream
+    upstream: Upstream | None  # None: a private repository
     remote: str  # the name upstream
     local: str  # the name in storage, the catalog and tags
 
+    @property
+    def private(self) -> bool:
+        return self.upstream is None
+
+    @property
+    def proxy(self) -> Upstream:
+        assert self.upstream is not None, f"{self.local} is private"
+        return self.upstream
+
+
+def glob_to_regex(pattern: str) -> str:
+    """`*` matches within one name component, `**` across components."""
+    out = []
+    for part in re.split(r"(\*\*|\*)", pattern):
+        out.append("[^/]*" if part == "*" else ".*" if part == "**" else re.escape(part))
+    return "".join(out)
+
 
 class Router:
-    def __init__(self, upstreams: list[Upstream]) -> None:
+    def __init__(self, upstreams: list[Upstream], private: PrivateConfig | None = None,
+                 known_private: set[str] | None = None) -> None:
         self.upstreams = upstreams
+        config = private or PrivateConfig()
+        self.claim_on_push = config.claim_on_push
+        self._private_re = (re.compile("|".join(f"(?:{glob_to_regex(p)})" for p in config.patterns))
+                            if config.patterns else None)
+        self.known_private = known_private if known_private is not None else set()
         self.default = upstreams[0] if upstreams else None
         self.by_host = {h: u for u in upstreams for h in u.config.hosts if h != "*"}
         self.any_host = next((u for u in upstreams if "*" in u.config.hosts), None)
@@ -44,21 +71,27 @@ class Router:
             return None
         return config.prefixes[0] if config.prefixes else config.name
 
+    def is_private(self, name: str) -> bool:
+        return (not self.upstreams or name in self.known_private
+                or (self._private_re is not None and self._private_re.fullmatch(name) is not None))
+
     def route(self, name: str, ns: str | None) -> Route:
         """`name` is already a valid repository name."""
-        if ns:
-            up = self.by_host.get(ns) or self.any_host
+        up: Upstream | None
+        if ns and ns in self.by_host:
+            up, remote = self.by_host[ns], name
+        elif self.is_private(name):
+            return Route(None, name, name)
+        elif ns:
+            up, remote = self.any_host, name
             if up is None:
                 raise RegistryError("NAME_UNKNOWN", f"no upstream is configured for ns={ns[:100]}")
-            remote = name
         else:
             first, slash, rest = name.partition("/")
-            up = self.by_prefix.get(first) if slash else None
-            if up is not None:
-                remote = rest
-            elif self.default is not None:
+            up, remote = (self.by_prefix.get(first), rest) if slash else (None, name)
+            if up is None:
                 up, remote = self.default, name
-            else:
+            if up is None:
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
         if up.config.dockerhub and "/" not in remote:
             remote = f"library/{remote}"

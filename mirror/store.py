@@ -153,3 +153,20 @@ class BlobStore:
             return False
         await self.storage.delete(paths.layer(repository, digest))
         return True
+
+
+async def walk_repositories(storage: Storage) -> list[tuple[str, list[str]]]:
+    """Every repository in storage with the `_`-children it has (`_manifests`, `_uploads`, ...)."""
+    found: list[tuple[str, list[str]]] = []
+
+    async def walk(prefix: str, name: str) -> None:
+        children = await storage.list(prefix)
+        marks = [c for c in children if c.startswith("_")]
+        if marks and name:
+            found.append((name, marks))
+        for child in children:
+            if not child.startswith("_"):
+                await walk(f"{prefix}/{child}", f"{name}/{child}" if name else child)
+
+    await walk(paths.REPOSITORIES, "")
+    return sorted(found)

@@ -67,6 +67,13 @@ async def _stream(request: web.Request, flight: Flight, digest: Digest, range_he
     return resp
 
 
+async def delete_blob(request: web.Request) -> web.Response:
+    """DELETE /v2/<name>/blobs/<digest>: this repository no longer serves the blob (gc frees it)."""
+    registry, r = route(request)
+    await registry.delete_blob(r, parse_digest(request.match_info["digest"]))
+    return web.Response(status=202)
+
+
 def _as_registry_error(error: Exception) -> RegistryError:
     if isinstance(error, RegistryError):
         return error

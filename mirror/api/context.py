@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
 from mirror.logs import REPOSITORY
@@ -19,3 +21,17 @@ def route(request: web.Request) -> tuple[Registry, Route]:
     r = registry.route(name, request.query.get("ns"))
     request[REPOSITORY] = r.local
     return registry, r
+
+
+async def push_route(request: web.Request) -> tuple[Registry, Route]:
+    """As `route`, for requests that write: DENIED for names that are pull-through caches."""
+    registry = request.app[REGISTRY]
+    name = parse_name(request.match_info["name"])
+    r = await registry.route_for_push(name, request.query.get("ns"))
+    request[REPOSITORY] = r.local
+    return registry, r
+
+
+def body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never whole in memory."""
+    return request.content.iter_chunked(1 << 20)

@@ -1,8 +1,10 @@
 from aiohttp import web
 
 from mirror import mediatypes
-from mirror.api.context import route
+from mirror.api.context import push_route, route
+from mirror.errors import RegistryError
 from mirror.logs import CACHE
+from mirror.manifest import MAX_MANIFEST
 from mirror.names import parse_reference
 
 
@@ -21,3 +23,28 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
     return web.Response(body=m.body, content_type=m.media_type, headers=headers)
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    """PUT /v2/<name>/manifests/<tag|digest>."""
+    registry, r = await push_route(request)
+    reference = parse_reference(request.match_info["reference"])
+    if (request.content_length or 0) > MAX_MANIFEST:
+        raise RegistryError("TOO_LARGE", f"manifests are limited to {MAX_MANIFEST} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > MAX_MANIFEST:
+            raise RegistryError("TOO_LARGE", f"manifests are limited to {MAX_MANIFEST} bytes")
+    pushed = await registry.put_manifest(r, reference, bytes(body), request.headers.get("Content-Type"))
+    headers = {"Location": f"/v2/{r.local}/manifests/{pushed.digest}", "Docker-Content-Digest": pushed.digest}
+    if pushed.subject:
+        headers["OCI-Subject"] = pushed.subject
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    """DELETE /v2/<name>/manifests/<digest> (the manifest) or <tag> (the tag only)."""
+    registry, r = route(request)
+    await registry.delete_manifest(r, parse_reference(request.match_info["reference"]))
+    return web.Response(status=202)

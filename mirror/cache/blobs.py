@@ -197,7 +197,7 @@ class BlobCache:
 
     async def head_upstream(self, route: Route, digest: Digest) -> int | None:
         try:
-            return await route.upstream.client.head_blob(route.remote, str(digest))
+            return await route.proxy.client.head_blob(route.remote, str(digest))
         except UpstreamNotFound:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
         except UpstreamDenied as e:
@@ -213,7 +213,7 @@ class BlobCache:
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:
             try:
-                return await route.upstream.client.open_blob(route.remote, key, offset)
+                return await route.proxy.client.open_blob(route.remote, key, offset)
             except UpstreamNotFound:
                 raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
             except UpstreamDenied as e:
@@ -228,7 +228,7 @@ class BlobCache:
 
         async def run() -> None:
             try:
-                await flight.run(open_upstream, commit, route.upstream.config.retries)
+                await flight.run(open_upstream, commit, route.proxy.config.retries)
             finally:
                 if self.flights.get(key) is flight:
                     del self.flights[key]

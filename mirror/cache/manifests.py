@@ -51,7 +51,7 @@ class ManifestCache:
 
     async def by_tag(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
-        if entry is not None and time.time() - entry.fetched_at < route.upstream.config.tag_ttl:
+        if entry is not None and time.time() - entry.fetched_at < route.proxy.config.tag_ttl:
             manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
                 return Served(manifest, "hit")
@@ -73,7 +73,7 @@ class ManifestCache:
     async def _revalidate(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
         cached = await self.store.get(route.local, entry.digest) if entry else None
-        up = route.upstream.client
+        up = route.proxy.client
         try:
             if cached is not None:
                 digest = await up.head_manifest(route.remote, tag)
@@ -106,7 +106,7 @@ class ManifestCache:
 
     async def _fetch(self, route: Route, digest: str | None, tag: str | None) -> Served:
         """GET by digest (or by tag when the digest is unknown), verify, store."""
-        up = route.upstream.client
+        up = route.proxy.client
         reference = digest or tag
         assert reference is not None
         try:

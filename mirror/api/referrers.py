@@ -1,0 +1,16 @@
+from aiohttp import web
+
+from mirror import mediatypes
+from mirror.api.context import route
+from mirror.names import parse_digest
+
+
+async def list_referrers(request: web.Request) -> web.Response:
+    """GET /v2/<name>/referrers/<digest>[?artifactType=]: an OCI index of the manifests naming it."""
+    registry, r = route(request)
+    subject = parse_digest(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    found = await registry.referrers(r, subject, artifact_type)
+    headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+    return web.json_response({"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": found},
+                             content_type=mediatypes.OCI_INDEX, headers=headers)

@@ -1,0 +1,168 @@
+"""Blob uploads (push): sessions live in storage so any process can continue one; bytes stream
+to storage and through a resumable hash as they arrive; a blob appears only once its digest
+has verified. Nothing of an upload is ever held in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mirror.errors import RegistryError
+from mirror.hashstate import ResumableHash
+from mirror.names import Digest
+from mirror.storage import NotFound, Storage, paths
+from mirror.store import BlobStore, walk_repositories
+
+log = logging.getLogger("mirror.uploads")
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInfo:
+    repository: str
+    upload_id: str
+    started: float
+
+
+class Uploads:
+    def __init__(self, storage: Storage, blobs: BlobStore) -> None:
+        self.storage = storage
+        self.blobs = blobs
+        self._hashes: dict[str, ResumableHash] = {}  # this process's view; storage has the saved one
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def start(self, repository: str) -> str:
+        upload_id = uuid.uuid4().hex
+        await self.storage.put_bytes(paths.upload_started(repository, upload_id), str(time.time()).encode())
+        return upload_id
+
+    async def size(self, repository: str, upload_id: str) -> int:
+        """Bytes received so far; BLOB_UPLOAD_UNKNOWN for an unknown (or finished) upload."""
+        if await self.storage.stat(paths.upload_started(repository, upload_id)) is None:
+            raise RegistryError("BLOB_UPLOAD_UNKNOWN", f"blob upload {upload_id} unknown to registry")
+        st = await self.storage.stat(paths.upload_data(repository, upload_id))
+        return st.size if st else 0
+
+    async def append(self, repository: str, upload_id: str, chunks: AsyncIterator[bytes],
+                     start: int | None = None) -> int:
+        """Add a chunk; `start` (from Content-Range) must be where the upload stands."""
+        async with self._lock(upload_id):
+            size = await self.size(repository, upload_id)
+            if start is not None and start != size:
+                raise RegistryError("RANGE_INVALID", f"chunk starts at {start}, upload has {size} bytes",
+                                    headers=range_headers(size))
+            return await self._append(repository, upload_id, size, chunks)
+
+    async def _append(self, repository: str, upload_id: str, size: int, chunks: AsyncIterator[bytes]) -> int:
+        hasher = await self._hasher(repository, upload_id, size)
+        writer = await self.storage.writer(paths.upload_data(repository, upload_id), append=True)
+        try:
+            async for chunk in chunks:
+                await writer.write(chunk)
+                hasher.update(chunk)
+        finally:
+            # Keep what arrived even when the client went away: it resumes from the reported Range.
+            await writer.commit()
+            if hasher.size == writer.size:
+                self._hashes[upload_id] = hasher
+                saved = hasher.saved()
+                if saved is not None:
+                    await self.storage.put_bytes(paths.upload_hashstate(repository, upload_id), saved)
+            else:
+                self._hashes.pop(upload_id, None)
+        return writer.size
+
+    async def finish(self, repository: str, upload_id: str, digest: Digest,
+                     chunks: AsyncIterator[bytes] | None) -> None:
+        """The last chunk (if any), then verify and commit the blob; DIGEST_INVALID cancels."""
+        async with self._lock(upload_id):
+            size = await self.size(repository, upload_id)
+            if chunks is not None:
+                size = await self._append(repository, upload_id, size, chunks)
+            hasher = await self._hasher(repository, upload_id, size, digest.algorithm)
+            if hasher.hexdigest() != digest.hex:
+                await self._delete(repository, upload_id)
+                raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
+            if await self.blobs.stat(digest) is None:
+                if size == 0:
+                    await self.storage.put_bytes(paths.blob(digest), b"")
+                else:
+                    await self.storage.move(paths.upload_data(repository, upload_id), paths.blob(digest))
+            await self.blobs.link(repository, digest)
+            await self._delete(repository, upload_id)
+
+    async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> None:
+        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
+        hasher = digest.hasher()
+        writer = await self.storage.writer(paths.blob(digest))
+        async with writer:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                await writer.write(chunk)
+            if hasher.hexdigest() != digest.hex:
+                await writer.cancel()
+                raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
+            await writer.commit()
+        await self.blobs.link(repository, digest)
+
+    async def cancel(self, repository: str, upload_id: str) -> None:
+        async with self._lock(upload_id):
+            await self.size(repository, upload_id)
+            await self._delete(repository, upload_id)
+
+    async def live(self) -> list[UploadInfo]:
+        """Every upload in storage with its start time."""
+        found = []
+        for repository, marks in await walk_repositories(self.storage):
+            if "_uploads" not in marks:
+                continue
+            for upload_id in await self.storage.list(paths.uploads(repository)):
+                try:
+                    started = float(await self.storage.get_bytes(paths.upload_started(repository, upload_id)))
+                except (NotFound, ValueError):
+                    started = 0.0  # half-created: as old as can be
+                found.append(UploadInfo(repository, upload_id, started))
+        return found
+
+    async def purge(self, older_than: float, dry_run: bool = False) -> list[UploadInfo]:
+        """Remove uploads started before `older_than` (epoch seconds)."""
+        stale = [u for u in await self.live() if u.started < older_than]
+        for u in stale:
+            log.info("purging abandoned upload %s/%s%s", u.repository, u.upload_id, " (dry run)" if dry_run else "")
+            if not dry_run:
+                await self._delete(u.repository, u.upload_id)
+        return stale
+
+    async def _hasher(self, repository: str, upload_id: str, size: int, algorithm: str = "sha256") -> ResumableHash:
+        """The hash of the first `size` bytes: from memory, from the saved state, or by re-reading."""
+        h = self._hashes.get(upload_id)
+        if h is not None and h.size == size and h.algorithm == algorithm:
+            return h
+        try:
+            h = ResumableHash.restore(await self.storage.get_bytes(paths.upload_hashstate(repository, upload_id)))
+        except NotFound:
+            h = None
+        if h is not None and h.size == size and h.algorithm == algorithm:
+            return h
+        h = ResumableHash(algorithm)
+        if size:
+            async for chunk in self.storage.reader(paths.upload_data(repository, upload_id), 0, size):
+                h.update(chunk)
+        return h
+
+    async def _delete(self, repository: str, upload_id: str) -> None:
+        self._hashes.pop(upload_id, None)
+        await self.storage.delete(paths.upload(repository, upload_id))
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        if len(self._locks) > 10_000:
+            self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+        return self._locks.setdefault(upload_id, asyncio.Lock())
+
+
+def range_headers(size: int) -> dict[str, str]:
+    """`Range: 0-<last byte>` as clients expect it (`0-0` for an empty upload, as distribution)."""
+    return {"Range": f"0-{max(size - 1, 0)}"}
