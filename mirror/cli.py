@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sys
@@ -11,7 +13,9 @@ from aiohttp import web
 
 from mirror import logs
 from mirror.app import create_app
-from mirror.config import Config, ConfigError, load
+from mirror.config import Config, ConfigError, load, parse_duration
+from mirror.gc import collect
+from mirror.storage.filesystem import FilesystemStorage
 
 
 def _load(path: str | None) -> Config:
@@ -48,6 +52,31 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value, "duration")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def gc(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logs.setup("warning", config.log.fields)
+    storage = FilesystemStorage(config.storage.rootdirectory)
+    result = asyncio.run(collect(storage, dry_run=args.dry_run, grace=args.grace))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "marked": result.marked, "swept": result.swept,
+                          "swept_bytes": result.swept_bytes, "kept_young": result.kept_young,
+                          "dangling_links": result.dangling_links}))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        for digest in result.swept:
+            print(f"{verb} {digest}")
+        print(f"{result.marked} blobs in use; {verb} {len(result.swept)} blobs ({result.swept_bytes} bytes); "
+              f"kept {result.kept_young} younger than the grace period")
+    return 0
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
@@ -62,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the registry")
     p.add_argument("--config", help="config.yml (registry:2 keys; default: the embedded one)")
     p.set_defaults(func=serve)
+    p = sub.add_parser("gc", help="delete blobs no manifest references (safe while serving)")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.add_argument("--grace", type=_duration, default=3600.0,
+                   help="keep blobs younger than this (default 1h)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=gc)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("config", nargs="?")
     p.set_defaults(func=check_config)

@@ -171,6 +171,8 @@ def parse_duration(value: Any, key: str) -> float:
     if isinstance(value, int | float):
         return float(value)
     text = str(value).strip()
+    if text == "0":  # Go accepts a bare 0
+        return 0.0
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(text):
         if m.start() != pos:

@@ -113,23 +113,9 @@ class Uploads:
             await self.size(repository, upload_id)
             await self._delete(repository, upload_id)
 
-    async def live(self) -> list[UploadInfo]:
-        """Every upload in storage with its start time."""
-        found = []
-        for repository, marks in await walk_repositories(self.storage):
-            if "_uploads" not in marks:
-                continue
-            for upload_id in await self.storage.list(paths.uploads(repository)):
-                try:
-                    started = float(await self.storage.get_bytes(paths.upload_started(repository, upload_id)))
-                except (NotFound, ValueError):
-                    started = 0.0  # half-created: as old as can be
-                found.append(UploadInfo(repository, upload_id, started))
-        return found
-
     async def purge(self, older_than: float, dry_run: bool = False) -> list[UploadInfo]:
         """Remove uploads started before `older_than` (epoch seconds)."""
-        stale = [u for u in await self.live() if u.started < older_than]
+        stale = [u for u in await live_uploads(self.storage) if u.started < older_than]
         for u in stale:
             log.info("purging abandoned upload %s/%s%s", u.repository, u.upload_id, " (dry run)" if dry_run else "")
             if not dry_run:
@@ -166,3 +152,18 @@ class Uploads:
 def range_headers(size: int) -> dict[str, str]:
     """`Range: 0-<last byte>` as clients expect it (`0-0` for an empty upload, as distribution)."""
     return {"Range": f"0-{max(size - 1, 0)}"}
+
+
+async def live_uploads(storage: Storage) -> list[UploadInfo]:
+    """Every upload in storage with its start time."""
+    found = []
+    for repository, marks in await walk_repositories(storage):
+        if "_uploads" not in marks:
+            continue
+        for upload_id in await storage.list(paths.uploads(repository)):
+            try:
+                started = float(await storage.get_bytes(paths.upload_started(repository, upload_id)))
+            except (NotFound, ValueError):
+                started = 0.0  # half-created: as old as can be
+            found.append(UploadInfo(repository, upload_id, started))
+    return found

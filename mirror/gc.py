@@ -1,0 +1,104 @@
+"""Garbage collection: mark every blob a manifest still needs, sweep the rest.
+
+Safe while the server runs: a blob is only swept when it is older than the grace period and
+older than the oldest upload still in progress (its manifest may not be pushed yet), so a push
+or a cache fill racing the collection keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mirror import manifest as manifests_
+from mirror.errors import RegistryError
+from mirror.names import ALGORITHMS, Digest
+from mirror.storage import NotFound, Storage, paths
+from mirror.store import walk_repositories
+from mirror.uploads import live_uploads
+
+log = logging.getLogger("mirror.gc")
+
+
+@dataclass
+class GcResult:
+    marked: int = 0
+    swept: list[str] = field(default_factory=list)
+    swept_bytes: int = 0
+    kept_young: int = 0
+    dangling_links: int = 0
+
+
+async def _manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
+    try:
+        body = await storage.get_bytes(paths.blob(digest))
+    except NotFound:
+        return []
+    try:
+        parsed = manifests_.parse(body, None)
+    except RegistryError:
+        return []  # not a manifest we understand: it keeps itself, nothing more
+    return [*parsed.blobs, *parsed.manifests]
+
+
+async def mark(storage: Storage) -> set[str]:
+    """Every blob reachable from a manifest revision of any repository (tags point at revisions)."""
+    marked: set[str] = set()
+    pending: list[Digest] = []
+    for name, marks in await walk_repositories(storage):
+        if "_manifests" not in marks:
+            continue
+        for algorithm in await storage.list(f"{paths.repository(name)}/_manifests/revisions"):
+            for hexpart in await storage.list(f"{paths.repository(name)}/_manifests/revisions/{algorithm}"):
+                pending.append(Digest(algorithm, hexpart))
+    while pending:
+        digest = pending.pop()
+        if str(digest) in marked:
+            continue
+        marked.add(str(digest))
+        pending.extend(await _manifest_refs(storage, digest))
+    return marked
+
+
+async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
+    result = GcResult()
+    marked = await mark(storage)
+    result.marked = len(marked)
+    cutoff = time.time() - grace
+    live = await live_uploads(storage)
+    if live:
+        cutoff = min(cutoff, min(u.started for u in live))
+    swept: set[str] = set()
+    for algorithm in ALGORITHMS:
+        for shard in await storage.list(f"blobs/{algorithm}"):
+            for hexpart in await storage.list(f"blobs/{algorithm}/{shard}"):
+                digest = Digest(algorithm, hexpart)
+                if str(digest) in marked:
+                    continue
+                st = await storage.stat(paths.blob(digest))
+                if st is None:
+                    continue
+                if st.mtime > cutoff:
+                    result.kept_young += 1
+                    continue
+                result.swept.append(str(digest))
+                result.swept_bytes += st.size
+                swept.add(str(digest))
+                if not dry_run:
+                    await storage.delete(paths.blob(digest))
+    # Layer links to blobs that are gone would only cost a stat each: drop them too.
+    for name, marks in await walk_repositories(storage):
+        if "_layers" not in marks:
+            continue
+        for algorithm in await storage.list(f"{paths.repository(name)}/_layers"):
+            for hexpart in await storage.list(f"{paths.repository(name)}/_layers/{algorithm}"):
+                digest = Digest(algorithm, hexpart)
+                gone = str(digest) in swept or await storage.stat(paths.blob(digest)) is None
+                if gone:
+                    result.dangling_links += 1
+                    if not dry_run:
+                        await storage.delete(paths.layer(name, digest))
+    log.info("gc: %d marked, %d blobs (%d bytes) %s, %d young kept", result.marked, len(result.swept),
+             result.swept_bytes, "would be swept" if dry_run else "swept", result.kept_young)
+    return result

@@ -1,0 +1,30 @@
+"""Fixtures shared by the in-process HTTP suites (tests/e2e has its own for real processes)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from mirror.app import create_app
+from mirror.config import parse
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`start(**config)` -> a client of a mirror app (config: parse()'s raw dict) on loopback."""
+    clients: list[TestClient] = []
+
+    async def start(root: Path | None = None, **config: Any) -> TestClient:
+        raw = {"storage": {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}}, **config}
+        client = TestClient(TestServer(create_app(parse(raw))))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for c in clients:
+        await c.close()

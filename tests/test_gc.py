@@ -1,0 +1,89 @@
+"""`mirror gc`: exactly the unreferenced blobs go; whatever a tag, manifest or index needs stays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mirror.gc import collect
+from mirror.storage.filesystem import FilesystemStorage
+from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
+
+
+def age_everything(root: Path, seconds: float = 7200) -> None:
+    past = time.time() - seconds
+    for p in (root / "blobs").rglob("*"):
+        os.utime(p, (past, past))
+
+
+async def test_gc_sweeps_exactly_the_unreferenced(registry: Factory, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    client = await registry(storage={"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}})
+    _kept, _kept_body = await push_image(client, "team/app", "v1", seed=b"k")
+    child, child_body = await push_image(client, "team/multi", "amd64", seed=b"c")
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": child, "size": len(child_body)}]}).encode()
+    assert (await client.put("/v2/team/multi/manifests/latest", data=index,
+                             headers={"Content-Type": OCI_INDEX})).status == 201
+    # The child loses its own tag: only the index keeps it (and its blobs) alive.
+    assert (await client.delete("/v2/team/multi/manifests/amd64")).status == 202
+    gone, _ = await push_image(client, "team/old", "v1", seed=b"g")
+    assert (await client.delete(f"/v2/team/old/manifests/{gone}")).status == 202
+    orphan = await upload(client, "team/app", b"uploaded, never referenced")
+
+    storage = FilesystemStorage(root)
+    age_everything(root)
+    dry = await collect(storage, dry_run=True)
+    expected = {orphan, gone, sha(b'{"os":"linux","seed":"g"}'), sha(b"layer-" + b"g" * 1000)}
+    assert set(dry.swept) == expected
+    assert all((root / "blobs" / "sha256" / d[7:9] / d[7:]).exists() for d in expected)  # dry run
+
+    result = await collect(storage)
+    assert set(result.swept) == expected
+    for digest in expected:
+        assert not (root / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+    # Everything still referenced pulls as before.
+    for name, ref in (("team/app", "v1"), ("team/multi", "latest"), ("team/multi", child)):
+        assert (await client.get(f"/v2/{name}/manifests/{ref}")).status == 200
+    for layer in (b"layer-" + b"k" * 1000, b"layer-" + b"c" * 1000):
+        name = "team/app" if b"k" in layer else "team/multi"
+        assert await (await client.get(f"/v2/{name}/blobs/{sha(layer)}")).read() == layer
+    assert (await collect(storage)).swept == []
+
+
+async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    client = await registry(storage={"filesystem": {"rootdirectory": str(root)}})
+    young = await upload(client, "team/app", b"just pushed, manifest on its way")
+    result = await collect(FilesystemStorage(root))
+    assert result.swept == [] and result.kept_young == 1
+    # An upload that started an hour ago holds back everything younger than it.
+    location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    upload_id = location.rsplit("/", 1)[1]
+    (root / "repositories/team/app/_uploads" / upload_id / "startedat").write_text(str(time.time() - 3 * 3600))
+    age_everything(root, seconds=2 * 3600)
+    result = await collect(FilesystemStorage(root))
+    assert result.swept == [] and result.kept_young == 1
+    age_everything(root, seconds=4 * 3600)
+    assert (await collect(FilesystemStorage(root))).swept == [young]
+
+
+def test_gc_cli(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "blobs/sha256/ab").mkdir(parents=True)
+    orphan = root / "blobs/sha256/ab" / ("ab" + "0" * 62)
+    orphan.write_bytes(b"x")
+    age_everything(root)
+    config = tmp_path / "config.yml"
+    config.write_text(f"version: 0.1\nstorage: {{filesystem: {{rootdirectory: {root}}}}}\n")
+    r = subprocess.run([sys.executable, "-m", "mirror", "gc", "--config", str(config), "--dry-run", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["swept"] == ["sha256:ab" + "0" * 62] and orphan.exists()
+    r = subprocess.run([sys.executable, "-m", "mirror", "gc", "--config", str(config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "deleted 1 blobs" in r.stdout and not orphan.exists()
