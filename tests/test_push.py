@@ -284,7 +284,7 @@ async def test_referrers(registry: Factory) -> None:
         refs[kind] = sha(body)
     r = await client.get(f"/v2/team/app/referrers/{subject}")
     index = await r.json()
-    assert r.status == 200 and index["mediaType"] == OCI_INDEX
+    assert r.status == 200 and index["mediaType"] == OCI_INDEX and r.headers["Content-Type"] == OCI_INDEX
     assert {m["digest"] for m in index["manifests"]} == set(refs.values())
     assert {m["artifactType"] for m in index["manifests"]} == set(refs)
     r = await client.get(f"/v2/team/app/referrers/{subject}?artifactType=application/spdx%2Bjson")

@@ -1,3 +1,5 @@
+import json
+
 from aiohttp import web
 
 from mirror import mediatypes
@@ -12,5 +14,6 @@ async def list_referrers(request: web.Request) -> web.Response:
     artifact_type = request.query.get("artifactType")
     found = await registry.referrers(r, subject, artifact_type)
     headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
-    return web.json_response({"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": found},
-                             content_type=mediatypes.OCI_INDEX, headers=headers)
+    index = {"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": found}
+    # The spec's exact media type: json_response would append "; charset=utf-8".
+    return web.Response(body=json.dumps(index).encode(), content_type=mediatypes.OCI_INDEX, headers=headers)
