@@ -9,11 +9,13 @@ failure (unreachable, 5xx, 429) after which cached content may be served stale.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import aiohttp
 from yarl import URL
 
 from mirror.config import UpstreamConfig
-from mirror.errors import RegistryError
+from mirror.errors import CODES, RegistryError
 
 log = logging.getLogger("mirror.upstream")
 
@@ -62,6 +64,19 @@ class UpstreamNotFound(Exception):
 
 class UpstreamDenied(Exception):
     """The upstream answered 401/403 even with our credentials."""
+
+
+@contextlib.contextmanager
+def answering_as(not_found: str, what: str) -> Iterator[None]:
+    """Turn the upstream's answer into the OCI error a client gets when nothing cached stands in."""
+    try:
+        yield
+    except UpstreamNotFound:
+        raise RegistryError(not_found, f"{CODES[not_found].message}: {what}") from None
+    except UpstreamDenied as e:
+        raise RegistryError("DENIED", str(e)) from None
+    except UpstreamError as e:
+        raise e.to_registry_error() from None
 
 
 @dataclass(frozen=True, slots=True)

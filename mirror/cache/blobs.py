@@ -19,7 +19,7 @@ from mirror.names import Digest
 from mirror.routing import Route
 from mirror.storage import paths
 from mirror.store import BlobStore, LocalBlob
-from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+from mirror.upstream import answering_as
 
 log = logging.getLogger("mirror.cache")
 
@@ -196,14 +196,8 @@ class BlobCache:
         return await self.head_upstream(route, digest), "miss"
 
     async def head_upstream(self, route: Route, digest: Digest) -> int | None:
-        try:
+        with answering_as("BLOB_UNKNOWN", f"{route.local}@{digest}"):
             return await route.proxy.client.head_blob(route.remote, str(digest))
-        except UpstreamNotFound:
-            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
-        except UpstreamDenied as e:
-            raise RegistryError("DENIED", str(e)) from None
-        except UpstreamError as e:
-            raise e.to_registry_error() from None
 
     def _start(self, route: Route, digest: Digest) -> Flight:
         key = str(digest)
@@ -212,14 +206,8 @@ class BlobCache:
         self.flights[key] = flight
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:
-            try:
+            with answering_as("BLOB_UNKNOWN", f"{route.local}@{digest}"):
                 return await route.proxy.client.open_blob(route.remote, key, offset)
-            except UpstreamNotFound:
-                raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}") from None
-            except UpstreamDenied as e:
-                raise RegistryError("DENIED", str(e)) from None
-            except UpstreamError as e:
-                raise e.to_registry_error() from None
 
         async def commit(spool: Path) -> None:
             await self.store.storage.put_file(paths.blob(digest), spool)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -228,9 +228,37 @@ def registry_ready(url: str, statuses: Iterable[int] = (200,)) -> Callable[[], b
     return check
 
 
+class RegistryProc:
+    """A registry server process on a loopback port: the mirror, or distribution."""
+
+    port: int
+    proc: Proc
+    ready_statuses: tuple[int, ...] = (200,)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        self.proc.start()
+        self.proc.wait_ready(registry_ready(self.url, self.ready_statuses), timeout)
+        return self
+
+    def stop(self) -> int | None:
+        return self.proc.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.running
+
+
 # --- the mirror ------------------------------------------------------------------------------------
 
-class Mirror:
+class Mirror(RegistryProc):
     """`python -m mirror serve` on a fixed port and storage; stop() and start() again keep both."""
 
     def __init__(self, tmp: Path, config: dict[str, Any], port: int | None = None, name: str = "mirror") -> None:
@@ -253,29 +281,9 @@ class Mirror:
         self.proc = Proc(name, [sys.executable, "-m", "mirror", "serve", "--config", self.config_path],
                          self.dir, env=env, cwd=REPO_ROOT)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> Mirror:
-        self.proc.start()
-        self.proc.wait_ready(registry_ready(self.url), timeout)
-        return self
-
-    def stop(self) -> int | None:
-        return self.proc.stop()
-
     def restart(self) -> Mirror:
         self.stop()
         return self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc.running
 
     @property
     def log(self) -> list[dict[str, Any]]:
@@ -359,12 +367,14 @@ class AccessEntry:
         return self.path.split("?", 1)[0]
 
 
-class Distribution:
+class Distribution(RegistryProc):
     """CNCF distribution (`docker-registry serve`) on plain HTTP, loopback.
 
     Its access log (gorilla combined format, one line per finished request) goes to stdout and
     is what tests count upstream requests with; logrus logs go to stderr.
     """
+
+    ready_statuses = (200, 401)  # 401: with auth configured
 
     def __init__(self, tmp: Path, extra_config: dict[str, Any] | None = None, root: Path | None = None,
                  port: int | None = None, name: str = "distribution") -> None:
@@ -393,25 +403,6 @@ class Distribution:
         env = {k: v for k, v in client_env().items() if not k.startswith("REGISTRY_")}
         self.proc = Proc(name, [DISTRIBUTION, "serve", self.config_path], self.dir, env=env)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> Distribution:
-        self.proc.start()
-        self.proc.wait_ready(registry_ready(self.url, (200, 401)), timeout)
-        return self
-
-    def stop(self) -> int | None:
-        return self.proc.stop()
-
-    @property
-    def running(self) -> bool:
-        return self.proc.running
 
     @property
     def access_lines(self) -> list[str]:
