@@ -50,7 +50,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                            f"{request.path[:200]}"))
     except web.HTTPNotFound:
         return error_response(RegistryError("NOT_FOUND", f"no API endpoint at {request.path[:200]}"))
-    except (ConnectionResetError, asyncio.CancelledError, web.HTTPException):
+    except ConnectionResetError:
+        # The client went away mid-request: nothing to answer, nothing wrong here. Whatever an
+        # upload received so far is kept and reported by its Range.
+        log.info("client went away during %s %s", request.method, request.path)
+        return web.Response(status=499, reason="Client Closed Request")
+    except (asyncio.CancelledError, web.HTTPException):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

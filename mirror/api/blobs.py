@@ -62,7 +62,7 @@ async def _stream(request: web.Request, flight: Flight, digest: Digest, range_he
         log.warning("cutting %s for %s: %s", request.path, request.remote, e)
         if request.transport is not None:
             request.transport.abort()
-        raise ConnectionResetError(str(e)) from None
+        return resp  # already prepared: aiohttp finds the connection closed and logs it as sent
     await resp.write_eof()
     return resp
 
