@@ -1,0 +1,1 @@
+"""Benchmark of mirror against CNCF distribution in proxy mode: `python -m bench.run`."""
