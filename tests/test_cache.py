@@ -70,6 +70,14 @@ def stored_blobs(tmp_path: Path) -> list[Path]:
     return [p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()]
 
 
+async def committed(tmp_path: Path, digest: str) -> None:
+    for _ in range(200):
+        if any(p.name == digest.split(":")[1] for p in stored_blobs(tmp_path)):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{digest} was never committed")
+
+
 def staging(tmp_path: Path) -> list[Path]:
     return list((tmp_path / "data" / "_staging").iterdir())
 
@@ -209,7 +217,8 @@ async def test_concurrent_cold_blob_is_fetched_once(upstream, mirror, tmp_path) 
     bodies = await asyncio.gather(*(pull() for _ in range(8)))
     assert all(b == BLOB for b in bodies)
     assert script.calls[f"GET /v2/library/app/blobs/{blob}"] == 1
-    assert stored_blobs(tmp_path) and not staging(tmp_path)
+    await committed(tmp_path, blob)  # clients are released once the digest checks; the commit follows
+    assert not staging(tmp_path)
     r = await client.get(f"/v2/app/blobs/{blob}")  # warm
     assert await r.read() == BLOB and script.calls[f"GET /v2/library/app/blobs/{blob}"] == 1
 
@@ -263,10 +272,7 @@ async def test_client_leaving_does_not_cancel_the_fetch(upstream, mirror, tmp_pa
     r = await client.get(f"/v2/app/blobs/{blob}")
     await r.content.read(1000)
     r.close()
-    for _ in range(200):
-        if any(p.name == blob.split(":")[1] for p in stored_blobs(tmp_path)):
-            break
-        await asyncio.sleep(0.05)
+    await committed(tmp_path, blob)
     assert await (await client.get(f"/v2/app/blobs/{blob}")).read() == BLOB
     assert script.calls[f"GET /v2/library/app/blobs/{blob}"] == 1
 

@@ -127,17 +127,20 @@ class FilesystemStorage(Storage):
 
     async def get_bytes(self, key: str) -> bytes:
         try:
-            async with aiofiles.open(self.path(key), "rb") as f:
-                return await f.read()
+            return await asyncio.to_thread(self.path(key).read_bytes)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(key) from None
 
     async def put_bytes(self, key: str, data: bytes) -> None:
+        # One thread call: a cancelled caller cannot leave the file half-open.
+        await asyncio.to_thread(self._put_bytes, self.path(key), data)
+
+    def _put_bytes(self, dest: Path, data: bytes) -> None:
         temp = self._staging / f"p-{uuid.uuid4().hex}"
         try:
-            async with aiofiles.open(temp, "wb") as f:
-                await f.write(data)
-            await self.put_file(key, temp)
+            temp.write_bytes(data)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, dest)
         finally:
             temp.unlink(missing_ok=True)
 
