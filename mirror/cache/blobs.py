@@ -114,25 +114,27 @@ class Flight:
             resp = await open_upstream(0)
             self.size = resp.content_length
             self.started.set()
-            pending = bytearray()
+            pending: list[bytes] = []  # joined once per batch: one copy, not two
+            pending_size = 0
             for attempt in range(1, attempts + 1):
                 try:
                     async with resp:
                         async for chunk in resp.content.iter_chunked(BATCH):
-                            pending += chunk
-                            if len(pending) >= BATCH:
-                                await self._receive(bytes(pending), queue, writer)
-                                pending = bytearray()
+                            pending.append(chunk)
+                            pending_size += len(chunk)
+                            if pending_size >= BATCH:
+                                await self._receive(b"".join(pending), queue, writer)
+                                pending, pending_size = [], 0
                     break
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
                     if attempt == attempts or self.size is None:
                         raise FlightFailed(f"upstream transfer of {self.digest} broke: {e}") from None
-                    await self._receive(bytes(pending), queue, writer)
-                    pending = bytearray()
+                    await self._receive(b"".join(pending), queue, writer)
+                    pending, pending_size = [], 0
                     log.warning("upstream transfer of %s broke at %d bytes (%s), resuming",
                                 self.digest, self.received, e)
                     resp = await open_upstream(self.received)
-            await self._receive(bytes(pending), queue, writer)
+            await self._receive(b"".join(pending), queue, writer)
             await queue.put(None)
             await writer
         finally:
