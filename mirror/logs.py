@@ -17,7 +17,7 @@ access = logging.getLogger("mirror.access")
 # What a request learned on its way, for its access-log line.
 REQUEST_ID = web.RequestKey("request_id", str)
 REPOSITORY = web.RequestKey("repository", str)
-CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale
+CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale | private
 
 
 class JsonFormatter(logging.Formatter):

@@ -37,23 +37,16 @@ MirrorFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def mirror(upstream: tuple[ScriptedUpstream, TestServer], tmp_path: Path) -> AsyncIterator[MirrorFactory]:
-    clients: list[TestClient] = []
+def mirror(upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any]) -> MirrorFactory:
+    """`start(**upstream_settings)` -> a client of a mirror in front of the scripted upstream."""
     _, server = upstream
 
     async def start(**up: Any) -> TestClient:
         settings = {"name": "hub", "url": str(server.make_url("")), "hosts": ["docker.io"], "dockerhub": True,
                     "tag_ttl": "1h", "retries": 2, **up}
-        config = parse({"storage": {"filesystem": {"rootdirectory": str(tmp_path / "data")}},
-                        "upstreams": [settings]})
-        client = TestClient(TestServer(create_app(config)))
-        await client.start_server()
-        clients.append(client)
-        return client
+        return await registry(upstreams=[settings])
 
-    yield start
-    for c in clients:
-        await c.close()
+    return start
 
 
 def image(script: ScriptedUpstream, repo: str = "library/app", tag: str = "latest") -> tuple[str, str]:

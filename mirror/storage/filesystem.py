@@ -17,41 +17,47 @@ from mirror.storage.base import NotFound, Stat, Storage, Writer, check_key
 CHUNK = 1 << 20
 
 
-class FileWriter(Writer):
-    def __init__(self, storage: FilesystemStorage, key: str) -> None:
-        self.storage = storage
-        self.key = key
-        self.temp = storage.staging_dir() / f"w-{uuid.uuid4().hex}"
-        self.file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
-        self.size = 0
-
-    async def open(self) -> FileWriter:
-        self.file = await aiofiles.open(self.temp, "wb")
-        return self
+class _LocalFileWriter(Writer):
+    file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
 
     async def write(self, data: bytes) -> None:
         assert self.file is not None, "writer is closed"
         await self.file.write(data)
         self.size += len(data)
 
-    async def commit(self) -> None:
-        assert self.file is not None, "writer is closed"
-        await self.file.close()
-        self.file = None
-        await self.storage.put_file(self.key, self.temp)
-
-    async def cancel(self) -> None:
+    async def _close(self) -> None:
         if self.file is not None:
             await self.file.close()
             self.file = None
+
+
+class FileWriter(_LocalFileWriter):
+    """A new object: written under _staging, renamed into place at commit."""
+
+    def __init__(self, storage: FilesystemStorage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.temp = storage.staging_dir() / f"w-{uuid.uuid4().hex}"
+
+    async def open(self) -> FileWriter:
+        self.file = await aiofiles.open(self.temp, "wb")
+        return self
+
+    async def commit(self) -> None:
+        assert self.file is not None, "writer is closed"
+        await self._close()
+        await self.storage.put_file(self.key, self.temp)
+
+    async def cancel(self) -> None:
+        await self._close()
         self.temp.unlink(missing_ok=True)
 
 
-class AppendWriter(Writer):
+class AppendWriter(_LocalFileWriter):
+    """More bytes at the end of an object, in place (upload data)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
-        self.size = 0
 
     async def open(self) -> AppendWriter:
         await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
@@ -59,22 +65,14 @@ class AppendWriter(Writer):
         self.size = await self.file.tell()
         return self
 
-    async def write(self, data: bytes) -> None:
-        assert self.file is not None, "writer is closed"
-        await self.file.write(data)
-        self.size += len(data)
-
     async def commit(self) -> None:
         if self.file is not None:
             await self.file.flush()
             await asyncio.to_thread(os.fsync, self.file.fileno())
-            await self.file.close()
-            self.file = None
+        await self._close()
 
     async def cancel(self) -> None:
-        if self.file is not None:  # what was written stays: the client resumes from it
-            await self.file.close()
-            self.file = None
+        await self._close()  # what was written stays: the client resumes from it
 
 
 class FilesystemStorage(Storage):
