@@ -1,0 +1,127 @@
+"""Every Prometheus metric, defined once.
+
+One registry per application (tests run several in one process). Labels are bounded: routes,
+methods, status classes, configured upstream names, fixed kinds and results; never a
+repository name or digest. Every known label combination is created up front, so each series
+exists (at 0) from the first scrape and no dashboard panel waits for its first event.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from mirror import __version__
+
+ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "other")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
+UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")
+UPSTREAM_ERRORS = ("connect", "timeout", "5xx", "429", "denied", "digest")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, upstreams: Iterable[str] = (), backend: str = "filesystem") -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        build = Gauge("mirror_build_info", "Version of mirror and Python, always 1.", ["version", "python"],
+                      registry=r)
+        build.labels(__version__, platform.python_version()).set(1)
+
+        self.http_requests = Counter("mirror_http_requests", "HTTP requests answered.",
+                                     ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram("mirror_http_request_duration_seconds",
+                                       "Time to answer an HTTP request (headers and body).",
+                                       ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_in_flight = Gauge("mirror_http_requests_in_flight", "HTTP requests being answered.",
+                                    registry=r)
+
+        self.cache_requests = Counter("mirror_cache_requests",
+                                      "Manifest and blob requests by what the cache did: hit, miss (fetched "
+                                      "upstream), revalidated (upstream confirmed), stale (upstream failed, "
+                                      "cached copy served), private (pushed here).",
+                                      ["kind", "result"], registry=r)
+        self.served_bytes = Counter("mirror_served_bytes",
+                                    "Manifest and blob bytes sent to clients, by where they came from.",
+                                    ["kind", "source"], registry=r)
+
+        self.upstream_requests = Counter("mirror_upstream_requests", "Requests sent to upstream registries.",
+                                         ["upstream", "kind", "status"], registry=r)
+        self.upstream_duration = Histogram("mirror_upstream_request_duration_seconds",
+                                           "Time until an upstream answered (headers).",
+                                           ["upstream", "kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter("mirror_upstream_errors", "Upstream failures by reason.",
+                                       ["upstream", "reason"], registry=r)
+        self.upstream_retries = Counter("mirror_upstream_retries", "Upstream requests sent again.",
+                                        ["upstream"], registry=r)
+        self.upstream_bytes = Counter("mirror_upstream_received_bytes", "Blob bytes received from upstreams.",
+                                      ["upstream"], registry=r)
+        self.token_fetches = Counter("mirror_upstream_token_fetches", "Bearer tokens fetched from token servers.",
+                                     ["upstream"], registry=r)
+        self.ratelimit_limit = Gauge("mirror_upstream_ratelimit_limit",
+                                     "The upstream's ratelimit-limit header (Docker Hub: pulls per window).",
+                                     ["upstream"], registry=r)
+        self.ratelimit_remaining = Gauge("mirror_upstream_ratelimit_remaining",
+                                         "The upstream's ratelimit-remaining header.", ["upstream"], registry=r)
+
+        self.flight_joiners = Counter("mirror_blob_flight_joiners",
+                                      "Blob requests that joined an upstream fetch already in progress.",
+                                      registry=r)
+        self.flights_in_progress = Gauge("mirror_blob_flights_in_progress", "Upstream blob fetches in progress.",
+                                         registry=r)
+
+        self.storage_bytes = Gauge("mirror_storage_bytes", "Bytes of blobs (and manifests) in storage.",
+                                   ["backend"], registry=r)
+        self.storage_blobs = Gauge("mirror_storage_blobs", "Blobs (and manifests) in storage.",
+                                   ["backend"], registry=r)
+        self.evictions = Counter("mirror_cache_evictions", "Cached objects evicted to stay within the size cap.",
+                                 ["kind"], registry=r)
+        self.uploads_in_progress = Gauge("mirror_uploads_in_progress", "Blob uploads started and not finished.",
+                                         registry=r)
+
+        for route in ROUTES:
+            for method in ("GET", "HEAD"):
+                self.http_duration.labels(route, method)
+                for status in STATUS_CLASSES:
+                    self.http_requests.labels(route, method, status)
+        for kind in ("manifest", "blob"):
+            for result in CACHE_RESULTS:
+                self.cache_requests.labels(kind, result)
+            for source in ("cache", "upstream"):
+                self.served_bytes.labels(kind, source)
+            self.evictions.labels(kind)
+        for up in upstreams:
+            for kind in UPSTREAM_KINDS:
+                self.upstream_duration.labels(up, kind)
+                for status in STATUS_CLASSES:
+                    self.upstream_requests.labels(up, kind, status)
+            for reason in UPSTREAM_ERRORS:
+                self.upstream_errors.labels(up, reason)
+            self.upstream_retries.labels(up)
+            self.upstream_bytes.labels(up)
+            self.token_fetches.labels(up)
+            # Unknown until the upstream sends the headers (only Docker Hub does): NaN, not 0 headroom.
+            self.ratelimit_limit.labels(up).set(float("nan"))
+            self.ratelimit_remaining.labels(up).set(float("nan"))
+        self.storage_bytes.labels(backend)
+        self.storage_blobs.labels(backend)
+        self.backend = backend
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
