@@ -21,19 +21,70 @@ from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.logs import REQUEST_ID
+from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
+from mirror.metrics import Metrics, status_class
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.store import BlobStore, ManifestStore
+from mirror.uploads import live_uploads
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror")
 CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
 INDEX_FLUSH_SECONDS = 30.0
+STORAGE_SCAN_SECONDS = 60.0
+METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"})
 # aiohttp's default 64 KiB pauses the upstream socket every 128 KiB: cold blobs crawled at a
 # quarter of what the link gives.
 UPSTREAM_READ_BUFFER = 4 << 20
+
+
+def _route_label(request: web.Request) -> str:
+    """The API area that answered (the handler's module): a bounded label, never a name."""
+    if request.match_info.http_exception is not None:
+        return "other"
+    module = getattr(request.match_info.handler, "__module__", "")
+    return module.rsplit(".", 1)[-1] if module.startswith("mirror.api.") else "metrics"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request metrics. The duration ends when the handler is done: cold blobs are streamed by
+    then, warm blob bodies go out by sendfile just after."""
+    metrics = request.app[METRICS]
+    route = _route_label(request)
+    method = request.method if request.method in METHODS else "OTHER"
+    metrics.http_in_flight.inc()
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        metrics.http_in_flight.dec()
+        metrics.http_requests.labels(route, method, status_class(status)).inc()
+        metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
+        cache = request.get(CACHE)
+        if cache is not None and route in ("manifests", "blobs"):
+            kind = route[:-1]
+            metrics.cache_requests.labels(kind, cache).inc()
+            served = request.get(SERVED_BYTES)
+            if served:
+                metrics.served_bytes.labels(kind, "upstream" if cache == "miss" else "cache").inc(served)
+
+
+# The classic text format every Prometheus 2.x scraper reads (prometheus-client 0.26 says 1.0.0).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -90,13 +141,14 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=UPSTREAM_READ_BUFFER,
         headers={"User-Agent": "mirror/0.1"},
     )
+    metrics = app[METRICS]
     upstreams = [
-        Upstream(up, UpstreamClient(up, session), Router.local_prefix(up, i == 0))
+        Upstream(up, UpstreamClient(up, session, metrics), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
     manifest_store = ManifestStore(storage, config.cache.memory)
     blob_store = BlobStore(storage, index)
-    blob_cache = BlobCache(blob_store, storage.staging_dir())
+    blob_cache = BlobCache(blob_store, storage.staging_dir(), metrics)
     registry = Registry(storage, Router(upstreams, config.private), index, manifest_store, blob_store,
                         ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled)
     await registry.load_private_names()
@@ -113,12 +165,23 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
             await registry.uploads.purge(time.time() - purging.age, dry_run=purging.dryrun)
             await asyncio.sleep(purging.interval)
 
-    tasks = [asyncio.create_task(flush_index())]
+    async def scan_storage() -> None:
+        while True:
+            blobs, size = await storage.usage("blobs")
+            metrics.storage_blobs.labels(storage.name).set(blobs)
+            metrics.storage_bytes.labels(storage.name).set(size)
+            metrics.uploads_in_progress.set(len(await live_uploads(storage)))
+            await asyncio.sleep(STORAGE_SCAN_SECONDS)
+
+    tasks = [asyncio.create_task(flush_index()), asyncio.create_task(scan_storage())]
     if config.storage.uploadpurging.enabled:
         tasks.append(asyncio.create_task(purge_uploads()))
+    metrics_runner = await _metrics_listener(config, metrics)
     try:
         yield
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -130,6 +193,20 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         await storage.close()
 
 
+async def _metrics_listener(config: Config, metrics: Metrics) -> web.AppRunner | None:
+    """`metrics.addr`: /metrics on a listener of its own, e.g. reachable only inside the cluster."""
+    if not config.metrics.enabled or config.metrics.addr is None:
+        return None
+    app = web.Application()
+    app[METRICS] = metrics
+    app.router.add_get(config.metrics.path, metrics_endpoint)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = config.metrics.addr
+    await web.TCPSite(runner, host or None, port).start()
+    return runner
+
+
 def _clear_staging(staging: Path) -> None:
     """Spool and temp files of a process that died: never complete, never visible."""
     for leftover in staging.iterdir():
@@ -137,9 +214,12 @@ def _clear_staging(staging: Path) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=4 << 20)
+    app = web.Application(middlewares=[observe, errors], client_max_size=4 << 20)
     app[CONFIG] = config
+    app[METRICS] = Metrics([u.name for u in config.upstreams], backend="filesystem")
     app.router.add_routes(ROUTES)
+    if config.metrics.enabled and config.metrics.addr is None:
+        app.router.add_get(config.metrics.path, metrics_endpoint)
     app.on_response_prepare.append(_on_prepare(config))
     app.cleanup_ctx.append(_state)
     return app

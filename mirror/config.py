@@ -91,6 +91,13 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    addr: tuple[str, int] | None = None  # a listener of its own; None = the main port
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -98,6 +105,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     private: PrivateConfig = field(default_factory=PrivateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -116,6 +124,11 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_HTTP_SECRET": ("http", "secret"),
     "REGISTRY_HTTP_RELATIVEURLS": ("http", "relativeurls"),
     "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
+    "REGISTRY_HTTP_DEBUG_ADDR": ("http", "debug", "addr"),
+    "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": ("http", "debug", "prometheus", "enabled"),
+    "REGISTRY_HTTP_DEBUG_PROMETHEUS_PATH": ("http", "debug", "prometheus", "path"),
+    "REGISTRY_METRICS_ENABLED": ("metrics", "enabled"),
+    "REGISTRY_METRICS_ADDR": ("metrics", "addr"),
     "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": ("storage", "filesystem", "rootdirectory"),
     "REGISTRY_STORAGE_DELETE_ENABLED": ("storage", "delete", "enabled"),
     "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_ENABLED": ("storage", "maintenance", "uploadpurging", "enabled"),
@@ -322,10 +335,34 @@ def _http(s: Section) -> HttpConfig:
     s.refuse("tls", why="TLS arrives with issue 7; terminate TLS in front of mirror meanwhile")
     s.refuse("prefix", why="serve mirror at the root path")
     # Accepted: secret (upload state lives in storage, nothing to sign), host and relativeurls
-    # (we answer with relative Location headers), debug (no debug server), http2.
-    s.ignore("secret", "host", "relativeurls", "debug", "http2", "h2c")
+    # (we answer with relative Location headers), http2. http.debug is read by _debug_metrics.
+    s.ignore("secret", "host", "relativeurls", "http2", "h2c")
     s.done()
     return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout)
+
+
+def _debug_metrics(s: Section) -> MetricsConfig | None:
+    """registry:2's `http.debug.prometheus`: metrics on the debug address."""
+    addr = s.take("addr")
+    prometheus = s.section("prometheus")
+    enabled = prometheus.flag("enabled", False)
+    path = prometheus.string("path", "/metrics") or "/metrics"
+    prometheus.done()
+    s.done()
+    if not enabled:
+        return None
+    return MetricsConfig(addr=parse_addr(addr, s.key("addr")) if addr else None, path=path)
+
+
+def _metrics(s: Section) -> MetricsConfig:
+    addr = s.take("addr")
+    path = s.string("path", "/metrics") or "/metrics"
+    if not path.startswith("/") or path.startswith("/v2"):
+        raise ConfigError(f"{s.key('path')}: expected a path outside /v2, got {path!r}")
+    metrics = MetricsConfig(enabled=s.flag("enabled", True),
+                            addr=parse_addr(addr, s.key("addr")) if addr else None, path=path)
+    s.done()
+    return metrics
 
 
 def _storage(s: Section) -> StorageConfig:
@@ -439,7 +476,9 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     if str(version) != "0.1":
         raise ConfigError(f"version: expected 0.1, got {version!r}")
     log = _log(s.section("log"))
-    http = _http(s.section("http"))
+    http_section = s.section("http")
+    debug_metrics = _debug_metrics(http_section.section("debug"))
+    http = _http(http_section)
     storage = _storage(s.section("storage"))
 
     upstreams: list[UpstreamConfig] = []
@@ -465,6 +504,7 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     c.done()
 
     private = _private(s.section("private"))
+    metrics = _metrics(s.section("metrics")) if s.has("metrics") or debug_metrics is None else debug_metrics
 
     # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis,
     # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
@@ -473,7 +513,7 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     s.refuse("notifications", why="notifications arrive with issue 9")
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
-                  private=private, warnings=tuple(warnings or ()))
+                  private=private, metrics=metrics, warnings=tuple(warnings or ()))
 
 
 def _check_unique(upstreams: list[UpstreamConfig]) -> None:

@@ -18,6 +18,7 @@ access = logging.getLogger("mirror.access")
 REQUEST_ID = web.RequestKey("request_id", str)
 REPOSITORY = web.RequestKey("repository", str)
 CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale | private
+SERVED_BYTES = web.RequestKey("served_bytes", int)  # manifest or blob body bytes sent
 
 
 class JsonFormatter(logging.Formatter):

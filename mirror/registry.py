@@ -90,13 +90,14 @@ class Registry:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
         return Served(found, "private")
 
-    async def blob(self, route: Route, digest: Digest) -> LocalBlob | Flight:
+    async def blob(self, route: Route, digest: Digest) -> tuple[LocalBlob | Flight, str]:
+        """The blob's source and the cache result (hit, miss or private)."""
         if not route.private:
             return await self.blob_cache.open(route, digest)
         local = await self.blobs.local(route.local, digest)
         if local is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
-        return local
+        return local, "private"
 
     async def blob_head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         if not route.private:

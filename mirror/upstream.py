@@ -24,6 +24,7 @@ from yarl import URL
 
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
+from mirror.metrics import Metrics, status_class
 
 log = logging.getLogger("mirror.upstream")
 
@@ -101,10 +102,19 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), {m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM.finditer(rest)}
 
 
+def _kind(path: str) -> str:
+    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags")):
+        if marker in path:
+            return kind
+    return "other"
+
+
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.name = config.name
+        self.metrics = metrics or Metrics([config.name])
         self.base = URL(config.url)
         self.session = session
         self.timeout = aiohttp.ClientTimeout(
@@ -193,6 +203,8 @@ class UpstreamClient:
             try:
                 resp = await self._authorized(method, url, scope, headers or {})
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+                reason = "timeout" if isinstance(e, TimeoutError) else "connect"
+                self.metrics.upstream_errors.labels(self.name, reason).inc()
                 if last:
                     raise UpstreamError(self.name, f"{method} {url.path}: {type(e).__name__}: {e}") from None
                 log.warning("upstream %s: %s %s failed (%s), retrying", self.name, method, url.path, e)
@@ -202,6 +214,7 @@ class UpstreamClient:
                 resp.release()
                 log.warning("upstream %s: %s %s answered %s, retrying",
                             self.name, method, url.path, resp.status)
+            self.metrics.upstream_retries.labels(self.name).inc()
             await asyncio.sleep(delay * (1 + random.random()))
             delay *= 2
         raise AssertionError("unreachable")
@@ -237,8 +250,12 @@ class UpstreamClient:
             h = dict(headers)
             if auth and url.origin() == origin:  # never hand a registry token to a CDN
                 h["Authorization"] = auth
+            start = time.perf_counter()
             resp = await self.session.request(method, url, headers=h, allow_redirects=False,
                                               timeout=self.timeout)
+            kind = _kind(url.path)
+            self.metrics.upstream_duration.labels(self.name, kind).observe(time.perf_counter() - start)
+            self.metrics.upstream_requests.labels(self.name, kind, status_class(resp.status)).inc()
             self._note_ratelimit(resp)
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
@@ -258,9 +275,11 @@ class UpstreamClient:
             if params.get("service"):
                 query["service"] = params["service"]
             headers = {"Authorization": self._basic} if self._basic else {}
+            self.metrics.token_fetches.labels(self.name).inc()
             try:
                 async with self.session.get(URL(params["realm"]).update_query(query), headers=headers,
                                             timeout=self.timeout) as resp:
+                    self.metrics.upstream_requests.labels(self.name, "token", status_class(resp.status)).inc()
                     if resp.status in (401, 403):
                         raise UpstreamDenied(f"upstream {self.name}: token server refused our credentials")
                     if resp.status != 200:
@@ -281,17 +300,22 @@ class UpstreamClient:
             return f"Bearer {value}"
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
-        for header in ("ratelimit-limit", "ratelimit-remaining"):
+        for header, gauge in (("ratelimit-limit", self.metrics.ratelimit_limit),
+                              ("ratelimit-remaining", self.metrics.ratelimit_remaining)):
             value = resp.headers.get(header)
             if value:
-                try:
+                try:  # Docker Hub: "100;w=21600"
                     self.ratelimit[header] = float(value.split(";")[0])
                 except ValueError:
-                    pass
+                    continue
+                gauge.labels(self.name).set(self.ratelimit[header])
 
     def _check(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status in (200, 206):
             return
+        reason = {401: "denied", 403: "denied", 429: "429"}.get(resp.status, "5xx" if resp.status >= 500 else None)
+        if reason:
+            self.metrics.upstream_errors.labels(self.name, reason).inc()
         if resp.status == 404:
             raise UpstreamNotFound(f"upstream {self.name}: not found")
         if resp.status in (401, 403):

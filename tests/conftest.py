@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.app import create_app
 from mirror.config import parse
+from tests.scripted_upstream import ScriptedUpstream
 
 
 @pytest.fixture
@@ -28,3 +29,29 @@ async def registry(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[ScriptedUpstream, TestServer]]:
+    """A scripted upstream registry on loopback (tests/scripted_upstream.py)."""
+    script = ScriptedUpstream()
+    server = TestServer(script.app())
+    await server.start_server()
+    yield script, server
+    await server.close()
+
+
+MirrorFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def mirror(upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any]) -> MirrorFactory:
+    """`start(**upstream_settings)` -> a client of a mirror in front of the scripted upstream."""
+    _, server = upstream
+
+    async def start(**up: Any) -> TestClient:
+        settings = {"name": "hub", "url": str(server.make_url("")), "hosts": ["docker.io"], "dockerhub": True,
+                    "tag_ttl": "1h", "retries": 2, **up}
+        return await registry(upstreams=[settings])
+
+    return start

@@ -37,6 +37,7 @@ class ScriptedUpstream:
     token_requests: int = 0
     redirect_blobs_to: str | None = None  # base URL of a CDN app serving /cdn/<digest>
     page_size: int = 0  # paginate tags/list with Link when > 0
+    headers: dict[str, str] = field(default_factory=dict)  # added to every /v2/ answer (e.g. ratelimit-*)
 
     def add_manifest(self, repo: str, tag: str | None, body: dict | bytes,
                      media_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
@@ -54,7 +55,12 @@ class ScriptedUpstream:
         return d
 
     def app(self) -> web.Application:
+        async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+            if request.path.startswith("/v2/"):
+                response.headers.update(self.headers)
+
         app = web.Application()
+        app.on_response_prepare.append(add_headers)
         app.router.add_get("/token", self._token)
         app.router.add_route("*", "/v2/{tail:.*}", self._v2)
         app.router.add_get("/cdn/{digest}", self._cdn)

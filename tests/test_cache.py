@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
 from mirror.config import parse
@@ -22,31 +20,6 @@ from tests.scripted_upstream import ScriptedUpstream, digest
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 BLOB = bytes(range(256)) * 4096 * 3  # 3 MiB
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[ScriptedUpstream, TestServer]]:
-    script = ScriptedUpstream()
-    server = TestServer(script.app())
-    await server.start_server()
-    yield script, server
-    await server.close()
-
-
-MirrorFactory = Callable[..., Any]
-
-
-@pytest.fixture
-def mirror(upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any]) -> MirrorFactory:
-    """`start(**upstream_settings)` -> a client of a mirror in front of the scripted upstream."""
-    _, server = upstream
-
-    async def start(**up: Any) -> TestClient:
-        settings = {"name": "hub", "url": str(server.make_url("")), "hosts": ["docker.io"], "dockerhub": True,
-                    "tag_ttl": "1h", "retries": 2, **up}
-        return await registry(upstreams=[settings])
-
-    return start
 
 
 def image(script: ScriptedUpstream, repo: str = "library/app", tag: str = "latest") -> tuple[str, str]:

@@ -5,7 +5,7 @@ from aiohttp import web
 from mirror.api.context import route
 from mirror.cache.blobs import Flight, FlightFailed
 from mirror.errors import RegistryError
-from mirror.logs import CACHE
+from mirror.logs import CACHE, SERVED_BYTES
 from mirror.names import Digest, parse_digest, parse_range
 from mirror.store import LocalBlob
 
@@ -28,14 +28,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             headers["Content-Length"] = str(size)
         return web.Response(headers=headers)
 
-    source = await registry.blob(r, digest)
+    source, request[CACHE] = await registry.blob(r, digest)
     range_header = request.headers.get("Range")
     if isinstance(source, LocalBlob):
-        request[CACHE] = "hit"
-        if range_header:
-            parse_range(range_header, source.size)  # a clear OCI error before FileResponse's own 416
+        start, end = parse_range(range_header, source.size) if range_header else (0, source.size)
+        request[SERVED_BYTES] = end - start  # parse_range: a clear OCI error before FileResponse's own 416
         return web.FileResponse(source.path, headers=_headers(digest))
-    request[CACHE] = "miss"
     return await _stream(request, source, digest, range_header)
 
 
@@ -54,9 +52,11 @@ async def _stream(request: web.Request, flight: Flight, digest: Digest, range_he
     if end is not None:
         resp.content_length = end - start
     await resp.prepare(request)
+    request[SERVED_BYTES] = 0
     try:
         async for chunk in flight.read(start, end):
             await resp.write(chunk)
+            request[SERVED_BYTES] += len(chunk)
     except FlightFailed as e:
         # Headers are gone: the only honest signal left is to cut the connection short.
         log.warning("cutting %s for %s: %s", request.path, request.remote, e)

@@ -3,7 +3,7 @@ from aiohttp import web
 from mirror import mediatypes
 from mirror.api.context import push_route, route
 from mirror.errors import RegistryError
-from mirror.logs import CACHE
+from mirror.logs import CACHE, SERVED_BYTES
 from mirror.manifest import MAX_MANIFEST
 from mirror.names import parse_reference
 
@@ -22,6 +22,8 @@ async def get_manifest(request: web.Request) -> web.Response:
         headers["Warning"] = served.warning
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers=headers)
+    if request.method == "GET":
+        request[SERVED_BYTES] = len(m.body)
     return web.Response(body=m.body, content_type=m.media_type, headers=headers)
 
 

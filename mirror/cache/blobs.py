@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from mirror.errors import RegistryError
+from mirror.metrics import Metrics
 from mirror.names import Digest
 from mirror.routing import Route
 from mirror.storage import paths
@@ -33,6 +34,10 @@ RING_BYTES = 8 << 20  # recent batches kept in memory for readers that keep up
 
 class FlightFailed(Exception):
     """The upstream transfer broke or its bytes did not match the digest."""
+
+
+class DigestMismatch(FlightFailed):
+    """The upstream sent bytes whose digest is not the one asked for."""
 
 
 OpenUpstream = Callable[[int], Awaitable[aiohttp.ClientResponse]]
@@ -143,7 +148,7 @@ class Flight:
             raise FlightFailed(f"upstream sent {self.received} of {self.size} bytes of {self.digest}")
         if hasher.hexdigest() != self.digest.hex:
             log.error("upstream sent bytes for %s that do not match its digest", self.digest)
-            raise FlightFailed(f"upstream sent bytes that do not match {self.digest}")
+            raise DigestMismatch(f"upstream sent bytes that do not match {self.digest}")
 
     async def _receive(self, data: bytes, queue: asyncio.Queue[tuple[int, bytes] | None],
                        writer: asyncio.Task[None]) -> None:
@@ -208,32 +213,36 @@ class Flight:
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, staging: Path) -> None:
+    def __init__(self, store: BlobStore, staging: Path, metrics: Metrics) -> None:
         self.store = store
         self.staging = staging
+        self.metrics = metrics
         self.flights: dict[str, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, route: Route, digest: Digest) -> LocalBlob | Flight:
-        """A warm local blob, or the Flight fetching it (joined or started)."""
+    async def open(self, route: Route, digest: Digest) -> tuple[LocalBlob | Flight, str]:
+        """A warm local blob, or the Flight fetching it, and the cache result: `miss` only for the
+        request that starts an upstream fetch (joining one in progress is a hit, counted apart)."""
         key = str(digest)
         local = await self.store.local(route.local, digest)
         if local is not None:
-            return local
+            return local, "hit"
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
-            return flight
+            self.metrics.flight_joiners.inc()
+            return flight, "hit"
         if flight is not None or await self.store.stat(digest) is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
             await self.store.link(route.local, digest)
             local = await self.store.local(route.local, digest)
             if local is not None:
-                return local
+                return local, "hit"
             flight = self.flights.get(key)
             if flight is not None:
-                return flight
-        return self._start(route, digest)
+                self.metrics.flight_joiners.inc()
+                return flight, "hit"
+        return self._start(route, digest), "miss"
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """(size, cache result) without fetching the blob."""
@@ -267,9 +276,15 @@ class BlobCache:
             self.store.index.touch_blob(key)
 
         async def run() -> None:
+            upstream = route.proxy.config.name
+            self.metrics.flights_in_progress.inc()
             try:
                 await flight.run(open_upstream, commit, route.proxy.config.retries)
             finally:
+                self.metrics.flights_in_progress.dec()
+                self.metrics.upstream_bytes.labels(upstream).inc(flight.received)
+                if isinstance(flight.error, DigestMismatch):
+                    self.metrics.upstream_errors.labels(upstream, "digest").inc()
                 if self.flights.get(key) is flight:
                     del self.flights[key]
 

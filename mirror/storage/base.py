@@ -98,6 +98,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def move(self, src: str, dst: str) -> None: ...
 
+    @abc.abstractmethod
+    async def usage(self, prefix: str) -> tuple[int, int]:
+        """(objects, bytes) under `prefix`, for the storage gauges."""
+
     def local_path(self, key: str) -> Path | None:
         """A path on local disk holding the object, so it can go out with sendfile."""
         return None

@@ -154,6 +154,20 @@ class FilesystemStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    async def usage(self, prefix: str) -> tuple[int, int]:
+        def walk() -> tuple[int, int]:
+            count = size = 0
+            for dirpath, _, files in os.walk(self.path(prefix)):
+                for name in files:
+                    try:
+                        size += os.stat(os.path.join(dirpath, name)).st_size
+                        count += 1
+                    except FileNotFoundError:
+                        pass
+            return count, size
+
+        return await asyncio.to_thread(walk)
+
     async def delete(self, key: str) -> None:
         path = self.path(key)
         try:
