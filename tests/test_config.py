@@ -169,3 +169,17 @@ def test_sizes_and_addrs() -> None:
     for bad in ("5000", "host:", "host:70000"):
         with pytest.raises(ConfigError):
             parse_addr(bad, "k")
+
+
+def test_metrics_keys_and_registry_debug_mapping() -> None:
+    assert parse({}).metrics.addr is None and parse({}).metrics.path == "/metrics"
+    m = parse({"metrics": {"addr": "127.0.0.1:9100", "path": "/stats"}}).metrics
+    assert (m.addr, m.path, m.enabled) == (("127.0.0.1", 9100), "/stats", True)
+    debug = parse({"http": {"debug": {"addr": ":5001", "prometheus": {"enabled": True, "path": "/m"}}}}).metrics
+    assert (debug.addr, debug.path) == (("", 5001), "/m")
+    assert parse({"http": {"debug": {"addr": ":5001"}}}).metrics.addr is None  # debug without prometheus
+    assert parse({"metrics": {"enabled": False}}).metrics.enabled is False
+    for bad, key in (({"metrics": {"path": "/v2/x"}}, r"metrics\.path"), ({"metrics": {"addr": "x"}}, r"metrics\.addr"),
+                     ({"metrics": {"port": 1}}, r"metrics\.port")):
+        with pytest.raises(ConfigError, match=key):
+            parse(bad)
