@@ -71,7 +71,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.http_requests.labels(route, method, status_class(status)).inc()
         metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
         cache = request.get(CACHE)
-        if cache is not None and route in ("manifests", "blobs"):
+        # A blob HEAD fetches nothing: counting it would make one HEAD+GET two misses.
+        if cache is not None and route in ("manifests", "blobs") and not (route == "blobs" and method == "HEAD"):
             kind = route[:-1]
             metrics.cache_requests.labels(kind, cache).inc()
             served = request.get(SERVED_BYTES)
@@ -146,8 +147,8 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         Upstream(up, UpstreamClient(up, session, metrics), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
-    manifest_store = ManifestStore(storage, config.cache.memory)
-    blob_store = BlobStore(storage, index)
+    manifest_store = ManifestStore(storage, config.cache.memory, metrics)
+    blob_store = BlobStore(storage, index, metrics)
     blob_cache = BlobCache(blob_store, storage.staging_dir(), metrics)
     registry = Registry(storage, Router(upstreams, config.private), index, manifest_store, blob_store,
                         ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled)

@@ -122,6 +122,11 @@ class Metrics:
         self.storage_blobs.labels(backend)
         self.backend = backend
 
+    def blob_added(self, size: int) -> None:
+        """A new blob is in storage: the gauges move now, the periodic scan keeps them honest."""
+        self.storage_blobs.labels(self.backend).inc()
+        self.storage_bytes.labels(self.backend).inc(size)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

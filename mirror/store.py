@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mirror import mediatypes
 from mirror.cache.index import Index
+from mirror.metrics import Metrics
 from mirror.names import Digest, parse_digest
 from mirror.storage import NotFound, Stat, Storage, paths
 
@@ -49,8 +50,9 @@ class _Links:
 
 
 class ManifestStore:
-    def __init__(self, storage: Storage, memory: int) -> None:
+    def __init__(self, storage: Storage, memory: int, metrics: Metrics) -> None:
         self.storage = storage
+        self.metrics = metrics
         self.memory_limit = memory
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
@@ -79,6 +81,7 @@ class ManifestStore:
         d = parse_digest(manifest.digest)
         if await self.storage.stat(paths.blob(d)) is None:
             await self.storage.put_bytes(paths.blob(d), manifest.body)
+            self.metrics.blob_added(len(manifest.body))
         await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
@@ -120,9 +123,10 @@ class ManifestStore:
 
 
 class BlobStore:
-    def __init__(self, storage: Storage, index: Index) -> None:
+    def __init__(self, storage: Storage, index: Index, metrics: Metrics) -> None:
         self.storage = storage
         self.index = index
+        self.metrics = metrics
         self._links = _Links()
 
     async def stat(self, digest: Digest) -> Stat | None:

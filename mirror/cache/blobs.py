@@ -60,10 +60,12 @@ class Flight:
     bytes, and their connections are cut. The spool is synced and committed after that.
     """
 
-    def __init__(self, digest: Digest, spool: Path, route: Route) -> None:
+    def __init__(self, digest: Digest, spool: Path, route: Route,
+                 on_receive: Callable[[int], None] = lambda n: None) -> None:
         self.digest = digest
         self.spool = spool
         self.route = route
+        self.on_receive = on_receive
         self.fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.size: int | None = None
         self.received = 0  # bytes from upstream so far
@@ -161,6 +163,7 @@ class Flight:
         self._window_bytes += len(data)
         self.readable = offset  # release what came before; hold back this batch
         self.received += len(data)
+        self.on_receive(len(data))
         self._notify()
         await queue.put((offset, data))  # waits while the disk is MAX_UNWRITTEN batches behind
 
@@ -263,7 +266,7 @@ class BlobCache:
     def _start(self, route: Route, digest: Digest) -> Flight:
         key = str(digest)
         spool = self.staging / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
-        flight = Flight(digest, spool, route)
+        flight = Flight(digest, spool, route, self.metrics.upstream_bytes.labels(route.proxy.config.name).inc)
         self.flights[key] = flight
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:
@@ -272,6 +275,7 @@ class BlobCache:
 
         async def commit(spool: Path) -> None:
             await self.store.storage.put_file(paths.blob(digest), spool)
+            self.metrics.blob_added(flight.received)
             await self.store.link(route.local, digest)
             self.store.index.touch_blob(key)
 
@@ -282,7 +286,6 @@ class BlobCache:
                 await flight.run(open_upstream, commit, route.proxy.config.retries)
             finally:
                 self.metrics.flights_in_progress.dec()
-                self.metrics.upstream_bytes.labels(upstream).inc(flight.received)
                 if isinstance(flight.error, DigestMismatch):
                     self.metrics.upstream_errors.labels(upstream, "digest").inc()
                 if self.flights.get(key) is flight:
