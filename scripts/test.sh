@@ -17,4 +17,5 @@ python3 -m venv .venv
 
 .venv/bin/ruff check mirror tests bench
 .venv/bin/mypy
+.venv/bin/mypy tests bench
 exec .venv/bin/python -m pytest "$@"

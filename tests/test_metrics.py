@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import platform
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -50,7 +50,7 @@ async def test_cold_then_warm_pull_counts(upstream: tuple[ScriptedUpstream, Test
     assert s["mirror_upstream_received_bytes_total" + labels(upstream="hub")] == blob_bytes
     assert s["mirror_http_requests_total" + labels(route="blobs", method="GET", status="2xx")] == 4
     assert s["mirror_http_requests_in_flight"] == 1  # this scrape
-    assert s['mirror_build_info{python="' + re.search(r'python="([^"]+)"', str(s)).group(1) + '",version="0.1.0"}'] == 1
+    assert s[f'mirror_build_info{{python="{platform.python_version()}",version="0.1.0"}}'] == 1
 
 
 async def test_single_flight_joiners_and_stale(upstream: tuple[ScriptedUpstream, TestServer],

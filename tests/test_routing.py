@@ -1,3 +1,5 @@
+from collections.abc import AsyncIterator
+
 import aiohttp
 import pytest
 
@@ -8,7 +10,7 @@ from mirror.upstream import UpstreamClient
 
 
 @pytest.fixture
-async def router() -> Router:
+async def router() -> AsyncIterator[Router]:
     config = parse({"upstreams": [
         {"name": "hub", "url": "https://registry-1.docker.io", "hosts": ["docker.io"], "prefixes": ["docker.io"]},
         {"name": "quay", "url": "https://quay.io", "hosts": ["quay.io"], "prefixes": ["quay.io"]},
@@ -21,18 +23,18 @@ async def router() -> Router:
 
 def test_default_upstream_and_library_normalisation(router: Router) -> None:
     r = router.route("alpine", None)
-    assert (r.upstream.config.name, r.remote, r.local) == ("hub", "library/alpine", "library/alpine")
+    assert (r.proxy.config.name, r.remote, r.local) == ("hub", "library/alpine", "library/alpine")
     r = router.route("user/app", None)
     assert (r.remote, r.local) == ("user/app", "user/app")
 
 
 def test_ns_routes_by_host(router: Router) -> None:
     r = router.route("library/alpine", "docker.io")
-    assert (r.upstream.config.name, r.local) == ("hub", "library/alpine")
+    assert (r.proxy.config.name, r.local) == ("hub", "library/alpine")
     r = router.route("org/app", "quay.io")
-    assert (r.upstream.config.name, r.remote, r.local) == ("quay", "org/app", "quay.io/org/app")
+    assert (r.proxy.config.name, r.remote, r.local) == ("quay", "org/app", "quay.io/org/app")
     r = router.route("owner/app", "ghcr.io")
-    assert (r.upstream.config.name, r.local) == ("ghcr", "ghcr/owner/app")  # no prefix: the name
+    assert (r.proxy.config.name, r.local) == ("ghcr", "ghcr/owner/app")  # no prefix: the name
 
 
 def test_path_prefix_routes_to_the_same_storage_name(router: Router) -> None:

@@ -78,7 +78,8 @@ class Prometheus:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.job = job
-        self.config = {
+        self.scrape_interval = interval
+        self.config: dict[str, Any] = {
             "global": {"scrape_interval": interval, "scrape_timeout": timeout, "evaluation_interval": interval},
             "scrape_configs": [{"job_name": job, "metrics_path": metrics_path, "scrape_interval": interval,
                                 "scrape_timeout": timeout, "static_configs": [{"targets": list(targets)}]}],
@@ -153,7 +154,7 @@ class Prometheus:
 
     def wait_scrapes_after(self, t: float, scrapes: int = 3, timeout: float = 20.0) -> None:
         """Until every target was scraped `scrapes` intervals (at least) after unix time `t`."""
-        interval = _seconds(self.config["global"]["scrape_interval"])
+        interval = _seconds(self.scrape_interval)
         wait_for(lambda: self.last_scrape() >= t + scrapes * interval, timeout,
                  f"{scrapes} scrapes after the pulls\n{self.logs()}", interval=0.2)
 
