@@ -53,6 +53,14 @@ def setup(level: str, fields: Mapping[str, Any]) -> None:
     logging.getLogger("aiohttp.access").disabled = True  # ours is richer
 
 
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes sent (aiohttp's body_length counts the headers too)."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    served = request.get(SERVED_BYTES)
+    return served if served is not None else response.content_length or 0
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request, written when the response is done (bytes and duration known)."""
 
@@ -65,7 +73,7 @@ class AccessLogger(AbstractAccessLogger):
             "path": request.path_qs,
             "repository": request.get(REPOSITORY),
             "status": response.status,
-            "bytes": response.body_length,
+            "bytes": _body_bytes(request, response),
             "duration_ms": round(duration * 1000, 3),
             "cache": request.get(CACHE),
             "user_agent": request.headers.get("User-Agent"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,3 +73,37 @@ def test_seed_registry_config_serves_with_env_overrides(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert '"service": "registry"' in out  # log.fields on every line
+
+
+def test_access_log_line_per_request(tmp_path: Path) -> None:
+    """One JSON line per request with what an operator greps for; log.level respected."""
+    port = free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(f"version: 0.1\nlog: {{level: info}}\nhttp: {{addr: '127.0.0.1:{port}'}}\n"
+                      f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v2/",
+                                                              headers={"X-Request-Id": "abc123"}), timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mirror did not start"
+                time.sleep(0.1)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/team/app/manifests/v1", timeout=5)
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    lines = [json.loads(line) for line in out.splitlines()]
+    requests = [e for e in lines if e.get("logger") == "mirror.access"]
+    ping = next(e for e in requests if e["path"] == "/v2/" and e["request_id"] == "abc123")
+    assert ping["status"] == 200 and ping["bytes"] == 2 and ping["method"] == "GET" and ping["client"] == "127.0.0.1"
+    missing = next(e for e in requests if e["path"].endswith("/manifests/v1"))
+    assert missing["status"] == 404 and missing["repository"] == "team/app" and missing["duration_ms"] >= 0
+    assert {"time", "level", "cache", "user_agent"} <= missing.keys()
