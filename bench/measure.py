@@ -10,13 +10,16 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
@@ -269,6 +272,154 @@ async def pull(base: str, image: Image, concurrency: int = 3, limit_s: float = 6
 
         await asyncio.gather(*(one(d, n) for d, n in image.blobs))
     return time.perf_counter() - t0
+
+
+# --- pushes: a streamed blob to a registry, monolithic or chunked -----------------------------
+
+
+class PushBody:
+    """`size` seeded pseudo-random bytes, produced on the fly in 4 MiB pieces, never held whole.
+
+    random.randbytes makes ~380 MB/s on the bench machine, less than the registries take in, and
+    the client shares the CPUs with the server: a push client that generated every byte that way
+    would measure itself. So one 36 MiB pool of randbytes (seeded) is made up front, and piece k
+    of the blob is the pool's 4 MiB at an offset derived from (seed, k): a memoryview, no copy.
+    Same (size, seed) -> same bytes and digest; another seed -> another blob (no registry can
+    skip a push as already stored). `digest()` runs the whole stream once through sha256, which
+    is done before the clock starts.
+    """
+
+    PIECE = 4 << 20
+    POOL = 32 << 20
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self._pool = memoryview(random.Random(seed).randbytes(self.POOL + self.PIECE))
+        self._digest: str | None = None
+
+    def _offset(self, k: int) -> int:
+        h = hashlib.blake2b(f"{self.seed}:{k}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") % self.POOL
+
+    def pieces(self, start: int = 0, end: int | None = None) -> Iterator[memoryview]:
+        """The bytes [start, end) of the blob, at most one piece at a time."""
+        end = self.size if end is None else min(end, self.size)
+        pos = start
+        while pos < end:
+            k, within = divmod(pos, self.PIECE)
+            n = min(self.PIECE - within, end - pos)
+            base = self._offset(k) + within
+            yield self._pool[base:base + n]
+            pos += n
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[memoryview]:
+        for piece in self.pieces(start, end):
+            yield piece
+
+    def digest(self) -> str:
+        if self._digest is None:
+            h = hashlib.sha256()
+            for piece in self.pieces():
+                h.update(piece)
+            self._digest = "sha256:" + h.hexdigest()
+        return self._digest
+
+
+PUSH_MONOLITHIC_POST = "post"  # POST ?digest= with the whole body -> 201
+PUSH_MONOLITHIC_PUT = "post+put"  # POST -> 202 Location, then PUT <location>&digest= with the whole body
+
+
+def _push_timeout(size: int) -> aiohttp.ClientTimeout:
+    # Bounded, generous: 1 GiB at 10 MB/s.
+    return aiohttp.ClientTimeout(total=max(120.0, size / (10 * 1_000_000)), sock_connect=10, sock_read=120)
+
+
+async def _expect(resp: aiohttp.ClientResponse, status: int, what: str) -> None:
+    if resp.status != status:
+        raise BenchError(f"{what}: {resp.status}, expected {status}: {(await resp.read())[:300]!r}")
+
+
+def _location(base: str, resp: aiohttp.ClientResponse) -> URL:
+    loc = resp.headers.get("Location")
+    if not loc:
+        raise BenchError(f"{resp.method} {resp.url}: {resp.status} without a Location")
+    return URL(base).join(URL(loc))
+
+
+async def monolithic_form(base: str, repo: str) -> str:
+    """Which single-request form `base` takes: a tiny blob by `POST ?digest=` with its body; a 201
+    is PUSH_MONOLITHIC_POST. A 202 means the body was ignored (distribution 2.8): the form is
+    PUSH_MONOLITHIC_PUT. The session that 202 opened is left alone: a DELETE of it makes
+    distribution 2.8 log an error ("error closing blobwriter: ... file already closed")."""
+    data = random.Random(0).randbytes(1024)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with aiohttp.ClientSession(timeout=_timeout(30)) as s:
+        async with s.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest}, data=data,
+                          headers={"Content-Type": "application/octet-stream"}) as resp:
+            await resp.read()
+            if resp.status == 201:
+                return PUSH_MONOLITHIC_POST
+            if resp.status != 202:
+                raise BenchError(f"POST {base}/v2/{repo}/blobs/uploads/?digest=: {resp.status}")
+    return PUSH_MONOLITHIC_PUT
+
+
+@dataclass
+class PushResult:
+    seconds: float  # the first request sent to the final 201 received
+    requests: int
+    digest: str
+
+
+async def push_blob(base: str, repo: str, body: PushBody, mode: str, chunk: int = 16 << 20) -> PushResult:
+    """Push `body` to repo as one blob: mode PUSH_MONOLITHIC_POST, PUSH_MONOLITHIC_PUT, or "chunked"
+    (POST, then PATCHes of `chunk` bytes with Content-Range, then PUT ?digest= without a body).
+    Every request has a Content-Length; the body comes from the generator as it is sent."""
+    digest = body.digest()  # computed now if not yet: before the clock
+    octet = {"Content-Type": "application/octet-stream"}
+    uploads = f"{base}/v2/{repo}/blobs/uploads/"
+    async with aiohttp.ClientSession(timeout=_push_timeout(body.size)) as s:
+        t0 = time.perf_counter()
+        requests = 1
+        if mode == PUSH_MONOLITHIC_POST:
+            async with s.post(uploads, params={"digest": digest}, data=body.stream(),
+                              headers={**octet, "Content-Length": str(body.size)}) as resp:
+                await _expect(resp, 201, f"POST {uploads}?digest= with {body.size} bytes")
+        else:
+            async with s.post(uploads) as resp:
+                await _expect(resp, 202, f"POST {uploads}")
+                location = _location(base, resp)
+            if mode == PUSH_MONOLITHIC_PUT:
+                requests += 1
+                async with s.put(location.update_query(digest=digest), data=body.stream(),
+                                 headers={**octet, "Content-Length": str(body.size)}) as resp:
+                    await _expect(resp, 201, f"PUT {location} with {body.size} bytes")
+            elif mode == "chunked":
+                for start in range(0, body.size, chunk):
+                    end = min(start + chunk, body.size)
+                    requests += 1
+                    async with s.patch(location, data=body.stream(start, end),
+                                       headers={**octet, "Content-Length": str(end - start),
+                                                "Content-Range": f"{start}-{end - 1}"}) as resp:
+                        await _expect(resp, 202, f"PATCH {location} {start}-{end - 1}")
+                        location = _location(base, resp)
+                requests += 1
+                async with s.put(location.update_query(digest=digest)) as resp:
+                    await _expect(resp, 201, f"PUT {location}?digest= (no body)")
+            else:
+                raise ValueError(f"unknown push mode {mode}")
+        seconds = time.perf_counter() - t0
+        # Not timed: the blob is there, whole.
+        async with s.head(f"{base}/v2/{repo}/blobs/{digest}") as resp:
+            length = resp.headers.get("Content-Length")
+            if resp.status != 200 or length != str(body.size):
+                raise BenchError(f"HEAD {base}/v2/{repo}/blobs/{digest} after the push: {resp.status}, "
+                                 f"Content-Length {length}, expected {body.size}")
+            header = resp.headers.get("Docker-Content-Digest")
+            if header and header != digest:
+                raise BenchError(f"HEAD {base}/v2/{repo}/blobs/{digest}: Docker-Content-Digest {header}")
+    return PushResult(seconds, requests, digest)
 
 
 # --- curl: N concurrent whole-blob GETs -----------------------------------------------------

@@ -1,12 +1,13 @@
 """mirror against CNCF distribution (proxy mode), both in front of one local upstream.
 
     python -m bench.run            # the full run, a few minutes
-    python -m bench.run --quick    # a smoke test: 256 MiB blob, 3 s wrk, 2 rounds
+    python -m bench.run --quick    # a smoke test: 256 MiB blob, 3 s wrk, 2 rounds (1 for pushes)
 
 Measures warm blob throughput (N curls at once), warm manifest GETs (wrk, by digest and by tag),
-the cold pull of a ~200 MiB image against the same pull straight from the upstream, and the
-memory of each proxy process. Prints one table, writes bench/results/latest.json (all samples,
-CPU seconds each server spent, versions). Only 127.0.0.1 is ever contacted.
+the cold pull of a ~200 MiB image against the same pull straight from the upstream, the memory
+of each proxy process, and push throughput of a big blob (monolithic and chunked). Prints one
+table, writes bench/results/latest.json (all samples, CPU seconds each server spent, versions).
+Only 127.0.0.1 is ever contacted.
 
 Columns: "mirror" and "distribution" are the two proxies (distribution 2.8 with `proxy.remoteurl`),
 both in front of one upstream distribution; "direct" is the same client against that upstream
@@ -15,6 +16,19 @@ cold pull are the best of --rounds; "cold blob" is the single first GET of the b
 each proxy (one sample). Every byte a pull or a first GET receives is checked against its digest.
 Note that on a tag GET distribution's proxy asks the upstream every time, mirror only after its
 tag_ttl (5m default), so "by tag" compares two different policies.
+
+Push rows: distribution refuses pushes in proxy mode, so they compare a fresh mirror (the same
+config as the others, with `private.patterns: ["bench/**"]`) against a fresh plain distribution
+(own storage), both pushed `bench/push` blobs of --push-mib seeded pseudo-random bytes streamed
+from a generator (bench.measure.PushBody), a new blob every push. MB/s is the blob size over the
+first request sent .. the final 201; best of --push-rounds. Monolithic is one request with the
+whole blob where the registry takes it (`POST ?digest=`, 201); distribution 2.8 ignores a POST
+body, so it gets the spec's other single-request form, `POST` (202) then one `PUT ?digest=` with
+the body (which form each took is probed with a tiny blob and printed under the table). Chunked
+is `POST`, `PATCH`es of --push-chunk-mib with Content-Range, then `PUT ?digest=` with no body.
+Every push is checked by a HEAD of the blob (200, the right Content-Length), then its file is
+deleted from the target's storage and the page cache written out (`sync`) before the next push,
+so each push starts from the same memory and no push's writeback lands in another.
 """
 
 from __future__ import annotations
@@ -65,6 +79,9 @@ class Params:
     wrk_threads: int
     wrk_connections: int
     pull_concurrency: int
+    push_mib: int
+    push_rounds: int  # best-of for pushes
+    push_chunk_mib: int
 
 
 def params(args: argparse.Namespace) -> Params:
@@ -78,6 +95,9 @@ def params(args: argparse.Namespace) -> Params:
         wrk_threads=2,
         wrk_connections=32,
         pull_concurrency=3,
+        push_mib=args.push_mib or (256 if q else 1024),
+        push_rounds=args.push_rounds or (1 if q else 2),
+        push_chunk_mib=args.push_chunk_mib,
     )
 
 
@@ -88,13 +108,15 @@ from tests.support import images as support_images  # noqa: E402
 from tests.support import procs  # noqa: E402
 
 QUIET = {"level": "warn", "accesslog": {"disabled": True}}
+PUSH_REPO = "bench/push"  # private on the mirror: every config has private.patterns ["bench/**"]
 
 
 class Proxy:
     """One running proxy (a tests.support Mirror or Distribution) and where it keeps blobs."""
 
-    def __init__(self, kind: str, handle: procs.Mirror | procs.Distribution) -> None:
+    def __init__(self, kind: str, handle: procs.Mirror | procs.Distribution, peak_row: bool = True) -> None:
         self.kind = kind
+        self.peak_row = peak_row  # its VmHWM counts in the "peak RSS" row (not the push targets)
         self.handle = handle
         self.url = handle.url
         assert handle.proc.pid is not None
@@ -114,6 +136,21 @@ class Proxy:
 
     def memory(self) -> dict[str, float]:
         return measure.memory(self.pid)
+
+    def drop_blob(self, digest: str) -> int:
+        """Unlink the blob's file(s) in the process's storage behind its back (the push targets
+        only: nothing reads the blob again, the process is thrown away). Returns bytes freed."""
+        if isinstance(self.handle, procs.Mirror):
+            hexpart = digest.split(":", 1)[1]
+            files = [f for f in self.handle.blob_files() if hexpart in f.as_posix()]
+        else:
+            files = [self.handle.blob_path(digest)]
+        freed = 0
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                freed += f.stat().st_size
+                f.unlink()
+        return freed
 
     def log_problems(self) -> list[str]:
         """Lines of its own logs at warning level or above (both log at warn: nothing else shows)."""
@@ -151,7 +188,8 @@ class Bench:
         handle: procs.Mirror | procs.Distribution
         if kind == "mirror":
             handle = procs.start_mirror(where, {"version": 0.1, "log": QUIET,
-                                                "proxy": {"remoteurl": self.upstream}})
+                                                "proxy": {"remoteurl": self.upstream},
+                                                "private": {"patterns": ["bench/**"]}})
         else:
             handle = procs.start_distribution(where, {"log": QUIET, "proxy": {"remoteurl": self.upstream}},
                                               name="distribution-proxy")
@@ -159,9 +197,24 @@ class Bench:
         self.started.append(proxy)
         return proxy
 
+    def start_push_target(self, kind: str) -> Proxy:
+        """A new process with empty storage that takes pushes to PUSH_REPO: a mirror as
+        start_proxy starts it, or a plain distribution (its proxy mode refuses pushes)."""
+        if kind == "mirror":
+            target = self.start_proxy("mirror")
+            target.peak_row = False
+            return target
+        self.instances += 1
+        handle = procs.start_distribution(self.work / f"{kind}-push-{self.instances}", {"log": QUIET},
+                                          name="distribution-push")
+        target = Proxy(kind, handle, peak_row=False)
+        self.started.append(target)
+        return target
+
     def stop_proxy(self, proxy: Proxy) -> None:
         with contextlib.suppress(OSError):
-            self.peak[proxy.kind] = max(self.peak[proxy.kind], proxy.memory()["VmHWM"])
+            if proxy.peak_row:
+                self.peak[proxy.kind] = max(self.peak[proxy.kind], proxy.memory()["VmHWM"])
         proxy.handle.stop()
         self.started.remove(proxy)
         self.problems[proxy.kind] += proxy.log_problems()
@@ -307,6 +360,71 @@ def manifests(b: Bench, proxies: list[Proxy]) -> dict:
     return out
 
 
+def sync_disks() -> float:
+    """Write out dirty pages (the last push's blob) so they are not written during the next."""
+    t0 = time.perf_counter()
+    subprocess.run(["sync"], check=False, timeout=300)
+    return time.perf_counter() - t0
+
+
+def pushes(b: Bench) -> dict:
+    """A fresh mirror and a fresh plain distribution; each round pushes a new blob to each, once
+    monolithic and once chunked, the order of the targets alternating between rounds."""
+    size, chunk = b.p.push_mib * MiB, b.p.push_chunk_mib * MiB
+    targets = [b.start_push_target("mirror"), b.start_push_target("distribution")]
+    out: dict = {"repo": PUSH_REPO, "bytes": size, "chunk_bytes": chunk, "forms": {}, "requests": {},
+                 "MBps": {"monolithic": {}, "chunked": {}}, "server_cpu_seconds": {"monolithic": {}, "chunked": {}},
+                 "sync_seconds": []}
+    try:
+        for t in targets:
+            out["forms"][t.kind] = asyncio.run(measure.monolithic_form(t.url, PUSH_REPO))
+        seed = 1000
+        for r in range(b.p.push_rounds):
+            for mode in ("monolithic", "chunked"):
+                for t in targets if r % 2 == 0 else targets[::-1]:
+                    seed += 1
+                    body = measure.PushBody(size, seed)
+                    body.digest()
+                    out["sync_seconds"].append(round(sync_disks(), 2))
+                    how = out["forms"][t.kind] if mode == "monolithic" else "chunked"
+                    with CpuMeter({"p": t.pid}) as m:
+                        res = asyncio.run(measure.push_blob(t.url, PUSH_REPO, body, how, chunk))
+                    # Its pages leave the page cache. On the bench VM (2 CPUs, 24 GiB), once the
+                    # page cache had grown past ~4 GiB, writing a GiB cost the writer ~3x the system
+                    # time (1.2 s -> 3.6-4 s, MB/s halved): kept, each push would be slower than
+                    # the one before it, whichever registry took it.
+                    if t.drop_blob(res.digest) != size:
+                        raise BenchError(f"{t.kind}: no {size}-byte file for {res.digest} in its storage")
+                    out["MBps"][mode].setdefault(t.kind, []).append(round(size / res.seconds / MB, 1))
+                    out["server_cpu_seconds"][mode].setdefault(t.kind, []).append(m.used["p"])
+                    out["requests"].setdefault(mode, {})[t.kind] = res.requests
+            log(f"push round {r + 1}: " + ", ".join(
+                f"{mode} {kind} {v[-1]:.0f} MB/s" for mode, by in out["MBps"].items() for kind, v in by.items()))
+        out["best"] = {mode: {k: max(v) for k, v in by.items()} for mode, by in out["MBps"].items()}
+        out["peak_MiB"] = {t.kind: round(t.memory()["VmHWM"], 1) for t in targets}
+    finally:
+        for t in targets:
+            b.stop_proxy(t)
+    return out
+
+
+def push_footnote(results: dict) -> str:
+    push = results.get("push")
+    if not push:
+        return ""
+    form = {measure.PUSH_MONOLITHIC_POST: "one `POST ?digest=` with the body (201)",
+            measure.PUSH_MONOLITHIC_PUT: "`POST` (202) then one `PUT <location>&digest=` with the body "
+                                         "(a body on its POST is ignored)"}
+    lines = ["push: a fresh mirror (private.patterns [bench/**]) vs a fresh plain distribution (its proxy "
+             "mode refuses pushes); MB/s from the first request to the final 201, best of "
+             f"{results['params']['push_rounds']}; each push verified by a HEAD (200, Content-Length)."]
+    for kind, f in push["forms"].items():
+        lines.append(f"  monolithic, {kind}: {form.get(f, f)}")
+    lines.append(f"  chunked, both: `POST`, {push['requests']['chunked']['mirror'] - 2} `PATCH`es of "
+                 f"{push['chunk_bytes'] // MiB} MiB with Content-Range, `PUT ?digest=` with no body")
+    return "\n".join(lines)
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -355,6 +473,14 @@ def table(results: dict) -> tuple[str, dict]:
     cp = results["cold_pull"]["best"]
     add("cold_pull", f"cold pull {results['seed']['big_image']['bytes'] / MiB:.0f} MiB image", "s",
         cp["mirror"], cp["distribution"], cp["direct"], fmt="{:.2f}")
+    if "push" in results:
+        pb = results["push"]["best"]
+        mib = results["params"]["push_mib"]
+        size = f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+        add("push_monolithic", f"push {size} monolithic", "MB/s", pb["monolithic"]["mirror"],
+            pb["monolithic"]["distribution"])
+        add("push_chunked", f"push {size} chunked, {results['params']['push_chunk_mib']} MiB chunks", "MB/s",
+            pb["chunked"]["mirror"], pb["chunked"]["distribution"])
     mem = results["memory"]
     add("rss_peak", "peak RSS, VmHWM (max over instances)", "MiB", mem["peak_MiB"]["mirror"],
         mem["peak_MiB"]["distribution"], fmt="{:.1f}")
@@ -401,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients on the warm blob (4)")
     ap.add_argument("--rounds", type=int, help="best-of rounds for warm blob and cold pull (3, quick 2)")
     ap.add_argument("--wrk-seconds", type=float, help="seconds per wrk run (10, quick 3)")
+    ap.add_argument("--push-mib", type=int, help="size of each pushed blob (default 1024, quick 256)")
+    ap.add_argument("--push-rounds", type=int, help="best-of rounds for pushes (2, quick 1)")
+    ap.add_argument("--push-chunk-mib", type=int, default=16, help="PATCH size of the chunked push (16)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results file")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
@@ -449,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             b.peak[px.kind] = max(b.peak[px.kind], end[px.kind]["VmHWM"])
         for px in proxies:
             b.stop_proxy(px)
+        results["push"] = phase("push", lambda: pushes(b))
         results["log_problems"] = {k: {"count": len(v), "first": v[:10]} for k, v in b.problems.items()}
         results["memory"] = {"peak_MiB": {k: round(v, 1) for k, v in b.peak.items()},
                              "end_MiB": {k: round(v["VmRSS"], 1) for k, v in end.items()},
@@ -465,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(text)
+    footnote = push_footnote(results)
+    if footnote:
+        print("\n" + footnote)
     for kind, found in results.get("log_problems", {}).items():
         if found["count"]:
             print(f"\n{kind} logged {found['count']} warning/error lines, first: {found['first'][0]}")
