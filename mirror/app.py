@@ -22,7 +22,7 @@ from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
-from mirror.metrics import Metrics, status_class
+from mirror.metrics import Metrics
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage.filesystem import FilesystemStorage
@@ -68,16 +68,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         metrics.http_in_flight.dec()
-        metrics.http_requests.labels(route, method, status_class(status)).inc()
-        metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
+        metrics.request_done(route, method, status, time.perf_counter() - start)
         cache = request.get(CACHE)
         # A blob HEAD fetches nothing: counting it would make one HEAD+GET two misses.
         if cache is not None and route in ("manifests", "blobs") and not (route == "blobs" and method == "HEAD"):
-            kind = route[:-1]
-            metrics.cache_requests.labels(kind, cache).inc()
-            served = request.get(SERVED_BYTES)
-            if served:
-                metrics.served_bytes.labels(kind, "upstream" if cache == "miss" else "cache").inc(served)
+            metrics.cache_done(route[:-1], cache, request.get(SERVED_BYTES))
 
 
 # The classic text format every Prometheus 2.x scraper reads (prometheus-client 0.26 says 1.0.0).

@@ -121,6 +121,32 @@ class Metrics:
         self.storage_bytes.labels(backend)
         self.storage_blobs.labels(backend)
         self.backend = backend
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._cache_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Per-request counters through a dict of label children: `labels()` costs more than the
+        rest of a cached manifest response."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.http_requests.labels(route, method, status_class(status)),
+                self.http_duration.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def cache_done(self, kind: str, result: str, served: int | None) -> None:
+        key = (kind, result)
+        children = self._cache_children.get(key)
+        if children is None:
+            source = "upstream" if result == "miss" else "cache"
+            children = self._cache_children[key] = (
+                self.cache_requests.labels(kind, result), self.served_bytes.labels(kind, source))
+        children[0].inc()
+        if served:
+            children[1].inc(served)
 
     def blob_added(self, size: int) -> None:
         """A new blob is in storage: the gauges move now, the periodic scan keeps them honest."""

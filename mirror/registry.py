@@ -47,7 +47,7 @@ class Registry:
         """Repositories pushed to before are private whatever the patterns say now."""
         for name, marks in await walk_repositories(self.storage):
             if "_private" in marks:
-                self.router.known_private.add(name)
+                self.router.add_private(name)
 
     def route(self, name: str, ns: str | None) -> Route:
         return self.router.route(name, ns)
@@ -63,7 +63,7 @@ class Registry:
             route = Route(None, name, name)
         if name not in self.router.known_private:
             await self.storage.put_bytes(paths.private_marker(name), b"")
-            self.router.known_private.add(name)
+            self.router.add_private(name)
         return route
 
     # --- pull ----------------------------------------------------------------------------------

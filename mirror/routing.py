@@ -60,6 +60,7 @@ class Router:
         self._private_re = (re.compile("|".join(f"(?:{glob_to_regex(p)})" for p in config.patterns))
                             if config.patterns else None)
         self.known_private = known_private if known_private is not None else set()
+        self._routes: dict[tuple[str, str | None], Route] = {}  # the hot path: one dict lookup
         self.default = upstreams[0] if upstreams else None
         self.by_host = {h: u for u in upstreams for h in u.config.hosts if h != "*"}
         self.any_host = next((u for u in upstreams if "*" in u.config.hosts), None)
@@ -75,8 +76,22 @@ class Router:
         return (not self.upstreams or name in self.known_private
                 or (self._private_re is not None and self._private_re.fullmatch(name) is not None))
 
+    def add_private(self, name: str) -> None:
+        self.known_private.add(name)
+        self._routes.clear()
+
     def route(self, name: str, ns: str | None) -> Route:
-        """`name` is already a valid repository name."""
+        """The route for a request's raw name (validated here, once per distinct name)."""
+        key = (name, ns)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(parse_name(name), ns)
+            if len(self._routes) >= 100_000:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
+
+    def _route(self, name: str, ns: str | None) -> Route:
         up: Upstream | None
         if ns and ns in self.by_host:
             up, remote = self.by_host[ns], name

@@ -17,8 +17,7 @@ REGISTRY = web.AppKey("registry", Registry)
 def route(request: web.Request) -> tuple[Registry, Route]:
     """The registry and the route for `{name}` (validated) with containerd's `?ns=`."""
     registry = request.app[REGISTRY]
-    name = parse_name(request.match_info["name"])
-    r = registry.route(name, request.query.get("ns"))
+    r = registry.route(request.match_info["name"], request.query.get("ns"))
     request[REPOSITORY] = r.local
     return registry, r
 
