@@ -18,7 +18,6 @@ import yaml
 from mirror.names import _COMPONENT
 
 DEFAULT_CONFIG = Path(__file__).with_name("mirror.yml")  # symlink to config/mirror.yml
-DOCKER_HUB_URL = "https://registry-1.docker.io"
 
 
 class ConfigError(Exception):

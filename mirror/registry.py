@@ -94,18 +94,18 @@ class Registry:
         """The blob's source and the cache result (hit, miss or private)."""
         if not route.private:
             return await self.blob_cache.open(route, digest)
-        local = await self.blobs.local(route.local, digest)
-        if local is None:
-            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
-        return local, "private"
+        return await self._private_blob(route, digest), "private"
 
     async def blob_head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         if not route.private:
             return await self.blob_cache.head(route, digest)
+        return (await self._private_blob(route, digest)).size, "private"
+
+    async def _private_blob(self, route: Route, digest: Digest) -> LocalBlob:
         local = await self.blobs.local(route.local, digest)
         if local is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
-        return local.size, "private"
+        return local
 
     async def tags(self, route: Route) -> list[str]:
         """Tags here, merged for proxied repositories with the upstream's (all, sorted)."""

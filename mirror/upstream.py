@@ -127,7 +127,6 @@ class UpstreamClient:
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._uses_basic = False
-        self.ratelimit: dict[str, float] = {}  # Docker Hub's ratelimit-limit / -remaining
 
     # --- public calls ----------------------------------------------------------------------
 
@@ -305,10 +304,9 @@ class UpstreamClient:
             value = resp.headers.get(header)
             if value:
                 try:  # Docker Hub: "100;w=21600"
-                    self.ratelimit[header] = float(value.split(";")[0])
+                    gauge.labels(self.name).set(float(value.split(";")[0]))
                 except ValueError:
-                    continue
-                gauge.labels(self.name).set(self.ratelimit[header])
+                    pass
 
     def _check(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status in (200, 206):

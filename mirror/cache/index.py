@@ -49,9 +49,6 @@ class Index:
     def touch_blob(self, digest: str) -> None:
         self._access[digest] = time.time()
 
-    def last_access(self, digest: str) -> float | None:
-        return self._access.get(digest) or self.db.get(("access", digest))
-
     def flush(self) -> None:
         pending, self._access = self._access, {}
         if pending:
