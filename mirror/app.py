@@ -150,28 +150,22 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     await registry.load_private_names()
     app[REGISTRY] = registry
 
-    async def flush_index() -> None:
-        while True:
-            await asyncio.sleep(INDEX_FLUSH_SECONDS)
-            index.flush()
-
     async def purge_uploads() -> None:
         purging = config.storage.uploadpurging
-        while True:
-            await registry.uploads.purge(time.time() - purging.age, dry_run=purging.dryrun)
-            await asyncio.sleep(purging.interval)
+        await registry.uploads.purge(time.time() - purging.age, dry_run=purging.dryrun)
 
     async def scan_storage() -> None:
-        while True:
-            blobs, size = await storage.usage("blobs")
-            metrics.storage_blobs.labels(storage.name).set(blobs)
-            metrics.storage_bytes.labels(storage.name).set(size)
-            metrics.uploads_in_progress.set(len(await live_uploads(storage)))
-            await asyncio.sleep(STORAGE_SCAN_SECONDS)
+        blobs, size = await storage.usage("blobs")
+        metrics.storage_blobs.labels(storage.name).set(blobs)
+        metrics.storage_bytes.labels(storage.name).set(size)
+        metrics.uploads_in_progress.set(len(await live_uploads(storage)))
 
-    tasks = [asyncio.create_task(flush_index()), asyncio.create_task(scan_storage())]
+    async def flush_index() -> None:
+        index.flush()
+
+    tasks = [_every(STORAGE_SCAN_SECONDS, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False)]
     if config.storage.uploadpurging.enabled:
-        tasks.append(asyncio.create_task(purge_uploads()))
+        tasks.append(_every(config.storage.uploadpurging.interval, purge_uploads))
     metrics_runner = await _metrics_listener(config, metrics)
     try:
         yield
@@ -187,6 +181,22 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         index.close()
         await storage.close()
+
+
+def _every(seconds: float, job: Callable[[], Awaitable[None]], first: bool = True) -> asyncio.Task[None]:
+    """Run `job` now (if `first`) and every `seconds`; a failure is logged and the next run comes."""
+
+    async def loop() -> None:
+        if not first:
+            await asyncio.sleep(seconds)
+        while True:
+            try:
+                await job()
+            except Exception:
+                log.exception("background job %s failed", job.__name__)
+            await asyncio.sleep(seconds)
+
+    return asyncio.create_task(loop())
 
 
 async def _metrics_listener(config: Config, metrics: Metrics) -> web.AppRunner | None:

@@ -26,7 +26,7 @@ log = logging.getLogger("mirror.cache")
 @dataclass(frozen=True, slots=True)
 class Served:
     manifest: Manifest
-    cache: str  # hit | miss | revalidated | stale
+    cache: str  # hit | miss | revalidated | stale | private
     warning: str | None = None
 
 
