@@ -456,7 +456,7 @@ def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
     hub = urlsplit(url).hostname == "registry-1.docker.io"
     ttl = s.take("ttl")
     up = UpstreamConfig(
-        name="proxy",
+        name="dockerhub" if hub else urlsplit(url).hostname or "proxy",  # in logs and metric labels
         url=url,
         username=s.string("username"),
         password=s.string("password"),

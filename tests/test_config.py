@@ -46,7 +46,8 @@ def test_embedded_default_is_a_docker_hub_mirror_on_5000() -> None:
     assert c.storage.rootdirectory == "/var/lib/mirror"
     (hub,) = c.upstreams
     assert hub.url == "https://registry-1.docker.io" and hub.dockerhub and hub.prefixes == ("docker.io",)
-    assert hub.tag_ttl == 300
+    assert hub.tag_ttl == 300 and hub.name == "dockerhub"
+    assert parse({"proxy": {"remoteurl": "https://harbor.example.com:8443"}}).upstreams[0].name == "harbor.example.com"
 
 
 def test_registry_env_overrides_apply_to_the_default() -> None:
