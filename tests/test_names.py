@@ -3,7 +3,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mirror.errors import RegistryError
-from mirror.names import Digest, parse_digest, parse_name, parse_page_size, parse_range, parse_reference
+from mirror.names import (
+    Digest,
+    parse_content_range,
+    parse_digest,
+    parse_name,
+    parse_page_size,
+    parse_range,
+    parse_reference,
+    parse_upload_id,
+)
 
 HEX = "a" * 64
 
@@ -103,3 +112,37 @@ def test_fuzz_ranges(header: str, size: int) -> None:
         assert e.code == "RANGE_INVALID"
     else:
         assert 0 <= start < end <= size
+
+
+def test_content_range_and_upload_ids() -> None:
+    assert parse_content_range("0-9") == (0, 10)
+    assert parse_content_range("bytes 10-19") == (10, 20)  # some clients add the unit
+    for bad in ["", "5", "9-0", "a-b", "-1-2"]:
+        with pytest.raises(RegistryError) as e:
+            parse_content_range(bad)
+        assert e.value.code == "RANGE_INVALID"
+    assert parse_upload_id("a" * 32) == "a" * 32
+    for bad in ["../x", "A" * 32, "a" * 31, "", "a" * 32 + "/"]:
+        with pytest.raises(RegistryError) as e:
+            parse_upload_id(bad)
+        assert e.value.code == "BLOB_UPLOAD_UNKNOWN"
+
+
+@given(st.text(max_size=40))
+def test_fuzz_content_range(header: str) -> None:
+    try:
+        start, end = parse_content_range(header)
+    except RegistryError as e:
+        assert e.code == "RANGE_INVALID"
+    else:
+        assert 0 <= start < end
+
+
+@given(st.text(max_size=60))
+def test_fuzz_upload_ids(value: str) -> None:
+    try:
+        upload_id = parse_upload_id(value)
+    except RegistryError as e:
+        assert e.code == "BLOB_UPLOAD_UNKNOWN"
+    else:
+        assert "/" not in upload_id and "." not in upload_id
