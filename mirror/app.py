@@ -35,6 +35,7 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 INDEX_FLUSH_SECONDS = 30.0
 STORAGE_SCAN_SECONDS = 60.0
+STAGING_IDLE_SECONDS = 3600.0
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"})
 # aiohttp's default 64 KiB pauses the upstream socket every 128 KiB: cold blobs crawled at a
 # quarter of what the link gives.
@@ -129,7 +130,6 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     """Open storage, index, the upstream session and the caches; close them on shutdown."""
     config = app[CONFIG]
     storage = FilesystemStorage(config.storage.rootdirectory)
-    _clear_staging(storage.staging_dir())
     index = Index(config.cache.index_dir(config.storage))
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
@@ -163,7 +163,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     async def flush_index() -> None:
         index.flush()
 
-    tasks = [_every(STORAGE_SCAN_SECONDS, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False)]
+    async def clear_staging() -> None:
+        await asyncio.to_thread(_clear_staging, storage.staging_dir())
+
+    tasks = [_every(STORAGE_SCAN_SECONDS, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False),
+             _every(STAGING_IDLE_SECONDS / 4, clear_staging)]
     if config.storage.uploadpurging.enabled:
         tasks.append(_every(config.storage.uploadpurging.interval, purge_uploads))
     metrics_runner = await _metrics_listener(config, metrics)
@@ -214,9 +218,13 @@ async def _metrics_listener(config: Config, metrics: Metrics) -> web.AppRunner |
 
 
 def _clear_staging(staging: Path) -> None:
-    """Spool and temp files of a process that died: never complete, never visible."""
+    """Spool and temp files of a process that died: never complete, never visible. Only idle ones
+    go: a live spool is written to continuously, and another process may share this root."""
+    cutoff = time.time() - STAGING_IDLE_SECONDS
     for leftover in staging.iterdir():
-        leftover.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def create_app(config: Config) -> web.Application:

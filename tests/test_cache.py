@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import aiohttp
@@ -410,3 +412,19 @@ def test_blob_digest_helper() -> None:
 def test_app_factory_is_typed() -> None:
     app = create_app(parse({}))
     assert isinstance(app, web.Application)
+
+
+async def test_staging_leftovers_idle_for_an_hour_go_live_ones_stay(registry, tmp_path: Path) -> None:
+    staging = tmp_path / "data" / "_staging"
+    staging.mkdir(parents=True)
+    dead, live = staging / "f-dead", staging / "f-live"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"y")
+    past = time.time() - 7200
+    os.utime(dead, (past, past))
+    await registry()  # another process starting on the same root
+    for _ in range(100):
+        if not dead.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert not dead.exists() and live.exists()
