@@ -4,7 +4,6 @@ caches, and the push side (uploads, manifests, deletes, referrers)."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 
 from mirror import manifest as manifests_
@@ -19,8 +18,6 @@ from mirror.storage import NotFound, Storage, paths
 from mirror.store import BlobStore, LocalBlob, Manifest, ManifestStore, walk_repositories
 from mirror.uploads import Uploads
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
-
-log = logging.getLogger("mirror.registry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +50,8 @@ class Registry:
         return self.router.route(name, ns)
 
     async def route_for_push(self, name: str, ns: str | None) -> Route:
-        """The route a push may write to: private, or claimed as private; DENIED for proxied names."""
+        """The route a push may write to: private, or claimed as private; DENIED for proxied names.
+        `name` is the raw one from the URL: routing validates it before anything uses it."""
         route = self.router.route(name, ns)
         if route.upstream is not None:
             if not self.router.claim_on_push or ns:

@@ -143,10 +143,11 @@ class Uploads:
 
     async def _delete(self, repository: str, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)
+        self._locks.pop(upload_id, None)  # a holder keeps its object; later callers find the upload gone
         await self.storage.delete(paths.upload(repository, upload_id))
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
-        if len(self._locks) > 10_000:
+        if len(self._locks) > 10_000:  # ids of uploads abandoned or never started
             self._locks = {k: v for k, v in self._locks.items() if v.locked()}
         return self._locks.setdefault(upload_id, asyncio.Lock())
 

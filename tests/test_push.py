@@ -367,3 +367,17 @@ async def test_claim_on_push_makes_a_name_private(registry: Factory, scripted: t
     assert (await again.get("/v2/someone/app/manifests/v1")).status == 200
     assert (await again.get("/v2/someone/app/manifests/other")).status == 404
     assert not [k for k in script.calls if "someone/" in k]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v2/Bad/blobs/uploads/"), ("PUT", "/v2/a--/manifests/v1"),
+    ("PATCH", "/v2/a/../b/blobs/uploads/" + "a" * 32), ("DELETE", "/v2/UP/manifests/v1"),
+])
+async def test_writes_to_invalid_names(registry: Factory, method: str, path: str) -> None:
+    client = await registry()
+    reader, writer = await asyncio.open_connection(client.host, client.port)  # raw: no path normalising
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode())
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.logs import REPOSITORY
-from mirror.names import parse_name
 from mirror.registry import Registry
 from mirror.routing import Route
 
@@ -25,8 +24,7 @@ def route(request: web.Request) -> tuple[Registry, Route]:
 async def push_route(request: web.Request) -> tuple[Registry, Route]:
     """As `route`, for requests that write: DENIED for names that are pull-through caches."""
     registry = request.app[REGISTRY]
-    name = parse_name(request.match_info["name"])
-    r = await registry.route_for_push(name, request.query.get("ns"))
+    r = await registry.route_for_push(request.match_info["name"], request.query.get("ns"))
     request[REPOSITORY] = r.local
     return registry, r
 

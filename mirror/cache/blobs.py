@@ -232,8 +232,7 @@ class BlobCache:
             return local, "hit"
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
-            self.metrics.flight_joiners.inc()
-            return flight, "hit"
+            return self._join(flight)
         if flight is not None or await self.store.stat(digest) is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
@@ -243,9 +242,12 @@ class BlobCache:
                 return local, "hit"
             flight = self.flights.get(key)
             if flight is not None:
-                self.metrics.flight_joiners.inc()
-                return flight, "hit"
+                return self._join(flight)
         return self._start(route, digest), "miss"
+
+    def _join(self, flight: Flight) -> tuple[Flight, str]:
+        self.metrics.flight_joiners.inc()
+        return flight, "hit"
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """(size, cache result) without fetching the blob."""
