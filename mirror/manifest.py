@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import StreamReader
+
 from mirror import mediatypes
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
@@ -42,6 +44,18 @@ class ParsedManifest:
     subject: Descriptor | None = None
     artifact_type: str | None = None
     annotations: dict[str, str] | None = None
+
+
+async def read_manifest(stream: StreamReader, declared_length: int | None) -> bytes | None:
+    """A manifest body read whole (it is small by definition); None past MAX_MANIFEST."""
+    if (declared_length or 0) > MAX_MANIFEST:
+        return None
+    body = bytearray()
+    async for chunk in stream.iter_chunked(65536):
+        body += chunk
+        if len(body) > MAX_MANIFEST:
+            return None
+    return bytes(body)
 
 
 def _invalid(message: str) -> RegistryError:

@@ -24,6 +24,7 @@ from yarl import URL
 
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
+from mirror.manifest import MAX_MANIFEST, read_manifest
 from mirror.metrics import Metrics, status_class
 
 log = logging.getLogger("mirror.upstream")
@@ -35,7 +36,6 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
-MAX_MANIFEST = 4 << 20
 MAX_REDIRECTS = 5
 MAX_TAG_PAGES = 50
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -134,15 +134,11 @@ class UpstreamClient:
         async with await self.request("GET", name, f"manifests/{reference}",
                                       {"Accept": MANIFEST_ACCEPT}) as resp:
             self._check(resp)
-            if (resp.content_length or 0) > MAX_MANIFEST:
+            body = await read_manifest(resp.content, resp.content_length)
+            if body is None:
                 raise UpstreamError(self.name, f"manifest larger than {MAX_MANIFEST} bytes")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                body += chunk
-                if len(body) > MAX_MANIFEST:
-                    raise UpstreamError(self.name, f"manifest larger than {MAX_MANIFEST} bytes")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
-            return FetchedManifest(bytes(body), media_type, resp.headers.get("Docker-Content-Digest"))
+            return FetchedManifest(body, media_type, resp.headers.get("Docker-Content-Digest"))
 
     async def head_manifest(self, name: str, reference: str) -> str | None:
         """The digest the upstream has for `reference` (None if it does not say)."""

@@ -428,3 +428,12 @@ async def test_staging_leftovers_idle_for_an_hour_go_live_ones_stay(registry, tm
             break
         await asyncio.sleep(0.02)
     assert not dead.exists() and live.exists()
+
+
+async def test_oversized_upstream_manifest_is_refused(upstream, mirror, tmp_path) -> None:
+    script, _ = upstream
+    script.add_manifest("library/huge", "latest", b'{"schemaVersion":2,"pad":"' + b"x" * (4 << 20) + b'"}')
+    client = await mirror()
+    r = await client.get("/v2/huge/manifests/latest")
+    assert r.status == 502 and "larger than" in (await r.json())["errors"][0]["message"]
+    assert not (tmp_path / "data" / "blobs").exists() or not stored_blobs(tmp_path)

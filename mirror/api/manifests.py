@@ -4,7 +4,7 @@ from mirror import mediatypes
 from mirror.api.context import push_route, route
 from mirror.errors import RegistryError
 from mirror.logs import CACHE, SERVED_BYTES
-from mirror.manifest import MAX_MANIFEST
+from mirror.manifest import MAX_MANIFEST, read_manifest
 from mirror.names import parse_reference
 
 
@@ -31,14 +31,10 @@ async def put_manifest(request: web.Request) -> web.Response:
     """PUT /v2/<name>/manifests/<tag|digest>."""
     registry, r = await push_route(request)
     reference = parse_reference(request.match_info["reference"])
-    if (request.content_length or 0) > MAX_MANIFEST:
+    body = await read_manifest(request.content, request.content_length)
+    if body is None:
         raise RegistryError("TOO_LARGE", f"manifests are limited to {MAX_MANIFEST} bytes")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        body += chunk
-        if len(body) > MAX_MANIFEST:
-            raise RegistryError("TOO_LARGE", f"manifests are limited to {MAX_MANIFEST} bytes")
-    pushed = await registry.put_manifest(r, reference, bytes(body), request.headers.get("Content-Type"))
+    pushed = await registry.put_manifest(r, reference, body, request.headers.get("Content-Type"))
     headers = {"Location": f"/v2/{r.local}/manifests/{pushed.digest}", "Docker-Content-Digest": pushed.digest}
     if pushed.subject:
         headers["OCI-Subject"] = pushed.subject
