@@ -89,10 +89,7 @@ class ManifestStore:
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
-        if await self.storage.stat(paths.revision(repository, digest)) is None:
-            return False
-        await self.storage.delete(paths.revision(repository, digest))
-        return True
+        return await _remove(self.storage, paths.revision(repository, digest))
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
@@ -104,10 +101,7 @@ class ManifestStore:
         await self.storage.put_bytes(paths.tag(repository, tag), digest.encode())
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        if await self.storage.stat(paths.tag(repository, tag)) is None:
-            return False
-        await self.storage.delete(paths.tag(repository, tag))
-        return True
+        return await _remove(self.storage, paths.tag(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
         return await self.storage.list(paths.tags(repository))
@@ -153,10 +147,15 @@ class BlobStore:
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         self._links.discard(repository, str(digest))
-        if await self.storage.stat(paths.layer(repository, digest)) is None:
-            return False
-        await self.storage.delete(paths.layer(repository, digest))
-        return True
+        return await _remove(self.storage, paths.layer(repository, digest))
+
+
+async def _remove(storage: Storage, key: str) -> bool:
+    """Delete `key`; whether it was there (DELETE answers 404 otherwise)."""
+    if await storage.stat(key) is None:
+        return False
+    await storage.delete(key)
+    return True
 
 
 async def walk_repositories(storage: Storage) -> list[tuple[str, list[str]]]:
