@@ -65,10 +65,35 @@ class UploadPurging:
 
 
 @dataclass(frozen=True)
+class OssConfig:
+    """storage.oss, with registry:2's keys: an Aliyun OSS bucket holds everything."""
+
+    accesskeyid: str
+    accesskeysecret: str = field(repr=False)
+    region: str
+    bucket: str
+    endpoint: str | None = None  # host[:port]; default <region>[-internal].aliyuncs.com
+    internal: bool = False
+    secure: bool = True
+    skipverify: bool = False
+    encrypt: bool = False
+    encryptionkeyid: str | None = None  # KMS key; without it encrypt means AES256
+    chunksize: int = 10 << 20  # multipart part size (registry:2's default; OSS needs >= 100 KiB)
+    rootdirectory: str = ""  # key prefix inside the bucket
+
+    @property
+    def url(self) -> str:
+        host = self.endpoint or f"{self.region}{'-internal' if self.internal else ''}.aliyuncs.com"
+        return f"{'https' if self.secure else 'http'}://{host}"
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     rootdirectory: str = "/var/lib/mirror"
     delete_enabled: bool = False
     uploadpurging: UploadPurging = field(default_factory=UploadPurging)
+    oss: OssConfig | None = None  # set: the bucket is the storage, local disk only a hot tier
+    redirect: bool = False  # answer blob GETs not on local disk with a signed URL to the bucket
 
 
 @dataclass(frozen=True)
@@ -81,12 +106,18 @@ class PrivateConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    index: str | None = None  # diskcache directory; default <rootdirectory>/_index
+    index: str | None = None  # diskcache directory; default <local directory>/_index
     memory: int = 64 << 20  # bytes of manifests kept in memory for the hot path
     content_ttl: float | None = 168 * 3600.0  # proxy.ttl: unused proxied content expires (issue 8)
+    directory: str | None = None  # local disk in front of remote storage; default the filesystem root
+    hot_size: int = 10 << 30  # bytes of blobs kept on local disk in front of OSS (LRU)
+
+    def local_dir(self, storage: StorageConfig) -> Path:
+        """Where the index, staging files and the hot tier live on this machine."""
+        return Path(self.directory or storage.rootdirectory)
 
     def index_dir(self, storage: StorageConfig) -> str:
-        return self.index or str(Path(storage.rootdirectory) / "_index")
+        return self.index or str(self.local_dir(storage) / "_index")
 
 
 @dataclass(frozen=True)
@@ -129,6 +160,10 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_METRICS_ENABLED": ("metrics", "enabled"),
     "REGISTRY_METRICS_ADDR": ("metrics", "addr"),
     "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": ("storage", "filesystem", "rootdirectory"),
+    **{f"REGISTRY_STORAGE_OSS_{key.upper()}": ("storage", "oss", key) for key in (
+        "accesskeyid", "accesskeysecret", "region", "endpoint", "internal", "bucket", "encrypt",
+        "encryptionkeyid", "secure", "skipverify", "chunksize", "rootdirectory")},
+    "REGISTRY_STORAGE_REDIRECT_DISABLE": ("storage", "redirect", "disable"),
     "REGISTRY_STORAGE_DELETE_ENABLED": ("storage", "delete", "enabled"),
     "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_ENABLED": ("storage", "maintenance", "uploadpurging", "enabled"),
     "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_AGE": ("storage", "maintenance", "uploadpurging", "age"),
@@ -140,7 +175,10 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_PROXY_TTL": ("proxy", "ttl"),
     "REGISTRY_CACHE_INDEX": ("cache", "index"),
     "REGISTRY_CACHE_MEMORY": ("cache", "memory"),
+    "REGISTRY_CACHE_DIRECTORY": ("cache", "directory"),
+    "REGISTRY_CACHE_HOT_SIZE": ("cache", "hot_size"),
 }
+STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 
 
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -151,6 +189,9 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     warnings = []
     for var in sorted(environ):
         if not var.startswith("REGISTRY_"):
+            continue
+        if var == "REGISTRY_STORAGE":
+            _select_driver(raw, environ[var])
             continue
         keys = ENV_KEYS.get(var)
         if keys is None:
@@ -168,6 +209,18 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         except yaml.YAMLError:
             node[keys[-1]] = environ[var]
     return warnings
+
+
+def _select_driver(raw: dict[str, Any], driver: str) -> None:
+    """REGISTRY_STORAGE=oss, as registry:2: this driver replaces the file's (its params come from
+    REGISTRY_STORAGE_OSS_*, applied after this one because they sort after it)."""
+    storage = raw.get("storage")
+    if not isinstance(storage, dict):
+        storage = raw["storage"] = {}
+    kept = storage.get(driver) if isinstance(storage.get(driver), dict) else {}
+    for other in STORAGE_DRIVERS:
+        storage.pop(other, None)
+    storage[driver] = kept
 
 
 # --- value parsers -----------------------------------------------------------------------------
@@ -365,14 +418,16 @@ def _metrics(s: Section) -> MetricsConfig:
 
 
 def _storage(s: Section) -> StorageConfig:
-    backends = [b for b in ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss") if s.has(b)]
-    if backends and backends != ["filesystem"]:
-        other = next(b for b in backends if b != "filesystem")
-        raise ConfigError(f"storage.{other}: storage driver not supported by this version of mirror")
+    backends = [b for b in STORAGE_DRIVERS if s.has(b)]
+    if len(backends) > 1:
+        raise ConfigError(f"storage: choose one driver, got {' and '.join(backends)}")
+    if backends and backends[0] not in ("filesystem", "oss"):
+        raise ConfigError(f"storage.{backends[0]}: storage driver not supported by this version of mirror")
     fs = s.section("filesystem")
     root = fs.string("rootdirectory", StorageConfig.rootdirectory) or StorageConfig.rootdirectory
     fs.ignore("maxthreads")
     fs.done()
+    oss = _oss(s.section("oss")) if s.has("oss") else None
     delete = s.section("delete")
     delete_enabled = delete.flag("enabled", False)
     delete.done()
@@ -392,9 +447,46 @@ def _storage(s: Section) -> StorageConfig:
     maintenance.done()
     # cache.blobdescriptor: we always keep descriptors in memory.
     s.ignore("cache")
-    s.refuse("redirect", why="no backend here can redirect")
+    # registry:2 redirects by default; here the hot tier is the point, so redirects are opt-in.
+    r = s.section("redirect")
+    redirect = not r.flag("disable", True)
+    r.done()
+    if redirect and oss is None:
+        raise ConfigError("storage.redirect.disable: redirects need the oss driver; the filesystem has no URLs")
     s.done()
-    return StorageConfig(rootdirectory=root, delete_enabled=delete_enabled, uploadpurging=purging)
+    return StorageConfig(rootdirectory=root, delete_enabled=delete_enabled, uploadpurging=purging, oss=oss,
+                         redirect=redirect)
+
+
+def _oss(s: Section) -> OssConfig:
+    def required(name: str) -> str:
+        value = s.string(name)
+        if not value:
+            raise ConfigError(f"{s.key(name)}: required by the oss driver")
+        return value
+
+    chunksize = parse_size(s.take("chunksize", OssConfig.chunksize), s.key("chunksize"))
+    if chunksize < 5 << 20:  # registry:2's minimum; OSS itself refuses parts under 100 KiB
+        raise ConfigError(f"{s.key('chunksize')}: expected at least 5MiB, got {chunksize}")
+    oss = OssConfig(
+        accesskeyid=required("accesskeyid"),
+        accesskeysecret=required("accesskeysecret"),
+        region=required("region"),
+        bucket=required("bucket"),
+        endpoint=s.string("endpoint") or None,
+        internal=s.flag("internal", False),
+        secure=s.flag("secure", True),
+        skipverify=s.flag("skipverify", False),
+        encrypt=s.flag("encrypt", False),
+        encryptionkeyid=s.string("encryptionkeyid") or None,
+        chunksize=chunksize,
+        rootdirectory=(s.string("rootdirectory") or "").strip("/"),
+    )
+    if oss.endpoint and "://" in oss.endpoint:
+        raise ConfigError(f"{s.key('endpoint')}: expected host[:port] (`secure` picks http or https), "
+                          f"got {oss.endpoint!r}")
+    s.done()
+    return oss
 
 
 def _private(s: Section) -> PrivateConfig:
@@ -499,6 +591,8 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
         index=c.string("index"),
         memory=parse_size(c.take("memory", CacheConfig.memory), c.key("memory")),
         content_ttl=content_ttl,
+        directory=c.string("directory"),
+        hot_size=parse_size(c.take("hot_size", CacheConfig.hot_size), c.key("hot_size")),
     )
     c.done()
 

@@ -120,6 +120,15 @@ def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
         ("version: 0.1\nupstreams: [{name: a, url: 'http://a', hosts: [x]}, {name: b, url: 'http://b', hosts: [x]}]\n",
          r"host 'x'"),
         ("version: 0.1\nstorage: {s3: {bucket: b}}\n", r"storage\.s3"),
+        ("version: 0.1\nstorage: {filesystem: {}, oss: {}}\n", r"storage: choose one driver"),
+        ("version: 0.1\nstorage: {oss: {accesskeyid: a, accesskeysecret: s, region: r}}\n", r"storage\.oss\.bucket"),
+        ("version: 0.1\nstorage: {oss: {accesskeyid: a, accesskeysecret: s, region: r, bucket: b, "
+         "endpoint: 'http://x'}}\n", r"storage\.oss\.endpoint"),
+        ("version: 0.1\nstorage: {oss: {accesskeyid: a, accesskeysecret: s, region: r, bucket: b, chunksize: 1MiB}}\n",
+         r"storage\.oss\.chunksize"),
+        ("version: 0.1\nstorage: {oss: {accesskeyid: a, accesskeysecret: s, region: r, bucket: b, colour: red}}\n",
+         r"storage\.oss\.colour: unknown"),
+        ("version: 0.1\nstorage: {redirect: {disable: false}}\n", r"storage\.redirect"),
         ("version: 0.1\nauth: {htpasswd: {realm: r, path: /p}}\n", r"^auth: not supported"),
         ("version: 0.1\nhttp: {addr: ':5000', tls: {certificate: c}}\n", r"http\.tls"),
         ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
@@ -184,3 +193,31 @@ def test_metrics_keys_and_registry_debug_mapping() -> None:
                      ({"metrics": {"port": 1}}, r"metrics\.port")):
         with pytest.raises(ConfigError, match=key):
             parse(bad)
+
+
+def test_oss_keys_and_env_as_registry_2() -> None:
+    """The seeds' REGISTRY_STORAGE=oss plus REGISTRY_STORAGE_OSS_* select and configure the bucket."""
+    env = {"REGISTRY_STORAGE": "oss", "REGISTRY_STORAGE_OSS_ACCESSKEYID": "id",
+           "REGISTRY_STORAGE_OSS_ACCESSKEYSECRET": "secret", "REGISTRY_STORAGE_OSS_REGION": "oss-cn-hangzhou",
+           "REGISTRY_STORAGE_OSS_BUCKET": "images", "REGISTRY_STORAGE_OSS_INTERNAL": "true",
+           "REGISTRY_STORAGE_OSS_ENCRYPT": "true", "REGISTRY_STORAGE_OSS_CHUNKSIZE": "16MiB",
+           "REGISTRY_STORAGE_OSS_ROOTDIRECTORY": "/mirror/", "REGISTRY_CACHE_HOT_SIZE": "2GiB"}
+    config = load(None, env)
+    oss = config.storage.oss
+    assert oss is not None and config.storage.redirect is False
+    assert (oss.accesskeyid, oss.accesskeysecret, oss.bucket) == ("id", "secret", "images")
+    assert oss.url == "https://oss-cn-hangzhou-internal.aliyuncs.com"
+    assert oss.encrypt and oss.chunksize == 16 << 20 and oss.rootdirectory == "mirror"
+    assert "secret" not in repr(config)
+    assert config.cache.hot_size == 2 << 30
+    assert str(config.cache.local_dir(config.storage)) == "/var/lib/mirror"
+
+
+def test_oss_endpoint_and_redirect() -> None:
+    config = parse({"version": 0.1, "storage": {
+        "oss": {"accesskeyid": "a", "accesskeysecret": "s", "region": "r", "bucket": "b", "endpoint": "127.0.0.1:9000",
+                "secure": False},
+        "redirect": {"disable": False}}, "cache": {"directory": "/srv/mirror"}})
+    assert config.storage.oss is not None and config.storage.oss.url == "http://127.0.0.1:9000"
+    assert config.storage.redirect
+    assert config.cache.index_dir(config.storage) == "/srv/mirror/_index"
