@@ -25,7 +25,7 @@ from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
 from mirror.metrics import Metrics
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
-from mirror.storage.filesystem import FilesystemStorage
+from mirror.storage import StorageUnavailable, open_storage
 from mirror.store import BlobStore, ManifestStore
 from mirror.uploads import live_uploads
 from mirror.upstream import UpstreamClient
@@ -101,6 +101,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                            f"{request.path[:200]}"))
     except web.HTTPNotFound:
         return error_response(RegistryError("NOT_FOUND", f"no API endpoint at {request.path[:200]}"))
+    except StorageUnavailable as e:
+        log.error("storage failed on %s %s: %s", request.method, request.path, e)
+        return error_response(RegistryError("UNAVAILABLE", "storage backend unavailable, try again later"))
     except ConnectionResetError:
         # The client went away mid-request: nothing to answer, nothing wrong here. Whatever an
         # upload received so far is kept and reported by its Range.
@@ -129,7 +132,12 @@ def _on_prepare(config: Config) -> Callable[[web.Request, web.StreamResponse], A
 async def _state(app: web.Application) -> AsyncIterator[None]:
     """Open storage, index, the upstream session and the caches; close them on shutdown."""
     config = app[CONFIG]
-    storage = FilesystemStorage(config.storage.rootdirectory)
+    storage = open_storage(config)
+    try:
+        await storage.check()
+    except BaseException:
+        await storage.close()
+        raise
     index = Index(config.cache.index_dir(config.storage))
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
@@ -146,7 +154,8 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     blob_store = BlobStore(storage, index, metrics)
     blob_cache = BlobCache(blob_store, storage.staging_dir(), metrics)
     registry = Registry(storage, Router(upstreams, config.private), index, manifest_store, blob_store,
-                        ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled)
+                        ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled,
+                        config.storage.redirect)
     await registry.load_private_names()
     app[REGISTRY] = registry
 
@@ -166,7 +175,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     async def clear_staging() -> None:
         await asyncio.to_thread(_clear_staging, storage.staging_dir())
 
-    tasks = [_every(STORAGE_SCAN_SECONDS, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False),
+    # Listing a whole bucket costs a request per 1,000 blobs: remote storage is counted less often.
+    scan_seconds = STORAGE_SCAN_SECONDS * (1 if storage.name == "filesystem" else 10)
+    tasks = [_every(scan_seconds, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False),
              _every(STAGING_IDLE_SECONDS / 4, clear_staging)]
     if config.storage.uploadpurging.enabled:
         tasks.append(_every(config.storage.uploadpurging.interval, purge_uploads))

@@ -14,8 +14,8 @@ from aiohttp import web
 from mirror import logs
 from mirror.app import create_app
 from mirror.config import Config, ConfigError, load, parse_duration
-from mirror.gc import collect
-from mirror.storage.filesystem import FilesystemStorage
+from mirror.gc import GcResult, collect
+from mirror.storage import StorageUnavailable, open_storage
 
 
 def _load(path: str | None) -> Config:
@@ -32,23 +32,30 @@ def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("mirror")
     for warning in config.warnings:
         log.warning(warning)
+    local = config.cache.local_dir(config.storage)
     try:
-        os.makedirs(config.storage.rootdirectory, exist_ok=True)
+        os.makedirs(local, exist_ok=True)
     except OSError as e:
-        print(f"mirror: cannot create storage.filesystem.rootdirectory "
-              f"{config.storage.rootdirectory}: {e.strerror}", file=sys.stderr)
+        key = "cache.directory" if config.storage.oss else "storage.filesystem.rootdirectory"
+        print(f"mirror: cannot create {key} {local}: {e.strerror}", file=sys.stderr)
         return 2
+    oss = config.storage.oss
+    where = f"oss://{oss.bucket}/{oss.rootdirectory} at {oss.url} (hot tier in {local})" if oss else str(local)
     log.info("listening on %s:%d, storage %s, upstreams %s", config.http.host or "*", config.http.port,
-             config.storage.rootdirectory, ", ".join(u.name for u in config.upstreams) or "none")
-    web.run_app(
-        create_app(config),
-        host=config.http.host or None,
-        port=config.http.port,
-        access_log=logs.access if config.log.accesslog else None,
-        access_log_class=logs.AccessLogger,
-        shutdown_timeout=config.http.draintimeout,
-        print=None,
-    )
+             where, ", ".join(u.name for u in config.upstreams) or "none")
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.http.host or None,
+            port=config.http.port,
+            access_log=logs.access if config.log.accesslog else None,
+            access_log_class=logs.AccessLogger,
+            shutdown_timeout=config.http.draintimeout,
+            print=None,
+        )
+    except StorageUnavailable as e:
+        print(f"mirror: storage error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -62,8 +69,11 @@ def _duration(value: str) -> float:
 def gc(args: argparse.Namespace) -> int:
     config = _load(args.config)
     logs.setup("warning", config.log.fields)
-    storage = FilesystemStorage(config.storage.rootdirectory)
-    result = asyncio.run(collect(storage, dry_run=args.dry_run, grace=args.grace))
+    try:
+        result = asyncio.run(_gc(config, args.dry_run, args.grace))
+    except StorageUnavailable as e:
+        print(f"mirror: storage error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "marked": result.marked, "swept": result.swept,
                           "swept_bytes": result.swept_bytes, "kept_young": result.kept_young,
@@ -75,6 +85,15 @@ def gc(args: argparse.Namespace) -> int:
         print(f"{result.marked} blobs in use; {verb} {len(result.swept)} blobs ({result.swept_bytes} bytes); "
               f"kept {result.kept_young} younger than the grace period")
     return 0
+
+
+async def _gc(config: Config, dry_run: bool, grace: float) -> GcResult:
+    storage = open_storage(config)
+    try:
+        await storage.check()
+        return await collect(storage, dry_run=dry_run, grace=grace)
+    finally:
+        await storage.close()
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
 from mirror.routing import Route, Router
 from mirror.storage import NotFound, Storage, paths
-from mirror.store import BlobStore, LocalBlob, Manifest, ManifestStore, walk_repositories
+from mirror.store import BlobStore, Manifest, ManifestStore, StoredBlob, walk_repositories
 from mirror.uploads import Uploads
 from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
@@ -29,7 +29,7 @@ class Pushed:
 class Registry:
     def __init__(self, storage: Storage, router: Router, index: Index, manifests: ManifestStore,
                  blobs: BlobStore, manifest_cache: ManifestCache, blob_cache: BlobCache,
-                 delete_enabled: bool) -> None:
+                 delete_enabled: bool, redirect: bool = False) -> None:
         self.storage = storage
         self.router = router
         self.index = index
@@ -39,6 +39,11 @@ class Registry:
         self.blob_cache = blob_cache
         self.uploads = Uploads(storage, blobs)
         self.delete_enabled = delete_enabled
+        self.redirect = redirect
+
+    def redirect_url(self, blob: StoredBlob) -> str | None:
+        """Where to send a client for a blob not on local disk, when storage.redirect is on."""
+        return self.storage.redirect_url(blob.key) if self.redirect and blob.path is None else None
 
     async def load_private_names(self) -> None:
         """Repositories pushed to before are private whatever the patterns say now."""
@@ -88,7 +93,7 @@ class Registry:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
         return Served(found, "private")
 
-    async def blob(self, route: Route, digest: Digest) -> tuple[LocalBlob | Flight, str]:
+    async def blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
         """The blob's source and the cache result (hit, miss or private)."""
         if not route.private:
             return await self.blob_cache.open(route, digest)
@@ -99,8 +104,8 @@ class Registry:
             return await self.blob_cache.head(route, digest)
         return (await self._private_blob(route, digest)).size, "private"
 
-    async def _private_blob(self, route: Route, digest: Digest) -> LocalBlob:
-        local = await self.blobs.local(route.local, digest)
+    async def _private_blob(self, route: Route, digest: Digest) -> StoredBlob:
+        local = await self.blobs.find(route.local, digest)
         if local is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
         return local
@@ -154,7 +159,7 @@ class Registry:
         if isinstance(reference, Digest) and digest != reference:
             raise RegistryError("DIGEST_INVALID", f"manifest digest is {digest}, not {reference}")
         for blob in parsed.blobs:
-            if await self.blobs.local(route.local, blob) is None:
+            if await self.blobs.find(route.local, blob) is None:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", f"blob unknown to registry: {blob}", detail=str(blob))
         for child in parsed.manifests:
             if await self.manifests.get(route.local, str(child)) is None:
@@ -204,7 +209,7 @@ class Registry:
 
     async def mount(self, route: Route, digest: Digest, source: str) -> bool:
         """Cross-repository mount: link the blob if `source` has it here."""
-        if await self.blobs.local(source, digest) is None:
+        if await self.blobs.find(source, digest) is None:
             return False
         await self.blobs.link(route.local, digest)
         return True

@@ -26,9 +26,10 @@ class Manifest:
 
 
 @dataclass(frozen=True, slots=True)
-class LocalBlob:
-    path: Path
+class StoredBlob:
+    key: str
     size: int
+    path: Path | None  # on local disk (sendfile), or None: stream it from storage
 
 
 class _Links:
@@ -126,20 +127,20 @@ class BlobStore:
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(paths.blob(digest))
 
-    async def local(self, repository: str, digest: Digest) -> LocalBlob | None:
-        """The blob on local disk if `repository` may serve it."""
+    async def find(self, repository: str, digest: Digest) -> StoredBlob | None:
+        """The blob in storage if `repository` may serve it."""
         key = str(digest)
         if (repository, key) not in self._links:
             if await self.storage.stat(paths.layer(repository, digest)) is None:
                 return None
             self._links.add(repository, key)
-        path = self.storage.local_path(paths.blob(digest))
-        st = await self.storage.stat(paths.blob(digest))
-        if st is None or path is None:
+        blob = paths.blob(digest)
+        st = await self.storage.stat(blob)
+        if st is None:
             self._links.discard(repository, key)
             return None
         self.index.touch_blob(key)
-        return LocalBlob(path, st.size)
+        return StoredBlob(blob, st.size, self.storage.local_path(blob))
 
     async def link(self, repository: str, digest: Digest) -> None:
         await self.storage.put_bytes(paths.layer(repository, digest), str(digest).encode())

@@ -1,4 +1,5 @@
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -7,7 +8,7 @@ from mirror.cache.blobs import Flight, FlightFailed
 from mirror.errors import RegistryError
 from mirror.logs import CACHE, SERVED_BYTES
 from mirror.names import Digest, parse_digest, parse_range
-from mirror.store import LocalBlob
+from mirror.storage import NotFound, StorageUnavailable
 
 log = logging.getLogger("mirror.api")
 
@@ -18,7 +19,8 @@ def _headers(digest: Digest) -> dict[str, str]:
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
-    """GET/HEAD /v2/<name>/blobs/<digest>: sendfile when warm, the shared Flight when cold."""
+    """GET/HEAD /v2/<name>/blobs/<digest>: sendfile from local disk, a stream from remote storage (or a
+    redirect to it), the shared Flight when cold."""
     registry, r = route(request)
     digest = parse_digest(request.match_info["digest"])
     if request.method == "HEAD":
@@ -30,41 +32,59 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
     source, request[CACHE] = await registry.blob(r, digest)
     range_header = request.headers.get("Range")
-    if isinstance(source, LocalBlob):
+    if isinstance(source, Flight):
+        await source.started.wait()
+        if source.error is not None and source.written == 0:
+            raise _as_registry_error(source.error)
+        return await _send(request, digest, source.size, range_header, source.read)
+    if source.path is not None:
         start, end = parse_range(range_header, source.size) if range_header else (0, source.size)
         request[SERVED_BYTES] = end - start  # parse_range: a clear OCI error before FileResponse's own 416
         return web.FileResponse(source.path, headers=_headers(digest))
-    return await _stream(request, source, digest, range_header)
+    url = registry.redirect_url(source)
+    if url is not None:
+        return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)})
+    storage, key = registry.storage, source.key
+    return await _send(request, digest, source.size, range_header,
+                       lambda start, end: storage.reader(key, start, None if end is None else end - start))
 
 
-async def _stream(request: web.Request, flight: Flight, digest: Digest, range_header: str | None) -> web.StreamResponse:
-    await flight.started.wait()
-    if flight.error is not None and flight.written == 0:
-        raise _as_registry_error(flight.error)
-    size = flight.size
+async def _send(request: web.Request, digest: Digest, size: int | None, range_header: str | None,
+                read: Callable[[int, int | None], AsyncIterator[bytes | memoryview]]) -> web.StreamResponse:
+    """Stream `read(start, end)` as the body; a failure once headers are out cuts the connection."""
     start, end, status = 0, size, 200
     headers = _headers(digest)
     if range_header and size is not None:
         start, end = parse_range(range_header, size)
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    resp = web.StreamResponse(status=status, headers=headers)
-    if end is not None:
-        resp.content_length = end - start
-    await resp.prepare(request)
-    request[SERVED_BYTES] = 0
+    chunks = read(start, end)
     try:
-        async for chunk in flight.read(start, end):
-            await resp.write(chunk)
-            request[SERVED_BYTES] += len(chunk)
-    except FlightFailed as e:
-        # Headers are gone: the only honest signal left is to cut the connection short.
-        log.warning("cutting %s for %s: %s", request.path, request.remote, e)
-        if request.transport is not None:
-            request.transport.abort()
-        return resp  # already prepared: aiohttp finds the connection closed and logs it as sent
-    await resp.write_eof()
-    return resp
+        try:
+            chunk = await anext(chunks, b"")  # a failure before any byte is still an OCI error
+        except NotFound:
+            raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}") from None
+        resp = web.StreamResponse(status=status, headers=headers)
+        if end is not None:
+            resp.content_length = end - start
+        await resp.prepare(request)
+        request[SERVED_BYTES] = 0
+        try:
+            while chunk:
+                await resp.write(chunk)
+                request[SERVED_BYTES] += len(chunk)
+                chunk = await anext(chunks, b"")
+        except (FlightFailed, StorageUnavailable, NotFound) as e:
+            # Headers are gone: the only honest signal left is to cut the connection short.
+            log.warning("cutting %s for %s: %s", request.path, request.remote, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp  # already prepared: aiohttp finds the connection closed and logs it as sent
+        await resp.write_eof()
+        return resp
+    finally:
+        if isinstance(chunks, AsyncGenerator):  # let go of the flight or the storage stream now
+            await chunks.aclose()
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""Cached blobs: warm = a local file for sendfile; cold = one upstream fetch per digest (a Flight)
+"""Cached blobs: warm = in storage (sendfile when on local disk); cold = one upstream fetch per digest (a Flight)
 fanned out to every client while it is written, hashed and committed only if the digest matches.
 """
 
@@ -21,7 +21,7 @@ from mirror.metrics import Metrics
 from mirror.names import Digest
 from mirror.routing import Route
 from mirror.storage import paths
-from mirror.store import BlobStore, LocalBlob
+from mirror.store import BlobStore, StoredBlob
 from mirror.upstream import answering_as
 
 log = logging.getLogger("mirror.cache")
@@ -223,13 +223,13 @@ class BlobCache:
         self.flights: dict[str, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def open(self, route: Route, digest: Digest) -> tuple[LocalBlob | Flight, str]:
-        """A warm local blob, or the Flight fetching it, and the cache result: `miss` only for the
+    async def open(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
+        """A stored blob, or the Flight fetching it, and the cache result: `miss` only for the
         request that starts an upstream fetch (joining one in progress is a hit, counted apart)."""
         key = str(digest)
-        local = await self.store.local(route.local, digest)
-        if local is not None:
-            return local, "hit"
+        stored = await self.store.find(route.local, digest)
+        if stored is not None:
+            return stored, "hit"
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
             return self._join(flight)
@@ -237,9 +237,9 @@ class BlobCache:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
             await self.store.link(route.local, digest)
-            local = await self.store.local(route.local, digest)
-            if local is not None:
-                return local, "hit"
+            stored = await self.store.find(route.local, digest)
+            if stored is not None:
+                return stored, "hit"
             flight = self.flights.get(key)
             if flight is not None:
                 return self._join(flight)
@@ -251,9 +251,9 @@ class BlobCache:
 
     async def head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         """(size, cache result) without fetching the blob."""
-        local = await self.store.local(route.local, digest)
-        if local is not None:
-            return local.size, "hit"
+        stored = await self.store.find(route.local, digest)
+        if stored is not None:
+            return stored.size, "hit"
         flight = self.flights.get(str(digest))
         if flight is not None and flight.route.local == route.local:
             await flight.started.wait()

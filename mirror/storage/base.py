@@ -16,6 +16,10 @@ class NotFound(Exception):
     """The key does not exist."""
 
 
+class StorageUnavailable(Exception):
+    """The backend failed (down, refusing our credentials, ...): clients get 503 UNAVAILABLE."""
+
+
 @dataclass(frozen=True, slots=True)
 class Stat:
     size: int
@@ -104,6 +108,14 @@ class Storage(abc.ABC):
 
     def local_path(self, key: str) -> Path | None:
         """A path on local disk holding the object, so it can go out with sendfile."""
+        return None
+
+    def redirect_url(self, key: str) -> str | None:
+        """A short-lived URL clients can fetch the object from directly, where the backend has one."""
+        return None
+
+    async def check(self) -> None:
+        """Fail at start, clearly, when the backend cannot be used (raises StorageUnavailable)."""
         return None
 
     @abc.abstractmethod

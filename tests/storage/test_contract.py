@@ -115,6 +115,29 @@ async def test_append_keeps_what_was_written(storage: Storage) -> None:
     assert await storage.get_bytes("up/data") == b"abcdef"
 
 
+async def test_append_in_several_sessions_of_any_size(storage: Storage) -> None:
+    """Upload data arrives in PATCHes: large and tiny, each its own writer, some abandoned."""
+    pieces = [os.urandom(3 * MiB + 5), b"x", os.urandom(200 * 1024), os.urandom(2 * MiB)]
+    for i, piece in enumerate(pieces):
+        w = await storage.writer("up/big", append=True)
+        assert w.size == sum(map(len, pieces[:i]))
+        await w.write(piece)
+        await (w.cancel() if i % 2 else w.commit())
+    assert await read_all(storage, "up/big") == b"".join(pieces)
+    w = await storage.writer("up/big", append=True)
+    await w.commit()  # nothing new: unchanged
+    assert (await storage.stat("up/big")) is not None
+    assert await read_all(storage, "up/big", 3 * MiB) == b"".join(pieces)[3 * MiB:]
+
+
+async def test_move_of_a_large_object(storage: Storage) -> None:
+    data = os.urandom(5 * MiB + 3)
+    await storage.put_bytes("uploads/data", data)
+    await storage.move("uploads/data", "blobs/moved")
+    assert await storage.stat("uploads/data") is None
+    assert await read_all(storage, "blobs/moved") == data
+
+
 async def test_move_and_put_file(storage: Storage) -> None:
     await storage.put_bytes("src", b"content")
     await storage.move("src", "dst/x")

@@ -269,9 +269,13 @@ class Mirror(RegistryProc):
         config.setdefault("version", 0.1)
         config.setdefault("log", {"level": "info"})
         config.setdefault("http", {})["addr"] = f"127.0.0.1:{self.port}"
-        fs = config.setdefault("storage", {}).setdefault("filesystem", {})
-        fs.setdefault("rootdirectory", str(self.dir / "data"))
-        self.root = Path(fs["rootdirectory"])
+        storage = config.setdefault("storage", {})
+        if "oss" in storage:  # the bucket holds everything; local disk has the index and hot tier
+            self.root = Path(config.setdefault("cache", {}).setdefault("directory", str(self.dir / "local")))
+        else:
+            fs = storage.setdefault("filesystem", {})
+            fs.setdefault("rootdirectory", str(self.dir / "data"))
+            self.root = Path(fs["rootdirectory"])
         self.config = config
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
