@@ -44,9 +44,10 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     url = registry.redirect_url(source)
     if url is not None:
         return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)})
-    storage, key = registry.storage, source.key
-    return await _send(request, digest, source.size, range_header,
-                       lambda start, end: storage.reader(key, start, None if end is None else end - start))
+    storage, key, size = registry.storage, source.key, source.size
+    # Reading to the end is a whole read from 0: the one a hot tier keeps a copy of.
+    return await _send(request, digest, size, range_header,
+                       lambda start, end: storage.reader(key, start, None if end in (None, size) else end - start))
 
 
 async def _send(request: web.Request, digest: Digest, size: int | None, range_header: str | None,

@@ -26,6 +26,7 @@ from mirror.config import OssConfig
 from mirror.storage.base import NotFound, Stat, Storage, StorageUnavailable, Writer, check_key
 
 log = logging.getLogger("mirror.storage")
+logging.getLogger("oss2").setLevel(logging.WARNING)  # it logs every error answer at info; we log what matters
 T = TypeVar("T")
 
 THREADS = 16  # bounds both the pool and oss2's connection pool
@@ -35,6 +36,18 @@ ATTEMPTS = 3
 MIN_PART = 100 << 10  # OSS refuses smaller parts, except the last
 PARTS_IN_FLIGHT = 2  # per writer: the next part fills while two go up
 REDIRECT_SECONDS = 20 * 60  # signed URLs, as registry:2's
+
+
+def _drained(fn: Callable[..., T]) -> Callable[..., T]:
+    """oss2 builds some results from headers alone and never reads the XML body: read it, or the
+    connection stays checked out of the pool until the result is garbage."""
+
+    def call(*args: Any, **kwargs: Any) -> T:
+        result = fn(*args, **kwargs)
+        result.resp.read()  # type: ignore[attr-defined]
+        return result
+
+    return call
 
 
 def _transient(e: Exception) -> bool:
@@ -197,8 +210,8 @@ class OssStorage(Storage):
         if st is None:
             raise NotFound(src)
         if st.size <= self.copy_limit:
-            await self.call(src, self.bucket.copy_object, self.bucket.bucket_name, self.key(src), self.key(dst),
-                            headers=self.write_headers)
+            await self.call(src, _drained(self.bucket.copy_object), self.bucket.bucket_name, self.key(src),
+                            self.key(dst), headers=self.write_headers)
         else:
             writer = MultipartWriter(self, dst, keep=False)
             async with writer:
@@ -266,7 +279,7 @@ class MultipartWriter(Writer):
         for start in range(0, size, self.storage.copy_part):
             number = len(self.parts) + 1
             end = min(start + self.storage.copy_part, size) - 1
-            result = await self.storage.call(self.name, bucket.upload_part_copy, bucket.bucket_name, source,
+            result = await self.storage.call(self.name, _drained(bucket.upload_part_copy), bucket.bucket_name, source,
                                              (start, end), self.key, upload_id, number)
             self.parts.append(oss2.models.PartInfo(number, result.etag))
 
@@ -303,7 +316,7 @@ class MultipartWriter(Writer):
             self.buffer.clear()
             await asyncio.gather(*self.in_flight)
             self.in_flight.clear()
-            await self.storage.call(self.name, self.storage.bucket.complete_multipart_upload, self.key,
+            await self.storage.call(self.name, _drained(self.storage.bucket.complete_multipart_upload), self.key,
                                     self.upload_id, self.parts)
         self.done = True
 
