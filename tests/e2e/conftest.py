@@ -31,6 +31,7 @@ from tests.support.clients import (
     missing,
 )
 from tests.support.images import Layout, build_all, seed
+from tests.support.ossserver import OssServer
 from tests.support.procs import (
     DISTRIBUTION,
     Distribution,
@@ -223,3 +224,12 @@ def podman_factory(tmp_path: Path) -> Iterator[Callable[[str], Podman]]:
 @pytest.fixture
 def skopeo_required() -> None:
     require(SKOPEO)
+
+
+# --- OSS -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def oss(tmp_path: Path) -> Iterator[OssServer]:
+    """A fresh OSS-protocol server (tests/support/ossserver.py) with one empty bucket."""
+    with OssServer(tmp_path / "oss") as server:
+        yield server

@@ -1,0 +1,163 @@
+"""Two `mirror serve` replicas on one OSS bucket (our OSS-protocol server, tests/support/ossserver.py):
+what one pushes or caches the other serves, an upload moves between them, the local hot tier keeps
+serving while the bucket is down, and a bad bucket configuration fails at start, clearly."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.push_helpers import PRIVATE, sha, start_upload
+from tests.support.clients import Dockerd, skopeo_copy
+from tests.support.images import Layout
+from tests.support.ossserver import OssServer
+from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, free_port, mirror_config, run
+from tests.support.procs import http as request
+from tests.support.registry import check_oci_copy, oci_error
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+MiB = 1 << 20
+
+
+def replica_config(upstream: Distribution, oss: OssServer, **storage: Any) -> dict[str, Any]:
+    """A replica: the session upstream, `team/**` private, everything in the bucket."""
+    config = mirror_config(upstream.url)
+    config["private"] = {"patterns": list(PRIVATE)}
+    config["storage"] = {"oss": {"accesskeyid": oss.key_id, "accesskeysecret": oss.key_secret,
+                                 "region": "oss-test", "bucket": oss.bucket, "endpoint": oss.endpoint,
+                                 "secure": False, "rootdirectory": "registry"},
+                         "delete": {"enabled": True}, **storage}
+    return config
+
+
+def blob_get(mirror: Mirror, repo: str, digest: str, follow: bool = True) -> tuple[int, bytes, dict[str, str]]:
+    """GET a blob without urllib's automatic redirects, so a 307 is seen (and followed if asked)."""
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=60)
+    try:
+        conn.request("GET", f"/v2/{repo}/blobs/{digest}")
+        resp = conn.getresponse()
+        status, body, headers = resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
+    if follow and status == 307:
+        with urllib.request.urlopen(headers["Location"], timeout=60) as signed:  # the signed bucket URL
+            return signed.status, signed.read(), headers
+    return status, body, headers
+
+
+def push_blob(mirror: Mirror, repo: str, data: bytes) -> str:
+    digest = sha(data)
+    r = request("POST", f"{mirror.url}/v2/{repo}/blobs/uploads/?digest={digest}", data=data,
+             headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert r.status == 201, (r.status, r.body[:300])
+    return digest
+
+
+def test_replicas_share_pushes_uploads_and_cached_blobs(
+        docker: Dockerd, docker_mirror: Callable[..., Mirror], mirror_factory: Callable[..., Mirror],
+        upstream: Distribution, oss: OssServer, layouts: dict[str, Layout], tmp_path: Path) -> None:
+    small = layouts["small"]
+    a = mirror_factory(replica_config(upstream, oss), name="replica-a")
+    b = docker_mirror(replica_config(upstream, oss))  # dockerd mirrors Docker Hub names to this one
+
+    # An image pushed to A is pulled from B, by docker itself.
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/team/app:v1", "--dest-tls-verify=false")
+    docker.pull(f"{b.host}/team/app:v1")
+    assert docker.image_id(f"{b.host}/team/app:v1") == small.image().config.digest
+
+    # An upload started on A is finished on B, and both serve the blob.
+    data = os.urandom(3 * MiB + 7)
+    location = start_upload(a, "team/data")
+    r = request("PATCH", a.url + location, data=data[:2 * MiB], headers={"Content-Type": "application/octet-stream"})
+    assert r.status == 202, (r.status, r.body[:300])
+    r = request("PATCH", b.url + location, data=data[2 * MiB:], headers={"Content-Type": "application/octet-stream",
+                                                                       "Content-Range": f"{2 * MiB}-{len(data) - 1}"})
+    assert r.status == 202, (r.status, r.body[:300])
+    r = request("PUT", f"{b.url}{location}{'&' if '?' in location else '?'}digest={sha(data)}")
+    assert r.status == 201, (r.status, r.body[:300])
+    for replica in (a, b):
+        status, body, _ = blob_get(replica, "team/data", sha(data))
+        assert status == 200 and body == data
+
+    # A blob cached from upstream via A is served by B without going upstream.
+    skopeo_copy(f"docker://{a.host}/library/small:latest", f"oci:{tmp_path / 'via-a'}:latest")
+    mark = upstream.mark()
+    out = tmp_path / "via-b"
+    skopeo_copy(f"docker://{b.host}/library/small:latest", f"oci:{out}:latest")
+    check_oci_copy(out, small)
+    docker.pull("small")
+    assert docker.image_id("small") == small.image().config.digest
+    assert upstream.blob_gets(since=mark) == [], "B fetched a blob upstream that A had cached in the bucket"
+    assert not any(p.name.startswith("f-") for p in (b.root / "_tier" / "_staging").iterdir())
+
+
+def test_hot_tier_serves_through_an_outage_and_nothing_half_written_appears(
+        mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer) -> None:
+    a = mirror_factory(replica_config(upstream, oss), name="replica-a")
+    b = mirror_factory(replica_config(upstream, oss), name="replica-b")
+    warm = push_blob(a, "team/outage", os.urandom(2 * MiB))
+    assert blob_get(a, "team/outage", warm)[0] == 200  # in A's hot tier now
+    cold = push_blob(b, "team/outage", os.urandom(MiB))  # in the bucket, not in A's tier
+
+    oss.faults(down=True)
+    try:
+        status, _, _ = blob_get(a, "team/outage", warm)
+        assert status == 200, "A stopped serving what its hot tier holds"
+        status, body, _ = blob_get(a, "team/outage", cold)
+        assert status == 503 and oci_error(body)[0]["code"] == "UNAVAILABLE"
+        lost = os.urandom(MiB)
+        r = request("POST", f"{a.url}/v2/team/outage/blobs/uploads/?digest={sha(lost)}", data=lost, timeout=60)
+        assert 500 <= r.status < 600 and oci_error(r.body)[0]["code"] == "UNAVAILABLE", (r.status, r.body[:300])
+    finally:
+        oss.faults(down=False)
+    assert request("HEAD", f"{b.url}/v2/team/outage/blobs/{sha(lost)}").status == 404
+    assert blob_get(a, "team/outage", cold)[0] == 200
+    assert a.running and b.running
+
+
+def test_redirect_to_a_signed_bucket_url(mirror_factory: Callable[..., Mirror], upstream: Distribution,
+                                         oss: OssServer, layouts: dict[str, Layout], tmp_path: Path) -> None:
+    config = replica_config(upstream, oss, redirect={"disable": False})
+    config["cache"] = {"hot_size": 0}  # no local tier: every blob GET is a redirect
+    m = mirror_factory(config, name="redirecting")
+    data = os.urandom(MiB)
+    digest = push_blob(m, "team/redirect", data)
+    status, _, headers = blob_get(m, "team/redirect", digest, follow=False)
+    assert status == 307 and "Signature=" in headers["Location"] and oss.endpoint in headers["Location"]
+    assert blob_get(m, "team/redirect", digest)[:2] == (200, data)
+    # a real client follows it
+    skopeo_copy(f"oci:{layouts['small'].path}:latest", f"docker://{m.host}/team/small:v1", "--dest-tls-verify=false")
+    out = tmp_path / "redirected"
+    skopeo_copy(f"docker://{m.host}/team/small:v1", f"oci:{out}:v1", "--src-tls-verify=false")
+    assert (out / "index.json").exists()
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    ({"accesskeysecret": "wrong"}, "SignatureDoesNotMatch"),
+    ({"accesskeyid": "nobody"}, "InvalidAccessKeyId"),
+    ({"bucket": "no-such-bucket"}, "NoSuchBucket"),
+])
+def test_bad_bucket_settings_fail_at_start_clearly(upstream: Distribution, oss: OssServer, tmp_path: Path,
+                                                   change: dict[str, str], expect: str) -> None:
+    config = replica_config(upstream, oss)
+    config["storage"]["oss"].update(change)
+    config["http"] = {"addr": f"127.0.0.1:{free_port()}"}
+    config["cache"] = {"directory": str(tmp_path / "local")}
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in client_env().items() if not k.startswith("REGISTRY_")}
+    result = run([sys.executable, "-m", "mirror", "serve", "--config", str(path)], timeout=60, env=env,
+                 check=False, cwd=REPO_ROOT)
+    bucket = config["storage"]["oss"]["bucket"]
+    assert result.returncode == 2, result.stderr
+    assert expect in result.stderr and repr(bucket) in result.stderr and "'oss-test'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
