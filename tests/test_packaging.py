@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import yaml
+
+from mirror.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +51,18 @@ def test_dockerfile_and_compose_agree_with_the_default_config() -> None:
     assert f"{port}:{port}" in service["ports"]
     volume, _, target = service["volumes"][0].partition(":")
     assert target == data_dir and volume in compose["volumes"]
+
+
+def test_replicas_compose_shares_one_bucket_and_loads_as_config() -> None:
+    compose = yaml.safe_load((ROOT / "compose.replicas.yaml").read_text())
+    replicas = compose["services"]
+    assert len(replicas) == 2
+    envs = [service["environment"] for service in replicas.values()]
+    assert envs[0] == envs[1] and envs[0]["REGISTRY_STORAGE"] == "oss"
+    volumes = [service["volumes"][0].partition(":") for service in replicas.values()]
+    assert len({v[0] for v in volumes}) == 2 and all(v[2] == envs[0]["REGISTRY_CACHE_DIRECTORY"] for v in volumes)
+    # what compose hands the process, with the .env values filled in, is a valid config
+    env = {k: re.sub(r"\$\{[A-Z_]+:[?-]([^}]*)\}", lambda m: m.group(1).split()[0] or "x", v)
+           for k, v in envs[0].items()}
+    config = load(None, env)
+    assert config.storage.oss is not None and config.cache.local_dir(config.storage).as_posix() == "/var/lib/mirror"
