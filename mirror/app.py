@@ -26,6 +26,7 @@ from mirror.metrics import Metrics
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage import StorageUnavailable, open_storage
+from mirror.storage.tier import HotTier
 from mirror.store import BlobStore, ManifestStore
 from mirror.uploads import live_uploads
 from mirror.upstream import UpstreamClient
@@ -132,12 +133,16 @@ def _on_prepare(config: Config) -> Callable[[web.Request, web.StreamResponse], A
 async def _state(app: web.Application) -> AsyncIterator[None]:
     """Open storage, index, the upstream session and the caches; close them on shutdown."""
     config = app[CONFIG]
-    storage = open_storage(config)
+    metrics = app[METRICS]
+    storage = open_storage(config, metrics.storage_call)
     try:
         await storage.check()
     except BaseException:
         await storage.close()
         raise
+    if isinstance(storage, HotTier):
+        tier = storage
+        metrics.hot_tier_bytes.set_function(lambda: tier.size)
     index = Index(config.cache.index_dir(config.storage))
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
@@ -145,7 +150,6 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=UPSTREAM_READ_BUFFER,
         headers={"User-Agent": "mirror/0.1"},
     )
-    metrics = app[METRICS]
     upstreams = [
         Upstream(up, UpstreamClient(up, session, metrics), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
@@ -241,7 +245,7 @@ def _clear_staging(staging: Path) -> None:
 def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[observe, errors], client_max_size=4 << 20)
     app[CONFIG] = config
-    app[METRICS] = Metrics([u.name for u in config.upstreams], backend="filesystem")
+    app[METRICS] = Metrics([u.name for u in config.upstreams], backend="oss" if config.storage.oss else "filesystem")
     app.router.add_routes(ROUTES)
     if config.metrics.enabled and config.metrics.addr is None:
         app.router.add_get(config.metrics.path, metrics_endpoint)

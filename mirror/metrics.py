@@ -29,6 +29,8 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")
 UPSTREAM_ERRORS = ("connect", "timeout", "5xx", "429", "denied", "digest")
+STORAGE_OPERATIONS = ("stat", "reader", "writer", "commit", "get_bytes", "put_bytes", "put_file", "list", "delete",
+                      "move", "usage")
 disable_created_metrics()  # a `_created` twin for every counter series doubles the scrape for nothing
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -91,6 +93,13 @@ class Metrics:
                                    ["backend"], registry=r)
         self.evictions = Counter("mirror_cache_evictions", "Cached objects evicted to stay within the size cap.",
                                  ["kind"], registry=r)
+        self.storage_duration = Histogram("mirror_storage_operation_duration_seconds",
+                                          "Calls to remote storage (OSS), until answered (a read: its first bytes).",
+                                          ["backend", "operation"], buckets=LATENCY_BUCKETS, registry=r)
+        self.storage_errors = Counter("mirror_storage_errors", "Remote storage calls that failed (after retries).",
+                                      ["backend", "operation"], registry=r)
+        self.hot_tier_bytes = Gauge("mirror_hot_tier_bytes", "Bytes of blobs on local disk in front of remote storage.",
+                                    registry=r)
         self.uploads_in_progress = Gauge("mirror_uploads_in_progress", "Blob uploads started and not finished.",
                                          registry=r)
 
@@ -120,6 +129,10 @@ class Metrics:
             self.ratelimit_remaining.labels(up).set(float("nan"))
         self.storage_bytes.labels(backend)
         self.storage_blobs.labels(backend)
+        if backend != "filesystem":
+            for operation in STORAGE_OPERATIONS:
+                self.storage_duration.labels(backend, operation)
+                self.storage_errors.labels(backend, operation)
         self.backend = backend
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._cache_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
@@ -152,6 +165,12 @@ class Metrics:
         """A new blob is in storage: the gauges move now, the periodic scan keeps them honest."""
         self.storage_blobs.labels(self.backend).inc()
         self.storage_bytes.labels(self.backend).inc(size)
+
+    def storage_call(self, operation: str, seconds: float, failed: bool) -> None:
+        if seconds:
+            self.storage_duration.labels(self.backend, operation).observe(seconds)
+        if failed:
+            self.storage_errors.labels(self.backend, operation).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,9 +7,13 @@ async iterators of chunks; nothing here reads a blob whole (get_bytes is for sma
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class NotFound(Exception):
@@ -124,3 +128,107 @@ class Storage(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+Observer = Callable[[str, float, bool], None]  # (operation, seconds, failed)
+
+
+class Observed(Storage):
+    """A backend with every call timed and its failures counted, for the metrics of a remote
+    backend. A read is timed to its first bytes (the rest is the client's pace); a missing key
+    is an answer, not a failure."""
+
+    def __init__(self, backend: Storage, observe: Observer) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.observe = observe
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        failed = False
+        try:
+            return await call
+        except NotFound:
+            raise
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.observe(operation, time.perf_counter() - start, failed)
+
+    async def stat(self, key: str) -> Stat | None:
+        return await self._timed("stat", self.backend.stat(key))
+
+    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        chunks = self.backend.reader(key, offset, length)
+        first = await self._timed("reader", anext(chunks, b""))
+        if first:
+            yield first
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception:
+                self.observe("reader", 0.0, True)
+                raise
+
+    async def writer(self, key: str, append: bool = False) -> Writer:
+        return _ObservedWriter(await self._timed("writer", self.backend.writer(key, append)), self)
+
+    async def get_bytes(self, key: str) -> bytes:
+        return await self._timed("get_bytes", self.backend.get_bytes(key))
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await self._timed("put_bytes", self.backend.put_bytes(key, data))
+
+    async def put_file(self, key: str, source: Path) -> None:
+        await self._timed("put_file", self.backend.put_file(key, source))
+
+    async def list(self, prefix: str) -> list[str]:
+        return await self._timed("list", self.backend.list(prefix))
+
+    async def delete(self, key: str) -> None:
+        await self._timed("delete", self.backend.delete(key))
+
+    async def move(self, src: str, dst: str) -> None:
+        await self._timed("move", self.backend.move(src, dst))
+
+    async def usage(self, prefix: str) -> tuple[int, int]:
+        return await self._timed("usage", self.backend.usage(prefix))
+
+    def local_path(self, key: str) -> Path | None:
+        return self.backend.local_path(key)
+
+    def redirect_url(self, key: str) -> str | None:
+        return self.backend.redirect_url(key)
+
+    async def check(self) -> None:
+        await self.backend.check()
+
+    def staging_dir(self) -> Path:
+        return self.backend.staging_dir()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+class _ObservedWriter(Writer):
+    """Writes and the commit of a remote write, counted like the calls of Observed."""
+
+    def __init__(self, inner: Writer, observed: Observed) -> None:
+        self.inner = inner
+        self.observed = observed
+        self.size = inner.size
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.inner.write(data)
+        except Exception:
+            self.observed.observe("writer", 0.0, True)
+            raise
+        self.size = self.inner.size
+
+    async def commit(self) -> None:
+        await self.observed._timed("commit", self.inner.commit())
+
+    async def cancel(self) -> None:
+        await self.inner.cancel()

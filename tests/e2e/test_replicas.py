@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from tests.e2e.push_helpers import PRIVATE, sha, start_upload
 from tests.support.clients import Dockerd, skopeo_copy
 from tests.support.images import Layout
 from tests.support.ossserver import OssServer
-from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, free_port, mirror_config, run
+from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, free_port, mirror_config, run, wait_for
 from tests.support.procs import http as request
 from tests.support.registry import check_oci_copy, oci_error
 
@@ -122,6 +123,14 @@ def test_hot_tier_serves_through_an_outage_and_nothing_half_written_appears(
     assert request("HEAD", f"{b.url}/v2/team/outage/blobs/{sha(lost)}").status == 404
     assert blob_get(a, "team/outage", cold)[0] == 200
     assert a.running and b.running
+
+    def metric(pattern: str) -> float:
+        text = request("GET", f"{a.url}/metrics").body.decode()
+        return sum(float(v) for v in re.findall(pattern + r" (\S+)$", text, re.M))
+
+    assert metric(r'^mirror_storage_errors_total\{backend="oss",operation="\w+"\}') >= 2  # the cold read, the push
+    # the client has its bytes a moment before the server files the tier's copy
+    wait_for(lambda: metric(r"^mirror_hot_tier_bytes") >= 3 * MiB, 10, "both blobs in A's hot tier")
 
 
 def test_redirect_to_a_signed_bucket_url(mirror_factory: Callable[..., Mirror], upstream: Distribution,

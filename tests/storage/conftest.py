@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mirror.config import OssConfig
-from mirror.storage import Storage
+from mirror.storage import Observed, Storage
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.storage.oss import OssStorage
 from mirror.storage.tier import HotTier
@@ -41,6 +41,8 @@ BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Storage]] = {
     "tiered": lambda root, _: HotTier(FilesystemStorage(root / "remote"), root / "tier", 64 * MiB),
     "oss": oss,
     "oss+tier": lambda root, request: HotTier(oss(root, request), root / "tier", 64 * MiB),
+    # the metrics wrapper the app puts around a remote backend passes everything through
+    "observed": lambda root, _: Observed(FilesystemStorage(root), lambda operation, seconds, failed: None),
 }
 
 
