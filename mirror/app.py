@@ -15,12 +15,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api import ROUTES
-from mirror.api.context import REGISTRY
+from mirror.api.context import LIMITS, REGISTRY
+from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blobs import BlobCache
 from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.limits import UploadLimiter
 from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
 from mirror.metrics import Metrics
 from mirror.registry import Registry
@@ -139,7 +141,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     )
     metrics = app[METRICS]
     upstreams = [
-        Upstream(up, UpstreamClient(up, session, metrics), Router.local_prefix(up, i == 0))
+        Upstream(up, UpstreamClient(up, session, metrics, config.limits.manifest_size), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
     manifest_store = ManifestStore(storage, config.cache.memory, metrics)
@@ -228,8 +230,19 @@ def _clear_staging(staging: Path) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[observe, errors], client_max_size=4 << 20)
+    """The app for `config`. With auth, reading the htpasswd file or the token root bundle may
+    fail here (HtpasswdError, TokenSetupError)."""
+    middlewares = [observe, errors]
+    gate = Gate(config) if config.auth is not None else None
+    if gate is not None:
+        middlewares.append(authorize)
+    if config.limits.uploads_per_client:
+        middlewares.append(UploadLimiter(config.limits.uploads_per_client).middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
+    if gate is not None:
+        app[GATE] = gate
     app[CONFIG] = config
+    app[LIMITS] = config.limits
     app[METRICS] = Metrics([u.name for u in config.upstreams], backend="filesystem")
     app.router.add_routes(ROUTES)
     if config.metrics.enabled and config.metrics.addr is None:

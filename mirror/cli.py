@@ -13,9 +13,12 @@ from aiohttp import web
 
 from mirror import logs
 from mirror.app import create_app
+from mirror.auth.htpasswd import HtpasswdError
+from mirror.auth.token import TokenSetupError
 from mirror.config import Config, ConfigError, load, parse_duration
 from mirror.gc import collect
 from mirror.storage.filesystem import FilesystemStorage
+from mirror.tls import server_context
 
 
 def _load(path: str | None) -> Config:
@@ -38,16 +41,29 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mirror: cannot create storage.filesystem.rootdirectory "
               f"{config.storage.rootdirectory}: {e.strerror}", file=sys.stderr)
         return 2
-    log.info("listening on %s:%d, storage %s, upstreams %s", config.http.host or "*", config.http.port,
-             config.storage.rootdirectory, ", ".join(u.name for u in config.upstreams) or "none")
+    try:
+        ssl_context = server_context(config.http.tls) if config.http.tls else None
+        app = create_app(config)
+    except (ConfigError, HtpasswdError, TokenSetupError) as e:
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
+    auth = "htpasswd" if config.auth and config.auth.htpasswd else "token" if config.auth else "none"
+    log.info("listening on %s:%d (%s), storage %s, upstreams %s, auth %s", config.http.host or "*",
+             config.http.port, "https" if ssl_context else "http", config.storage.rootdirectory,
+             ", ".join(u.name for u in config.upstreams) or "none", auth)
+    limits = config.limits
     web.run_app(
-        create_app(config),
+        app,
         host=config.http.host or None,
         port=config.http.port,
+        ssl_context=ssl_context,
         access_log=logs.access if config.log.accesslog else None,
         access_log_class=logs.AccessLogger,
         shutdown_timeout=config.http.draintimeout,
         print=None,
+        max_line_size=limits.header_size,
+        max_field_size=limits.header_size,
+        max_headers=limits.headers,
     )
     return 0
 

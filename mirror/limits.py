@@ -1,0 +1,46 @@
+"""Limits against abuse that are not about who the caller is: upload requests in progress per
+client (429 TOOMANYREQUESTS past the limit). Body stalls are cut in mirror/api/context.py, request
+header sizes by aiohttp (mirror/cli.py passes limits.header_size and limits.headers)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.errors import RegistryError
+from mirror.logs import USER
+
+UPLOAD_METHODS = frozenset({"POST", "PATCH", "PUT"})
+
+
+class UploadLimiter:
+    """Counts upload requests in progress per client: the authenticated user, else the address."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active: dict[str, int] = {}
+
+    @staticmethod
+    def is_upload(request: web.Request) -> bool:
+        info = request.match_info
+        return (request.method in UPLOAD_METHODS and "name" in info
+                and ("upload_id" in info or request.path.endswith(("/blobs/uploads/", "/blobs/uploads"))))
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self.is_upload(request):
+            return await handler(request)
+        client = request.get(USER) or request.remote or "?"
+        count = self.active.get(client, 0)
+        if count >= self.limit:
+            raise RegistryError("TOOMANYREQUESTS", f"at most {self.limit} uploads at a time per client "
+                                                   f"(limits.uploads_per_client)", headers={"Retry-After": "1"})
+        self.active[client] = count + 1
+        try:
+            return await handler(request)
+        finally:
+            left = self.active[client] - 1
+            if left:
+                self.active[client] = left
+            else:
+                del self.active[client]
