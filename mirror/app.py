@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api import ROUTES
-from mirror.api.context import LIMITS, REGISTRY
+from mirror.api.context import LIMITS, REGISTRY, ClientStalled
 from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blobs import BlobCache
 from mirror.cache.index import Index
@@ -103,10 +103,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                            f"{request.path[:200]}"))
     except web.HTTPNotFound:
         return error_response(RegistryError("NOT_FOUND", f"no API endpoint at {request.path[:200]}"))
-    except ConnectionResetError:
-        # The client went away mid-request: nothing to answer, nothing wrong here. Whatever an
-        # upload received so far is kept and reported by its Range.
-        log.info("client went away during %s %s", request.method, request.path)
+    except ConnectionResetError as e:
+        # The client went away mid-request (or stalled, and is cut now): nothing to answer, nothing
+        # wrong here. Whatever an upload received so far is kept and reported by its Range.
+        if isinstance(e, ClientStalled):
+            if request.transport is not None:
+                request.transport.abort()
+        else:
+            log.info("client went away during %s %s", request.method, request.path)
         return web.Response(status=499, reason="Client Closed Request")
     except (asyncio.CancelledError, web.HTTPException):
         raise

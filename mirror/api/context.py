@@ -51,8 +51,7 @@ async def body(request: web.Request) -> AsyncIterator[bytes]:
         except TimeoutError:
             log.info("%s %s: no body bytes for %.0fs from %s, cutting", request.method, request.path, seconds,
                      request.remote)
-            if request.transport is not None:
-                request.transport.abort()
+            # the errors middleware cuts the connection once the handler kept what arrived
             raise ClientStalled(f"no request body bytes for {seconds:.0f}s") from None
         if not chunk:
             return
