@@ -111,7 +111,9 @@ class Gate:
                 grants = self.tokens.verify(credentials.strip())
             except InvalidToken as e:
                 raise self.unauthorized(request, need, str(e), "invalid_token") from None
-            return Caller(grants.subject, grants)
+            # A token for nobody (what token servers give clients without credentials) is anonymous:
+            # the access section alone decides what anonymous clients may do.
+            return Caller(grants.subject, grants) if grants.subject else ANONYMOUS
         assert self.htpasswd is not None
         if scheme != "basic":
             return ANONYMOUS
@@ -119,6 +121,8 @@ class Gate:
             user, sep, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise self.unauthorized(request, need, "malformed Basic credentials") from None
+        if sep and not user and not password:
+            return ANONYMOUS  # skopeo and podman send `Basic Og==` (":") when they have no credentials
         if not sep or not await self.htpasswd.check(user, password):
             log.info("authentication failed for user %r from %s", user[:100], request.remote)
             raise self.unauthorized(request, need, "invalid username or password")
