@@ -88,7 +88,6 @@ def tls_config(upstream_url: str, certs: Certs, client_cas: bool = False) -> dic
     return config
 
 
-
 def curl_status(*args: str) -> str:
     r = run([CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*", "--max-time", "20", *args],
             timeout=30, check=False)
