@@ -10,11 +10,12 @@ from aiohttp import web
 
 from mirror.config import LimitsConfig
 from mirror.logs import REPOSITORY
-from mirror.registry import Registry
+from mirror.registry import REGISTRY, Registry
 from mirror.routing import Route
 
+__all__ = ["LIMITS", "REGISTRY", "ClientStalled", "body", "push_route", "route"]
+
 log = logging.getLogger("mirror.api")
-REGISTRY = web.AppKey("registry", Registry)
 LIMITS = web.AppKey("limits", LimitsConfig)
 BODY_CHUNK = 1 << 20
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api.context import REGISTRY
 from mirror.auth.access import AccessRules
 from mirror.auth.htpasswd import Htpasswd
 from mirror.auth.token import Grants, InvalidToken, TokenVerifier
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.logs import USER
+from mirror.registry import REGISTRY
 
 log = logging.getLogger("mirror.auth")
 
