@@ -10,8 +10,6 @@ error="insufficient_scope", as RFC 6750 asks, so the client knows which scope it
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ log = logging.getLogger("mirror.auth")
 # What the token must grant for each of our actions (distribution asks pull and push for pushes).
 TOKEN_ACTIONS = {"pull": ("pull",), "push": ("pull", "push"), "delete": ("delete",)}
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
+EMPTY_BASIC = "Og=="  # base64(":"): skopeo and podman send it after a Basic challenge when they have no credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +114,15 @@ class Gate:
             # the access section alone decides what anonymous clients may do.
             return Caller(grants.subject, grants) if grants.subject else ANONYMOUS
         assert self.htpasswd is not None
-        if scheme != "basic":
+        credentials = credentials.strip()
+        if scheme != "basic" or credentials == EMPTY_BASIC:
             return ANONYMOUS
         try:
-            user, sep, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user = await self.htpasswd.check_basic(credentials)
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
             raise self.unauthorized(request, need, "malformed Basic credentials") from None
-        if sep and not user and not password:
-            return ANONYMOUS  # skopeo and podman send `Basic Og==` (":") when they have no credentials
-        if not sep or not await self.htpasswd.check(user, password):
-            log.info("authentication failed for user %r from %s", user[:100], request.remote)
+        if user is None:
+            log.info("authentication failed from %s", request.remote)
             raise self.unauthorized(request, need, "invalid username or password")
         return Caller(user)
 

@@ -8,6 +8,7 @@ user's entry in the file stays the same. Wrong passwords are never remembered: e
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import os
@@ -60,6 +61,7 @@ class Htpasswd:
         self._stamp: _Stamp | None = None
         self._entries: dict[str, bytes] = {}
         self._verified: dict[tuple[str, bytes], bytes] = {}  # (user, sha256(password)) -> the entry it matched
+        self._by_header: dict[bytes, tuple[str, bytes]] = {}  # sha256(Basic credentials) -> (user, entry)
         self._reload(required=True)
 
     def _reload(self, required: bool = False) -> None:
@@ -80,12 +82,31 @@ class Htpasswd:
             return
         self._entries = parse(text, self.path)
         self._verified.clear()
+        self._by_header.clear()
         self._stamp = stamp
         log.info("htpasswd %s: %d users", self.path, len(self._entries))
 
     @property
     def users(self) -> list[str]:
         return sorted(self._entries)
+
+    async def check_basic(self, credentials: str) -> str | None:
+        """The user whose Basic `credentials` (base64 of user:password) verify, else None; ValueError
+        when they are not base64 of user:password. Credentials seen before cost one lookup."""
+        self._reload()
+        key = hashlib.sha256(credentials.encode()).digest()
+        hit = self._by_header.get(key)
+        if hit is not None and self._entries.get(hit[0]) is hit[1]:
+            return hit[0]
+        user, sep, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        if not sep:
+            raise ValueError("Basic credentials are not user:password")
+        if not await self.check(user, password):
+            return None
+        if len(self._by_header) >= MAX_REMEMBERED:
+            self._by_header.clear()
+        self._by_header[key] = (user, self._entries[user])
+        return user
 
     async def check(self, user: str, password: str) -> bool:
         self._reload()
