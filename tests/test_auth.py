@@ -69,6 +69,25 @@ async def test_htpasswd_reloads_when_the_file_changes(tmp_path: Path) -> None:
     assert await h.check("carol", "c") and not await h.check("bob", "b2")
 
 
+async def test_htpasswd_basic_credentials(tmp_path: Path) -> None:
+    import base64
+
+    path = tmp_path / "htpasswd"
+    path.write_text(entry("alice", "a:b") + "\n")
+    h = Htpasswd(str(path))
+    good = base64.b64encode(b"alice:a:b").decode()  # the password may hold a colon
+    assert await h.check_basic(good) == "alice"
+    assert await h.check_basic(good) == "alice"  # remembered
+    assert await h.check_basic(base64.b64encode(b"alice:a").decode()) is None
+    for bad in ("!!!", base64.b64encode(b"no colon").decode(), base64.b64encode(b"\xff:x").decode()):
+        with pytest.raises(ValueError):
+            await h.check_basic(bad)
+    path.write_text(entry("alice", "other") + "\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert await h.check_basic(good) is None  # the remembered credentials went with the old entry
+
+
 def test_htpasswd_missing_at_start_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(HtpasswdError, match=r"auth\.htpasswd\.path: cannot read"):
         Htpasswd(str(tmp_path / "absent"))
