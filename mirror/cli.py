@@ -13,12 +13,16 @@ from aiohttp import web
 
 from mirror import logs
 from mirror.app import create_app
+from mirror.auth import Gate
 from mirror.auth.htpasswd import HtpasswdError
 from mirror.auth.token import TokenSetupError
 from mirror.config import Config, ConfigError, load, parse_duration
 from mirror.gc import collect
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.tls import server_context
+
+# What the files a config names can be wrong with (certificates, htpasswd, token root bundle).
+FILE_ERRORS = (ConfigError, HtpasswdError, TokenSetupError)
 
 
 def _load(path: str | None) -> Config:
@@ -44,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         ssl_context = server_context(config.http.tls) if config.http.tls else None
         app = create_app(config)
-    except (ConfigError, HtpasswdError, TokenSetupError) as e:
+    except FILE_ERRORS as e:
         print(f"mirror: configuration error: {e}", file=sys.stderr)
         return 2
     auth = "htpasswd" if config.auth and config.auth.htpasswd else "token" if config.auth else "none"
@@ -97,6 +101,14 @@ def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    try:  # the files it names load too
+        if config.http.tls:
+            server_context(config.http.tls)
+        if config.auth:
+            Gate(config)
+    except FILE_ERRORS as e:
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.config or 'embedded default'}: ok ({len(config.upstreams)} upstreams)")
     return 0
 
