@@ -7,6 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.auth import is_upload_route
 from mirror.errors import RegistryError
 from mirror.logs import USER
 
@@ -20,15 +21,9 @@ class UploadLimiter:
         self.limit = limit
         self.active: dict[str, int] = {}
 
-    @staticmethod
-    def is_upload(request: web.Request) -> bool:
-        info = request.match_info
-        return (request.method in UPLOAD_METHODS and "name" in info
-                and ("upload_id" in info or request.path.endswith(("/blobs/uploads/", "/blobs/uploads"))))
-
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self.is_upload(request):
+        if request.method not in UPLOAD_METHODS or not is_upload_route(request):
             return await handler(request)
         client = request.get(USER) or request.remote or "?"
         count = self.active.get(client, 0)

@@ -59,6 +59,12 @@ class Need:
         return ""
 
 
+def is_upload_route(request: web.Request) -> bool:
+    """The request matched a route of mirror/api/uploads.py (the module name: importing the
+    handlers here would be an import cycle)."""
+    return getattr(request.match_info.handler, "__module__", "") == "mirror.api.uploads"
+
+
 def need(request: web.Request, metrics_path: str | None) -> Need | None:
     """The resource and action of a request, from the route it matched (None: no route, 404)."""
     info = request.match_info
@@ -66,7 +72,7 @@ def need(request: web.Request, metrics_path: str | None) -> Need | None:
         return None
     name = info.get("name")
     if name is not None:
-        if "upload_id" in info or request.path.endswith(("/blobs/uploads/", "/blobs/uploads")):
+        if is_upload_route(request):
             action = "push"  # every step of an upload, its status and cancel too
         elif request.method in WRITE_METHODS:
             action = "push"
