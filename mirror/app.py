@@ -15,12 +15,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api import ROUTES
-from mirror.api.context import REGISTRY
+from mirror.api.context import LIMITS, REGISTRY, ClientStalled
+from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blobs import BlobCache
 from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.limits import UploadLimiter
 from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
 from mirror.metrics import Metrics
 from mirror.registry import Registry
@@ -105,10 +107,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except StorageUnavailable as e:
         log.error("storage failed on %s %s: %s", request.method, request.path, e)
         return error_response(RegistryError("UNAVAILABLE", "storage backend unavailable, try again later"))
-    except ConnectionResetError:
-        # The client went away mid-request: nothing to answer, nothing wrong here. Whatever an
-        # upload received so far is kept and reported by its Range.
-        log.info("client went away during %s %s", request.method, request.path)
+    except ConnectionResetError as e:
+        # The client went away mid-request (or stalled, and is cut now): nothing to answer, nothing
+        # wrong here. Whatever an upload received so far is kept and reported by its Range.
+        if isinstance(e, ClientStalled):
+            if request.transport is not None:
+                request.transport.abort()
+        else:
+            log.info("client went away during %s %s", request.method, request.path)
         return web.Response(status=499, reason="Client Closed Request")
     except (asyncio.CancelledError, web.HTTPException):
         raise
@@ -151,7 +157,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": "mirror/0.1"},
     )
     upstreams = [
-        Upstream(up, UpstreamClient(up, session, metrics), Router.local_prefix(up, i == 0))
+        Upstream(up, UpstreamClient(up, session, metrics, config.limits.manifest_size), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
     manifest_store = ManifestStore(storage, config.cache.memory, metrics)
@@ -243,8 +249,19 @@ def _clear_staging(staging: Path) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[observe, errors], client_max_size=4 << 20)
+    """The app for `config`. With auth, reading the htpasswd file or the token root bundle may
+    fail here (HtpasswdError, TokenSetupError)."""
+    middlewares = [observe, errors]
+    gate = Gate(config) if config.auth is not None else None
+    if gate is not None:
+        middlewares.append(authorize)
+    if config.limits.uploads_per_client:
+        middlewares.append(UploadLimiter(config.limits.uploads_per_client).middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
+    if gate is not None:
+        app[GATE] = gate
     app[CONFIG] = config
+    app[LIMITS] = config.limits
     app[METRICS] = Metrics([u.name for u in config.upstreams], backend="oss" if config.storage.oss else "filesystem")
     app.router.add_routes(ROUTES)
     if config.metrics.enabled and config.metrics.addr is None:

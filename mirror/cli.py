@@ -13,9 +13,16 @@ from aiohttp import web
 
 from mirror import logs
 from mirror.app import create_app
+from mirror.auth import Gate
+from mirror.auth.htpasswd import HtpasswdError
+from mirror.auth.token import TokenSetupError
 from mirror.config import Config, ConfigError, load, parse_duration
 from mirror.gc import GcResult, collect
 from mirror.storage import StorageUnavailable, open_storage
+from mirror.tls import server_context
+
+# What the files a config names can be wrong with (certificates, htpasswd, token root bundle).
+FILE_ERRORS = (ConfigError, HtpasswdError, TokenSetupError)
 
 
 def _load(path: str | None) -> Config:
@@ -39,19 +46,32 @@ def serve(args: argparse.Namespace) -> int:
         key = "cache.directory" if config.storage.oss else "storage.filesystem.rootdirectory"
         print(f"mirror: cannot create {key} {local}: {e.strerror}", file=sys.stderr)
         return 2
+    try:
+        ssl_context = server_context(config.http.tls) if config.http.tls else None
+        app = create_app(config)
+    except FILE_ERRORS as e:
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
+    auth = "htpasswd" if config.auth and config.auth.htpasswd else "token" if config.auth else "none"
     oss = config.storage.oss
     where = f"oss://{oss.bucket}/{oss.rootdirectory} at {oss.url} (hot tier in {local})" if oss else str(local)
-    log.info("listening on %s:%d, storage %s, upstreams %s", config.http.host or "*", config.http.port,
-             where, ", ".join(u.name for u in config.upstreams) or "none")
+    log.info("listening on %s:%d (%s), storage %s, upstreams %s, auth %s", config.http.host or "*",
+             config.http.port, "https" if ssl_context else "http", where,
+             ", ".join(u.name for u in config.upstreams) or "none", auth)
+    limits = config.limits
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=config.http.host or None,
             port=config.http.port,
+            ssl_context=ssl_context,
             access_log=logs.access if config.log.accesslog else None,
             access_log_class=logs.AccessLogger,
             shutdown_timeout=config.http.draintimeout,
             print=None,
+            max_line_size=limits.header_size,
+            max_field_size=limits.header_size,
+            max_headers=limits.headers,
         )
     except StorageUnavailable as e:
         print(f"mirror: storage error: {e}", file=sys.stderr)
@@ -100,6 +120,14 @@ def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    try:  # the files it names load too
+        if config.http.tls:
+            server_context(config.http.tls)
+        if config.auth:
+            Gate(config)
+    except FILE_ERRORS as e:
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.config or 'embedded default'}: ok ({len(config.upstreams)} upstreams)")
     return 0
 

@@ -46,12 +46,27 @@ class LogConfig:
     accesslog: bool = True
 
 
+TLS_VERSIONS = ("tls1.2", "tls1.3")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """http.tls, as registry:2: a certificate and key, optionally client CAs (then client
+    certificates are required)."""
+
+    certificate: str
+    key: str
+    clientcas: tuple[str, ...] = ()
+    minimumtls: str = "tls1.2"
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = ""  # "" = all interfaces
     port: int = 5000
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     draintimeout: float = 10.0
+    tls: TLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,74 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class HtpasswdConfig:
+    realm: str
+    path: str
+
+
+SIGNING_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """auth.token: JWTs per the Docker token spec, signed by a key the root cert bundle trusts."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: str
+    autoredirect: bool = False  # realm = https://<request Host><autoredirectpath>
+    autoredirectpath: str = "/auth/token"
+    signingalgorithms: tuple[str, ...] = SIGNING_ALGORITHMS
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Exactly one of htpasswd or token, as registry:2."""
+
+    htpasswd: HtpasswdConfig | None = None
+    token: TokenConfig | None = None
+
+
+ACTIONS = ("pull", "push", "delete")
+ANY_USER = "*"  # in an access rule: every authenticated user
+ANONYMOUS = "anonymous"  # in an access rule: clients that did not authenticate
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may pull, push or delete the repositories matching `repositories`. None = the action is
+    not limited by this rule (every authenticated user)."""
+
+    repositories: tuple[str, ...]
+    pull: tuple[str, ...] | None = None
+    push: tuple[str, ...] | None = None
+    delete: tuple[str, ...] | None = None
+
+    def users(self, action: str) -> tuple[str, ...] | None:
+        return {"pull": self.pull, "push": self.push, "delete": self.delete}[action]
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Our access rules on top of auth (see README, Access rules)."""
+
+    anonymous_pull: bool = False  # clients without credentials may pull proxied (cached upstream) content
+    rules: tuple[AccessRule, ...] = ()  # the first rule matching a repository decides
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Limits against abuse (ours)."""
+
+    manifest_size: int = 4 << 20  # pushed and fetched manifests
+    uploads_per_client: int = 16  # upload requests in progress per user (or address); 0 = no limit
+    body_timeout: float = 60.0  # a request body that sends nothing this long is cut
+    header_size: int = 8190  # longest request line or header field (aiohttp's max_line_size/max_field_size)
+    headers: int = 128  # most header fields in one request
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
     addr: tuple[str, int] | None = None  # a listener of its own; None = the main port
@@ -136,6 +219,9 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     private: PrivateConfig = field(default_factory=PrivateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig | None = None
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -154,6 +240,22 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_HTTP_SECRET": ("http", "secret"),
     "REGISTRY_HTTP_RELATIVEURLS": ("http", "relativeurls"),
     "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
+    "REGISTRY_HTTP_TLS_CERTIFICATE": ("http", "tls", "certificate"),
+    "REGISTRY_HTTP_TLS_KEY": ("http", "tls", "key"),
+    "REGISTRY_HTTP_TLS_CLIENTCAS": ("http", "tls", "clientcas"),
+    "REGISTRY_HTTP_TLS_MINIMUMTLS": ("http", "tls", "minimumtls"),
+    "REGISTRY_AUTH_HTPASSWD_REALM": ("auth", "htpasswd", "realm"),
+    "REGISTRY_AUTH_HTPASSWD_PATH": ("auth", "htpasswd", "path"),
+    "REGISTRY_AUTH_TOKEN_REALM": ("auth", "token", "realm"),
+    "REGISTRY_AUTH_TOKEN_SERVICE": ("auth", "token", "service"),
+    "REGISTRY_AUTH_TOKEN_ISSUER": ("auth", "token", "issuer"),
+    "REGISTRY_AUTH_TOKEN_ROOTCERTBUNDLE": ("auth", "token", "rootcertbundle"),
+    "REGISTRY_AUTH_TOKEN_AUTOREDIRECT": ("auth", "token", "autoredirect"),
+    "REGISTRY_AUTH_TOKEN_AUTOREDIRECTPATH": ("auth", "token", "autoredirectpath"),
+    "REGISTRY_ACCESS_ANONYMOUS_PULL": ("access", "anonymous_pull"),
+    "REGISTRY_LIMITS_MANIFEST_SIZE": ("limits", "manifest_size"),
+    "REGISTRY_LIMITS_UPLOADS_PER_CLIENT": ("limits", "uploads_per_client"),
+    "REGISTRY_LIMITS_BODY_TIMEOUT": ("limits", "body_timeout"),
     "REGISTRY_HTTP_DEBUG_ADDR": ("http", "debug", "addr"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": ("http", "debug", "prometheus", "enabled"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_PATH": ("http", "debug", "prometheus", "path"),
@@ -384,13 +486,28 @@ def _http(s: Section) -> HttpConfig:
             raise ConfigError(f"{s.key('headers')}.{name}: expected a list of strings")
         headers[str(name)] = tuple(str(v) for v in values)
     draintimeout = s.duration("draintimeout", 10.0)
-    s.refuse("tls", why="TLS arrives with issue 7; terminate TLS in front of mirror meanwhile")
+    tls = _tls(s.section("tls")) if s.has("tls") else None
     s.refuse("prefix", why="serve mirror at the root path")
     # Accepted: secret (upload state lives in storage, nothing to sign), host and relativeurls
     # (we answer with relative Location headers), http2. http.debug is read by _debug_metrics.
     s.ignore("secret", "host", "relativeurls", "http2", "h2c")
     s.done()
-    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout)
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls)
+
+
+def _tls(s: Section) -> TLSConfig:
+    certificate, key = s.string("certificate"), s.string("key")
+    if not certificate or not key:
+        missing = "certificate" if not certificate else "key"
+        raise ConfigError(f"{s.key(missing)}: required with http.tls (PEM file)")
+    minimum = (s.string("minimumtls", "tls1.2") or "tls1.2").lower()
+    if minimum not in TLS_VERSIONS:
+        raise ConfigError(f"{s.key('minimumtls')}: expected one of {', '.join(TLS_VERSIONS)}, got {minimum!r}")
+    tls = TLSConfig(certificate=certificate, key=key, clientcas=s.strings("clientcas"), minimumtls=minimum)
+    s.refuse("letsencrypt", why="get a certificate elsewhere and set http.tls.certificate and key")
+    s.refuse("ciphersuites", why="Python's defaults for the minimum TLS version are used")
+    s.done()
+    return tls
 
 
 def _debug_metrics(s: Section) -> MetricsConfig | None:
@@ -490,13 +607,91 @@ def _oss(s: Section) -> OssConfig:
 
 
 def _private(s: Section) -> PrivateConfig:
-    patterns = s.strings("patterns")
-    for pattern in patterns:
-        if not re.fullmatch(r"[a-z0-9._*/-]+", pattern) or "//" in pattern:
-            raise ConfigError(f"{s.key('patterns')}: {pattern!r} is not a repository name pattern")
+    patterns = tuple(_pattern(p, s.key("patterns")) for p in s.strings("patterns"))
     private = PrivateConfig(patterns=patterns, claim_on_push=s.flag("claim_on_push", False))
     s.done()
     return private
+
+
+def _pattern(pattern: str, key: str) -> str:
+    if not re.fullmatch(r"[a-z0-9._*/-]+", pattern) or "//" in pattern:
+        raise ConfigError(f"{key}: {pattern!r} is not a repository name pattern")
+    return pattern
+
+
+def _auth(s: Section) -> AuthConfig | None:
+    s.refuse("silly", why="registry:2's development-only scheme accepts any credentials; use htpasswd or token")
+    kinds = [k for k in ("htpasswd", "token") if s.has(k)]
+    if len(kinds) > 1:
+        raise ConfigError("auth: configure one of htpasswd or token, not both")
+    auth = AuthConfig()
+    if s.has("htpasswd"):
+        h = s.section("htpasswd")
+        realm, path = h.string("realm") or "", h.string("path") or ""
+        if not path:
+            raise ConfigError(f"{h.key('path')}: required (an htpasswd file of bcrypt entries)")
+        h.done()
+        auth = AuthConfig(htpasswd=HtpasswdConfig(realm=realm or "mirror", path=path))
+    elif s.has("token"):
+        t = s.section("token")
+        values = {}
+        for name in ("realm", "service", "issuer", "rootcertbundle"):
+            values[name] = t.string(name) or ""
+            if not values[name]:
+                raise ConfigError(f"{t.key(name)}: required with auth.token")
+        algorithms = t.strings("signingalgorithms") or SIGNING_ALGORITHMS
+        for alg in algorithms:
+            if alg not in SIGNING_ALGORITHMS:
+                raise ConfigError(f"{t.key('signingalgorithms')}: {alg!r} is not one of "
+                                  f"{', '.join(SIGNING_ALGORITHMS)}")
+        t.refuse("jwks", why="put the signing certificates in rootcertbundle")
+        token = TokenConfig(**values, autoredirect=t.flag("autoredirect", False),
+                            autoredirectpath=t.string("autoredirectpath", "/auth/token") or "/auth/token",
+                            signingalgorithms=algorithms)
+        t.done()
+        auth = AuthConfig(token=token)
+    s.done()
+    return auth if auth.htpasswd or auth.token else None
+
+
+def _access(s: Section, auth: AuthConfig | None) -> AccessConfig:
+    anonymous_pull = s.flag("anonymous_pull", False)
+    items = s.take("rules", []) or []
+    if not isinstance(items, list):
+        raise ConfigError(f"{s.key('rules')}: expected a list of rules")
+    rules = []
+    for i, item in enumerate(items):
+        r = Section(item, f"{s.key('rules')}[{i}]")
+        patterns = tuple(_pattern(p, r.key("repositories")) for p in r.strings("repositories"))
+        if not patterns:
+            raise ConfigError(f"{r.key('repositories')}: every rule needs repository patterns")
+        users = {a: r.strings(a) if r.has(a) else None for a in ACTIONS}
+        r.done()
+        rules.append(AccessRule(repositories=patterns, **users))
+    s.done()
+    access = AccessConfig(anonymous_pull=anonymous_pull, rules=tuple(rules))
+    if auth is None and access != AccessConfig():
+        raise ConfigError("access: access rules need auth (auth.htpasswd or auth.token): "
+                          "without it every client is anonymous and may do everything")
+    return access
+
+
+def _limits(s: Section) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        manifest_size=parse_size(s.take("manifest_size", d.manifest_size), s.key("manifest_size")),
+        uploads_per_client=s.integer("uploads_per_client", d.uploads_per_client),
+        body_timeout=s.duration("body_timeout", d.body_timeout),
+        header_size=parse_size(s.take("header_size", d.header_size), s.key("header_size")),
+        headers=s.integer("headers", d.headers, minimum=16),
+    )
+    if limits.body_timeout <= 0:
+        raise ConfigError(f"{s.key('body_timeout')}: expected a duration above 0")
+    if limits.manifest_size < 1024 or limits.header_size < 1024:
+        key = "manifest_size" if limits.manifest_size < 1024 else "header_size"
+        raise ConfigError(f"{s.key(key)}: expected at least 1KiB")
+    s.done()
+    return limits
 
 
 def _upstream(s: Section, index: int) -> UpstreamConfig:
@@ -602,11 +797,14 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis,
     # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
     s.ignore("health", "redis", "validation", "compatibility")
-    s.refuse("auth", why="htpasswd and token auth arrive with issue 7")
+    auth = _auth(s.section("auth"))
+    access = _access(s.section("access"), auth)
+    limits = _limits(s.section("limits"))
     s.refuse("notifications", why="notifications arrive with issue 9")
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
-                  private=private, metrics=metrics, warnings=tuple(warnings or ()))
+                  private=private, metrics=metrics, auth=auth, access=access, limits=limits,
+                  warnings=tuple(warnings or ()))
 
 
 def _check_unique(upstreams: list[UpstreamConfig]) -> None:

@@ -17,6 +17,7 @@ access = logging.getLogger("mirror.access")
 # What a request learned on its way, for its access-log line.
 REQUEST_ID = web.RequestKey("request_id", str)
 REPOSITORY = web.RequestKey("repository", str)
+USER = web.RequestKey("user", str)  # who authenticated (htpasswd user, token subject)
 CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale | private
 SERVED_BYTES = web.RequestKey("served_bytes", int)  # manifest or blob body bytes sent
 
@@ -72,6 +73,7 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs,
             "repository": request.get(REPOSITORY),
+            "user": request.get(USER),
             "status": response.status,
             "bytes": _body_bytes(request, response),
             "duration_ms": round(duration * 1000, 3),

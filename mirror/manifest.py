@@ -46,14 +46,14 @@ class ParsedManifest:
     annotations: dict[str, str] | None = None
 
 
-async def read_manifest(stream: StreamReader, declared_length: int | None) -> bytes | None:
-    """A manifest body read whole (it is small by definition); None past MAX_MANIFEST."""
-    if (declared_length or 0) > MAX_MANIFEST:
+async def read_manifest(stream: StreamReader, declared_length: int | None, limit: int = MAX_MANIFEST) -> bytes | None:
+    """A manifest body read whole (it is small by definition); None past `limit` bytes."""
+    if (declared_length or 0) > limit:
         return None
     body = bytearray()
     async for chunk in stream.iter_chunked(65536):
         body += chunk
-        if len(body) > MAX_MANIFEST:
+        if len(body) > limit:
             return None
     return bytes(body)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from mirror import manifest as manifests_
 from mirror import mediatypes
 from mirror.cache.blobs import BlobCache, Flight
@@ -213,3 +215,6 @@ class Registry:
             return False
         await self.blobs.link(route.local, digest)
         return True
+
+
+REGISTRY = web.AppKey("registry", Registry)  # the app's one Registry (mirror/app.py sets it at startup)

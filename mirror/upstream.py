@@ -111,8 +111,9 @@ def _kind(path: str) -> str:
 
 class UpstreamClient:
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, max_manifest: int = MAX_MANIFEST) -> None:
         self.config = config
+        self.max_manifest = max_manifest
         self.name = config.name
         self.metrics = metrics or Metrics([config.name])
         self.base = URL(config.url)
@@ -134,9 +135,9 @@ class UpstreamClient:
         async with await self.request("GET", name, f"manifests/{reference}",
                                       {"Accept": MANIFEST_ACCEPT}) as resp:
             self._check(resp)
-            body = await read_manifest(resp.content, resp.content_length)
+            body = await read_manifest(resp.content, resp.content_length, self.max_manifest)
             if body is None:
-                raise UpstreamError(self.name, f"manifest larger than {MAX_MANIFEST} bytes")
+                raise UpstreamError(self.name, f"manifest larger than {self.max_manifest} bytes")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
             return FetchedManifest(body, media_type, resp.headers.get("Docker-Content-Digest"))
 

@@ -38,6 +38,22 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert r.returncode == 2 and "storage.filesystem.rootdir" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_check_config_and_serve_load_the_files_auth_and_tls_name(tmp_path: Path) -> None:
+    cases = {
+        "auth: {htpasswd: {realm: r, path: %s/absent}}": r"auth.htpasswd.path: cannot read",
+        "auth: {token: {realm: r, service: s, issuer: i, rootcertbundle: %s/absent.pem}}":
+            "auth.token.rootcertbundle: cannot read",
+        "http: {tls: {certificate: %s/c.pem, key: %s/k.pem}}": "http.tls.certificate/key: cannot load",
+    }
+    for text, message in cases.items():
+        config = tmp_path / "config.yml"
+        config.write_text(f"version: 0.1\nstorage: {{filesystem: {{rootdirectory: {tmp_path}/data}}}}\n"
+                          + text.replace("%s", str(tmp_path)) + "\n")
+        for args in (("check-config", str(config)), ("serve", "--config", str(config))):
+            r = run(*args)
+            assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 def test_check_config_accepts_the_default_and_a_seed_config(tmp_path: Path) -> None:
     assert run("check-config").returncode == 0
     seed = tmp_path / "config.yml"

@@ -129,8 +129,31 @@ def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
         ("version: 0.1\nstorage: {oss: {accesskeyid: a, accesskeysecret: s, region: r, bucket: b, colour: red}}\n",
          r"storage\.oss\.colour: unknown"),
         ("version: 0.1\nstorage: {redirect: {disable: false}}\n", r"storage\.redirect"),
-        ("version: 0.1\nauth: {htpasswd: {realm: r, path: /p}}\n", r"^auth: not supported"),
-        ("version: 0.1\nhttp: {addr: ':5000', tls: {certificate: c}}\n", r"http\.tls"),
+        ("version: 0.1\nauth: {silly: {realm: r, service: s}}\n", r"^auth\.silly: not supported"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p}, token: {realm: r}}\n", r"^auth: configure one"),
+        ("version: 0.1\nauth: {htpasswd: {realm: r}}\n", r"^auth\.htpasswd\.path: required"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p, colour: red}}\n", r"^auth\.htpasswd\.colour: unknown"),
+        ("version: 0.1\nauth: {token: {realm: r, service: s, issuer: i}}\n", r"^auth\.token\.rootcertbundle"),
+        ("version: 0.1\nauth: {token: {realm: r, service: s, issuer: i, rootcertbundle: b, jwks: j}}\n",
+         r"^auth\.token\.jwks: not supported"),
+        ("version: 0.1\nauth: {token: {realm: r, service: s, issuer: i, rootcertbundle: b, "
+         "signingalgorithms: [HS256]}}\n", r"^auth\.token\.signingalgorithms"),
+        ("version: 0.1\nauth: {ldap: {}}\n", r"^auth\.ldap: unknown"),
+        ("version: 0.1\nhttp: {addr: ':5000', tls: {certificate: c}}\n", r"http\.tls\.key: required"),
+        ("version: 0.1\nhttp: {tls: {certificate: c, key: k, minimumtls: tls1.0}}\n", r"http\.tls\.minimumtls"),
+        ("version: 0.1\nhttp: {tls: {certificate: c, key: k, letsencrypt: {email: e}}}\n", r"http\.tls\.letsencrypt"),
+        ("version: 0.1\naccess: {anonymous_pull: true}\n", r"^access: access rules need auth"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p}}\naccess: {rules: [{push: [a]}]}\n",
+         r"^access\.rules\[0\]\.repositories"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p}}\naccess: {rules: [{repositories: [Team]}]}\n",
+         r"^access\.rules\[0\]\.repositories: 'Team'"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p}}\naccess: {rules: [{repositories: [a], pull: 5}]}\n",
+         r"^access\.rules\[0\]\.pull"),
+        ("version: 0.1\nauth: {htpasswd: {path: /p}}\naccess: {rules: [{repositories: [a], write: [x]}]}\n",
+         r"^access\.rules\[0\]\.write: unknown"),
+        ("version: 0.1\nlimits: {body_timeout: 0}\n", r"^limits\.body_timeout"),
+        ("version: 0.1\nlimits: {manifest_size: 10}\n", r"^limits\.manifest_size"),
+        ("version: 0.1\nlimits: {uploads_per_client: -1}\n", r"^limits\.uploads_per_client"),
         ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
         ("- a\n- b\n", r"mapping"),
     ],
@@ -221,3 +244,42 @@ def test_oss_endpoint_and_redirect() -> None:
     assert config.storage.oss is not None and config.storage.oss.url == "http://127.0.0.1:9000"
     assert config.storage.redirect
     assert config.cache.index_dir(config.storage) == "/srv/mirror/_index"
+
+
+def test_tls_auth_access_and_limits() -> None:
+    c = parse({"http": {"addr": ":5443", "tls": {"certificate": "/c.pem", "key": "/k.pem", "clientcas": ["/ca.pem"]}},
+               "auth": {"htpasswd": {"realm": "basic", "path": "/etc/mirror/htpasswd"}},
+               "access": {"anonymous_pull": True, "rules": [
+                   {"repositories": ["team/**"], "push": ["alice", "ci"], "delete": ["alice"]},
+                   {"repositories": ["public/*"], "pull": ["*", "anonymous"]}]},
+               "limits": {"manifest_size": "1MiB", "uploads_per_client": 4, "body_timeout": "30s",
+                          "header_size": "16KiB", "headers": 64}})
+    assert c.http.tls is not None and c.http.tls.clientcas == ("/ca.pem",) and c.http.tls.minimumtls == "tls1.2"
+    assert c.auth is not None and c.auth.htpasswd is not None and c.auth.token is None
+    assert (c.auth.htpasswd.realm, c.auth.htpasswd.path) == ("basic", "/etc/mirror/htpasswd")
+    assert c.access.anonymous_pull is True
+    team, public = c.access.rules
+    assert (team.repositories, team.pull, team.push, team.delete) == (("team/**",), None, ("alice", "ci"), ("alice",))
+    assert public.users("pull") == ("*", "anonymous")
+    assert (c.limits.manifest_size, c.limits.uploads_per_client, c.limits.body_timeout) == (1 << 20, 4, 30)
+    assert (c.limits.header_size, c.limits.headers) == (16 << 10, 64)
+    default = parse({})
+    assert default.auth is None and default.http.tls is None and default.limits.manifest_size == 4 << 20
+
+
+def test_token_auth_keys_and_registry_env(tmp_path: Path) -> None:
+    env = {"REGISTRY_HTTP_TLS_CERTIFICATE": "/certs/domain.crt", "REGISTRY_HTTP_TLS_KEY": "/certs/domain.key",
+           "REGISTRY_AUTH_TOKEN_REALM": "https://auth.example/token", "REGISTRY_AUTH_TOKEN_SERVICE": "registry",
+           "REGISTRY_AUTH_TOKEN_ISSUER": "issuer", "REGISTRY_AUTH_TOKEN_ROOTCERTBUNDLE": "/certs/bundle.pem",
+           "REGISTRY_AUTH_TOKEN_AUTOREDIRECT": "true"}
+    c = load(write(tmp_path, "version: 0.1\n"), env)
+    assert c.http.tls is not None and (c.http.tls.certificate, c.http.tls.key) == ("/certs/domain.crt",
+                                                                                  "/certs/domain.key")
+    assert c.auth is not None and c.auth.token is not None
+    t = c.auth.token
+    assert (t.realm, t.service, t.issuer, t.rootcertbundle) == ("https://auth.example/token", "registry", "issuer",
+                                                                "/certs/bundle.pem")
+    assert t.autoredirect and t.autoredirectpath == "/auth/token" and "ES256" in t.signingalgorithms
+    c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_AUTH_HTPASSWD_REALM": "r",
+                                                   "REGISTRY_AUTH_HTPASSWD_PATH": "/h"})
+    assert c.auth is not None and c.auth.htpasswd is not None and c.auth.htpasswd.path == "/h"

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from mirror.config import LimitsConfig
 from mirror.logs import REPOSITORY
-from mirror.registry import Registry
+from mirror.registry import REGISTRY, Registry
 from mirror.routing import Route
 
-REGISTRY = web.AppKey("registry", Registry)
+__all__ = ["LIMITS", "REGISTRY", "ClientStalled", "body", "push_route", "route"]
+
+log = logging.getLogger("mirror.api")
+LIMITS = web.AppKey("limits", LimitsConfig)
+BODY_CHUNK = 1 << 20
+
+
+class ClientStalled(ConnectionResetError):
+    """The client sent nothing of a request body for limits.body_timeout: its connection is cut
+    (what an upload received so far stays, reported by its Range)."""
 
 
 def route(request: web.Request) -> tuple[Registry, Route]:
@@ -29,6 +41,19 @@ async def push_route(request: web.Request) -> tuple[Registry, Route]:
     return registry, r
 
 
-def body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives, never whole in memory."""
-    return request.content.iter_chunked(1 << 20)
+async def body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never whole in memory; a stall of limits.body_timeout cuts
+    the connection."""
+    seconds = request.app[LIMITS].body_timeout
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                chunk = await request.content.read(BODY_CHUNK)
+        except TimeoutError:
+            log.info("%s %s: no body bytes for %.0fs from %s, cutting", request.method, request.path, seconds,
+                     request.remote)
+            # the errors middleware cuts the connection once the handler kept what arrived
+            raise ClientStalled(f"no request body bytes for {seconds:.0f}s") from None
+        if not chunk:
+            return
+        yield chunk

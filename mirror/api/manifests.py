@@ -1,10 +1,10 @@
 from aiohttp import web
 
 from mirror import mediatypes
-from mirror.api.context import push_route, route
+from mirror.api.context import LIMITS, push_route, route
 from mirror.errors import RegistryError
 from mirror.logs import CACHE, SERVED_BYTES
-from mirror.manifest import MAX_MANIFEST, read_manifest
+from mirror.manifest import read_manifest
 from mirror.names import parse_reference
 
 
@@ -31,9 +31,10 @@ async def put_manifest(request: web.Request) -> web.Response:
     """PUT /v2/<name>/manifests/<tag|digest>."""
     registry, r = await push_route(request)
     reference = parse_reference(request.match_info["reference"])
-    body = await read_manifest(request.content, request.content_length)
+    limit = request.app[LIMITS].manifest_size
+    body = await read_manifest(request.content, request.content_length, limit)
     if body is None:
-        raise RegistryError("TOO_LARGE", f"manifests are limited to {MAX_MANIFEST} bytes")
+        raise RegistryError("TOO_LARGE", f"manifests are limited to {limit} bytes (limits.manifest_size)")
     pushed = await registry.put_manifest(r, reference, body, request.headers.get("Content-Type"))
     headers = {"Location": f"/v2/{r.local}/manifests/{pushed.digest}", "Docker-Content-Digest": pushed.digest}
     if pushed.subject:

@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from mirror.api.context import body, push_route
+from mirror.auth import may_pull
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_content_range, parse_digest, parse_name, parse_upload_id
 from mirror.uploads import range_headers
@@ -32,7 +33,8 @@ async def start_upload(request: web.Request) -> web.Response:
     if mount:
         digest = parse_digest(mount)
         source = request.query.get("from")
-        if source and await registry.mount(r, digest, parse_name(source)):
+        # A source the caller may not pull is not mountable (no leak whether it holds the blob).
+        if source and may_pull(request, source) and await registry.mount(r, digest, parse_name(source)):
             return _created(r.local, digest)
         # Not mountable: a plain upload session, as the spec asks.
     elif "digest" in request.query:

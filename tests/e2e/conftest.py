@@ -12,6 +12,7 @@ missing tool is a failure.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,12 @@ def mirror_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
     """`make(config, port=None)` -> a started mirror with fresh storage; all stopped at teardown."""
     started: list[Mirror] = []
 
-    def make(config: dict[str, Any], port: int | None = None, name: str = "mirror") -> Mirror:
+    def make(config: dict[str, Any], port: int | None = None, name: str = "mirror",
+             context: ssl.SSLContext | None = None) -> Mirror:
         for other in started:  # one mirror per port at a time (dockerd's port is fixed)
             if other.port == port:
                 other.stop()
-        m = Mirror(tmp_path / f"{name}-{len(started)}", config, port=port, name=name)
+        m = Mirror(tmp_path / f"{name}-{len(started)}", config, port=port, name=name, context=context)
         started.append(m)
         _track(request, m)
         return m.start()

@@ -4,7 +4,9 @@ anonymously from the mirror."""
 
 from __future__ import annotations
 
+import base64
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -131,3 +133,58 @@ def test_token_auth_wrong_password(mirror_factory: Callable[..., Mirror],
     assert_clear_auth_error(mirror)
     assert any(t["status"] == 401 for t in ts.requests()), ts.requests()
     assert not up.requests(method="GET", contains="/blobs/sha256:")
+
+
+# --- credentials never leak ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["basic", "token"])
+def test_upstream_credentials_never_in_logs_errors_or_metrics(
+        kind: str, mirror_factory: Callable[..., Mirror], upstream_clone: Callable[..., Distribution],
+        layouts: dict[str, Layout], tmp_path: Path) -> None:
+    """After a failing and a succeeding upstream login (debug logging on), neither password (nor
+    its Basic encoding) is in the mirror's output, in any answer it gave, or in /metrics."""
+    user, password, wrong = "leak-user", f"right-{uuid.uuid4().hex}", f"wrong-{uuid.uuid4().hex}"
+    if kind == "basic":
+        up = upstream_clone(htpasswd_config(tmp_path / "htpasswd", {user: password}), name="basic-upstream")
+    else:
+        ts = TokenServerProc(tmp_path / "ts", {user: password}).start()
+        try:
+            up = upstream_clone(ts.distribution_auth(), name="token-upstream")
+        except BaseException:
+            ts.stop()
+            raise
+    try:
+        secrets = [s.encode() for s in (password, wrong)]
+        secrets += [base64.b64encode(f"{user}:{p}".encode()) for p in (password, wrong)]
+        answers: list[bytes] = []
+        mirrors = []
+        for pw, proxy_style in ((wrong, False), (password, True)):
+            config = {"version": 0.1, "log": {"level": "debug"},
+                      "proxy": {"remoteurl": up.url, "username": user, "password": pw}} if proxy_style else \
+                mirror_config(up.url, username=user, password=pw)
+            config["log"] = {"level": "debug"}
+            mirror = mirror_factory(config)
+            mirrors.append(mirror)
+            for path in ("/v2/library/small/manifests/latest", "/v2/library/small/tags/list",
+                         f"/v2/library/small/blobs/{layouts['small'].image().config.digest}"):
+                r = http("GET", mirror.url + path, {"Accept": MANIFEST_ACCEPT}, timeout=30)
+                answers.append(r.body + str(dict(r.headers)).encode())
+            if pw == password:
+                pull_small(mirror, layouts["small"], tmp_path / "pulled")
+            else:
+                assert_clear_auth_error(mirror)
+            metrics = http("GET", f"{mirror.url}/metrics")
+            assert metrics.status == 200
+            answers.append(metrics.body)
+        for mirror in mirrors:
+            mirror.stop()
+            output = mirror.proc.stdout_path.read_bytes() + mirror.proc.stderr_path.read_bytes()
+            assert b"upstream" in output  # the log is there, and it talks about the upstream
+            for secret in secrets:
+                assert secret not in output, f"{secret!r} in {mirror.proc.stdout_path}"
+        for answer in answers:
+            for secret in secrets:
+                assert secret not in answer
+    finally:
+        if kind == "token":
+            ts.stop()

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,12 +73,14 @@ class HttpResult:
 
 
 def http(method: str, url: str, headers: Mapping[str, str] | None = None, data: bytes | None = None,
-         timeout: float = 10.0) -> HttpResult:
-    """One request to a loopback URL; HTTP errors are results, not exceptions."""
-    assert url.startswith(("http://127.0.0.1:", "http://localhost:")), url
+         timeout: float = 10.0, context: ssl.SSLContext | None = None) -> HttpResult:
+    """One request to a loopback URL (https with `context`); HTTP errors are results, not exceptions."""
+    assert url.startswith(("http://127.0.0.1:", "http://localhost:", "https://127.0.0.1:", "https://localhost:")), url
     req = urllib.request.Request(url, method=method, headers=dict(headers or {}), data=data)
+    opener = _OPENER if context is None else urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     try:
-        with _OPENER.open(req, timeout=timeout) as r:
+        with opener.open(req, timeout=timeout) as r:
             return HttpResult(r.status, r.headers, r.read())
     except urllib.error.HTTPError as e:
         with e:
@@ -218,11 +221,12 @@ def run(argv: Sequence[str | Path], timeout: float, env: Mapping[str, str] | Non
     return result
 
 
-def registry_ready(url: str, statuses: Iterable[int] = (200,)) -> Callable[[], bool]:
+def registry_ready(url: str, statuses: Iterable[int] = (200,),
+                   context: ssl.SSLContext | None = None) -> Callable[[], bool]:
     allowed = set(statuses)
 
     def check() -> bool:
-        r = http("GET", f"{url}/v2/", timeout=2)
+        r = http("GET", f"{url}/v2/", timeout=2, context=context)
         return r.status in allowed and r.headers.get("Docker-Distribution-API-Version") == "registry/2.0"
 
     return check
@@ -243,9 +247,11 @@ class RegistryProc:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    context: ssl.SSLContext | None = None  # https: how a test client trusts the server (and who it is)
+
     def start(self, timeout: float = 30.0) -> Self:
         self.proc.start()
-        self.proc.wait_ready(registry_ready(self.url, self.ready_statuses), timeout)
+        self.proc.wait_ready(registry_ready(self.url, self.ready_statuses, self.context), timeout)
         return self
 
     def stop(self) -> int | None:
@@ -259,9 +265,16 @@ class RegistryProc:
 # --- the mirror ------------------------------------------------------------------------------------
 
 class Mirror(RegistryProc):
-    """`python -m mirror serve` on a fixed port and storage; stop() and start() again keep both."""
+    """`python -m mirror serve` on a fixed port and storage; stop() and start() again keep both.
 
-    def __init__(self, tmp: Path, config: dict[str, Any], port: int | None = None, name: str = "mirror") -> None:
+    With `http.tls` in the config the mirror serves https and `context` (the test's client side)
+    must trust it; with `auth` it answers /v2/ with 401 until a client authenticates."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any], port: int | None = None, name: str = "mirror",
+                 context: ssl.SSLContext | None = None) -> None:
+        self.context = context
+        self.scheme = "https" if (config.get("http") or {}).get("tls") else "http"
+        self.ready_statuses = (200, 401) if config.get("auth") else (200,)
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -284,6 +297,10 @@ class Mirror(RegistryProc):
         env = {k: v for k, v in env.items() if not k.startswith("REGISTRY_")}
         self.proc = Proc(name, [sys.executable, "-m", "mirror", "serve", "--config", self.config_path],
                          self.dir, env=env, cwd=REPO_ROOT)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def restart(self) -> Mirror:
         self.stop()

@@ -1,0 +1,232 @@
+"""Authentication (htpasswd or token, as registry:2) and our access rules, decided per request by
+one middleware from the route table: which resource and action a request needs, who the caller
+is, and whether that caller may. Handlers never look at credentials; two of them ask here:
+cross-repository mounts (may the caller pull `from`?) and the catalog (which names may it see?).
+
+Answers: no or bad credentials -> 401 UNAUTHORIZED with the scheme's challenge; a caller who is
+known but may not -> 403 DENIED (with token auth also a challenge carrying
+error="insufficient_scope", as RFC 6750 asks, so the client knows which scope it lacked).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.auth.access import AccessRules
+from mirror.auth.htpasswd import Htpasswd
+from mirror.auth.token import Grants, InvalidToken, TokenVerifier
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.logs import USER
+from mirror.registry import REGISTRY
+
+log = logging.getLogger("mirror.auth")
+
+# What the token must grant for each of our actions (distribution asks pull and push for pushes).
+TOKEN_ACTIONS = {"pull": ("pull",), "push": ("pull", "push"), "delete": ("delete",)}
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
+EMPTY_BASIC = "Og=="  # base64(":"): skopeo and podman send it after a Basic challenge when they have no credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: str | None  # None: did not authenticate
+    grants: Grants | None = None  # token auth: what the token allows
+
+
+ANONYMOUS = Caller(None)
+CALLER = web.RequestKey("caller", Caller)
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What a request needs: `base` (any authenticated caller: /v2/, /metrics), `catalog`, or an
+    `action` on repository `name` (as in the URL)."""
+
+    kind: str
+    name: str = ""
+    action: str = ""
+
+    def scope(self) -> str:
+        if self.kind == "catalog":
+            return "registry:catalog:*"
+        if self.kind == "repository":
+            return f"repository:{self.name}:{','.join(TOKEN_ACTIONS[self.action])}"
+        return ""
+
+
+def is_upload_route(request: web.Request) -> bool:
+    """The request matched a route of mirror/api/uploads.py (the module name: importing the
+    handlers here would be an import cycle)."""
+    return getattr(request.match_info.handler, "__module__", "") == "mirror.api.uploads"
+
+
+def need(request: web.Request, metrics_path: str | None) -> Need | None:
+    """The resource and action of a request, from the route it matched (None: no route, 404)."""
+    info = request.match_info
+    if info.http_exception is not None:
+        return None
+    name = info.get("name")
+    if name is not None:
+        if is_upload_route(request):
+            action = "push"  # every step of an upload, its status and cancel too
+        elif request.method in WRITE_METHODS:
+            action = "push"
+        else:
+            action = "delete" if request.method == "DELETE" else "pull"
+        return Need("repository", name, action)
+    if request.path == "/v2/_catalog":
+        return Need("catalog")
+    if request.path == "/v2/" or request.path == metrics_path:
+        return Need("base")
+    return None
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class Gate:
+    """The per-request decision: authenticate, then authorize against the token and the rules."""
+
+    def __init__(self, config: Config) -> None:
+        assert config.auth is not None
+        self.htpasswd = Htpasswd(config.auth.htpasswd.path) if config.auth.htpasswd else None
+        self.realm = config.auth.htpasswd.realm if config.auth.htpasswd else ""
+        self.token_config = config.auth.token
+        self.tokens = TokenVerifier(config.auth.token) if config.auth.token else None
+        self.rules = AccessRules(config.access)
+        metrics = config.metrics
+        self.metrics_path = metrics.path if metrics.enabled and metrics.addr is None else None
+
+    # --- who ----------------------------------------------------------------------------------
+
+    async def authenticate(self, request: web.Request, need: Need) -> Caller:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credentials = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if self.tokens is not None:
+            if scheme != "bearer" or not credentials.strip():
+                return ANONYMOUS
+            try:
+                grants = self.tokens.verify(credentials.strip())
+            except InvalidToken as e:
+                raise self.unauthorized(request, need, str(e), "invalid_token") from None
+            # A token for nobody (what token servers give clients without credentials) is anonymous:
+            # the access section alone decides what anonymous clients may do.
+            return Caller(grants.subject, grants) if grants.subject else ANONYMOUS
+        assert self.htpasswd is not None
+        credentials = credentials.strip()
+        if scheme != "basic" or credentials == EMPTY_BASIC:
+            return ANONYMOUS
+        try:
+            user = await self.htpasswd.check_basic(credentials)
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
+            raise self.unauthorized(request, need, "malformed Basic credentials") from None
+        if user is None:
+            log.info("authentication failed from %s", request.remote)
+            raise self.unauthorized(request, need, "invalid username or password")
+        return Caller(user)
+
+    # --- may they -----------------------------------------------------------------------------
+
+    def authorize(self, request: web.Request, caller: Caller, need: Need) -> None:
+        if need.kind == "repository":
+            if not self.token_allows(caller, need.name, need.action):
+                raise self.denied(request, need, f"the token does not grant {need.scope()}")
+            if not self.rules_allow(request, caller, need.name, need.action):
+                if caller.user is None:
+                    raise self.unauthorized(request, need, "authentication required")
+                raise self.denied(request, need, f"{caller.user or 'this token'} may not {need.action} {need.name}")
+            return
+        if caller.user is None:
+            raise self.unauthorized(request, need, "authentication required")
+        if need.kind == "catalog" and caller.grants is not None and \
+                not caller.grants.allows("registry", "catalog", "*"):
+            raise self.denied(request, need, "the token does not grant registry:catalog:*")
+
+    def token_allows(self, caller: Caller, name: str, action: str) -> bool:
+        grants = caller.grants
+        if caller.user is None or grants is None:
+            return True  # htpasswd, or no token: the rules decide
+        return all(grants.allows("repository", name, a) for a in TOKEN_ACTIONS[action])
+
+    def rules_allow(self, request: web.Request, caller: Caller, name: str, action: str) -> bool:
+        if caller.user is not None and not self.rules.config.rules:
+            return True  # registry:2: an authenticated user may do anything
+        route = request.app[REGISTRY].route(name, request.query.get("ns"))
+        return self.rules.allows(caller.user, route.local, action, proxied=not route.private)
+
+    def may(self, request: web.Request, name: str, action: str) -> bool:
+        """The same decision without raising (cross-repository mount sources)."""
+        caller = request.get(CALLER, ANONYMOUS)
+        return self.token_allows(caller, name, action) and self.rules_allow(request, caller, name, action)
+
+    def visible(self, request: web.Request, names: list[str]) -> list[str]:
+        """Catalog names (local) the caller may pull."""
+        caller = request.get(CALLER, ANONYMOUS)
+        if caller.user is not None and not self.rules.config.rules:
+            return names
+        router = request.app[REGISTRY].router
+        return [n for n in names if self.rules.allows(caller.user, n, "pull", proxied=not router.is_private(n))]
+
+    # --- answers ------------------------------------------------------------------------------
+
+    def challenge(self, request: web.Request, need: Need, error: str | None = None) -> str:
+        if self.token_config is None:
+            return f'Basic realm="{_quote(self.realm)}"'
+        t = self.token_config
+        if t.autoredirect:  # as distribution: the realm follows the Host the client used
+            scheme = request.headers.get("X-Forwarded-Proto") or "https"
+            realm = f"{scheme}://{request.host}{t.autoredirectpath}"
+        else:
+            realm = t.realm
+        value = f'Bearer realm="{_quote(realm)}",service="{_quote(t.service)}"'
+        if need.scope():
+            value += f',scope="{_quote(need.scope())}"'
+        if error:
+            value += f',error="{error}"'
+        return value
+
+    def unauthorized(self, request: web.Request, need: Need, message: str, error: str | None = None) -> RegistryError:
+        return RegistryError("UNAUTHORIZED", message,
+                             headers={"WWW-Authenticate": self.challenge(request, need, error)})
+
+    def denied(self, request: web.Request, need: Need, message: str) -> RegistryError:
+        headers = {}
+        if self.token_config is not None:
+            headers["WWW-Authenticate"] = self.challenge(request, need, "insufficient_scope")
+        return RegistryError("DENIED", message, headers=headers)
+
+
+GATE = web.AppKey("gate", Gate)
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate and authorize every request before its handler runs."""
+    gate = request.app[GATE]
+    required = need(request, gate.metrics_path)
+    if required is None:
+        return await handler(request)
+    caller = await gate.authenticate(request, required)
+    if caller.user is not None:
+        request[USER] = caller.user
+    gate.authorize(request, caller, required)
+    request[CALLER] = caller
+    return await handler(request)
+
+
+def may_pull(request: web.Request, name: str) -> bool:
+    """May the caller pull `name` (a mount's `from`)? Always, without auth."""
+    gate = request.app.get(GATE)
+    return gate is None or gate.may(request, name, "pull")
+
+
+def visible(request: web.Request, names: list[str]) -> list[str]:
+    gate = request.app.get(GATE)
+    return names if gate is None else gate.visible(request, names)
