@@ -107,8 +107,16 @@ class Storage(abc.ABC):
     async def move(self, src: str, dst: str) -> None: ...
 
     @abc.abstractmethod
+    def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        """Every object under `prefix`, at any depth, with its stat (in no particular order)."""
+
     async def usage(self, prefix: str) -> tuple[int, int]:
         """(objects, bytes) under `prefix`, for the storage gauges."""
+        count = size = 0
+        async for _, st in self.scan(prefix):
+            count += 1
+            size += st.size
+        return count, size
 
     def local_path(self, key: str) -> Path | None:
         """A path on local disk holding the object, so it can go out with sendfile."""
@@ -192,8 +200,15 @@ class Observed(Storage):
     async def move(self, src: str, dst: str) -> None:
         await self._timed("move", self.backend.move(src, dst))
 
-    async def usage(self, prefix: str) -> tuple[int, int]:
-        return await self._timed("usage", self.backend.usage(prefix))
+    async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        start = time.perf_counter()
+        try:
+            async for entry in self.backend.scan(prefix):
+                yield entry
+        except Exception:
+            self.observe("scan", time.perf_counter() - start, True)
+            raise
+        self.observe("scan", time.perf_counter() - start, False)
 
     def local_path(self, key: str) -> Path | None:
         return self.backend.local_path(key)

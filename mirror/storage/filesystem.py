@@ -154,19 +154,21 @@ class FilesystemStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    async def usage(self, prefix: str) -> tuple[int, int]:
-        def walk() -> tuple[int, int]:
-            count = size = 0
+    async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        def walk() -> list[tuple[str, Stat]]:
+            found = []
             for dirpath, _, files in os.walk(self.path(prefix)):
                 for name in files:
+                    path = os.path.join(dirpath, name)
                     try:
-                        size += os.stat(os.path.join(dirpath, name)).st_size
-                        count += 1
+                        st = os.stat(path)
                     except FileNotFoundError:
-                        pass
-            return count, size
+                        continue
+                    found.append((os.path.relpath(path, self.root), Stat(st.st_size, st.st_mtime)))
+            return found
 
-        return await asyncio.to_thread(walk)
+        for entry in await asyncio.to_thread(walk):
+            yield entry
 
     async def delete(self, key: str) -> None:
         path = self.path(key)

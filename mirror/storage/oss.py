@@ -194,9 +194,9 @@ class OssStorage(Storage):
         names.discard("")
         return sorted(names)
 
-    async def usage(self, prefix: str) -> tuple[int, int]:
-        infos = await self._keys(self.key(prefix) + "/")
-        return len(infos), sum(info.size for info in infos)
+    async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        for info in await self._keys(self.key(prefix) + "/"):
+            yield info.key[len(self.prefix):], Stat(int(info.size), float(info.last_modified))
 
     async def delete(self, key: str) -> None:
         full = self.key(key)

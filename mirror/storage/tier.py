@@ -179,8 +179,8 @@ class HotTier(Storage):
     async def list(self, prefix: str) -> list[str]:
         return await self.backend.list(prefix)
 
-    async def usage(self, prefix: str) -> tuple[int, int]:
-        return await self.backend.usage(prefix)
+    def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        return self.backend.scan(prefix)
 
     async def delete(self, key: str) -> None:
         await self.backend.delete(key)

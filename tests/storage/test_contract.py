@@ -50,6 +50,15 @@ async def test_list_children_and_delete_prefix(storage: Storage) -> None:
     assert await storage.usage("r") == (2, 0)
 
 
+async def test_scan_finds_every_object_below_a_prefix(storage: Storage) -> None:
+    for key, data in (("s/a/1", b"x"), ("s/a/b/2", b"yy"), ("s/3", b""), ("other/4", b"z")):
+        await storage.put_bytes(key, data)
+    found = {key: st.size async for key, st in storage.scan("s")}
+    assert found == {"s/a/1": 1, "s/a/b/2": 2, "s/3": 0}
+    assert [entry async for entry in storage.scan("none")] == []
+    assert await storage.usage("s") == (3, 3)
+
+
 async def test_ranged_reads(storage: Storage) -> None:
     data = os.urandom(3 * MiB + 17)
     await storage.put_bytes("blob", data)
