@@ -30,7 +30,7 @@ CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")
 UPSTREAM_ERRORS = ("connect", "timeout", "5xx", "429", "denied", "digest")
 STORAGE_OPERATIONS = ("stat", "reader", "writer", "commit", "get_bytes", "put_bytes", "put_file", "list", "delete",
-                      "move", "usage")
+                      "move", "scan")
 disable_created_metrics()  # a `_created` twin for every counter series doubles the scrape for nothing
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -80,6 +80,9 @@ class Metrics:
                                      ["upstream"], registry=r)
         self.ratelimit_remaining = Gauge("mirror_upstream_ratelimit_remaining",
                                          "The upstream's ratelimit-remaining header.", ["upstream"], registry=r)
+        self.upstream_backoff = Gauge("mirror_upstream_backoff_seconds",
+                                      "Seconds until requests go to the upstream again after a 429.", ["upstream"],
+                                      registry=r)
 
         self.flight_joiners = Counter("mirror_blob_flight_joiners",
                                       "Blob requests that joined an upstream fetch already in progress.",
@@ -124,6 +127,7 @@ class Metrics:
             self.upstream_retries.labels(up)
             self.upstream_bytes.labels(up)
             self.token_fetches.labels(up)
+            self.upstream_backoff.labels(up)
             # Unknown until the upstream sends the headers (only Docker Hub does): NaN, not 0 headroom.
             self.ratelimit_limit.labels(up).set(float("nan"))
             self.ratelimit_remaining.labels(up).set(float("nan"))
@@ -165,6 +169,10 @@ class Metrics:
         """A new blob is in storage: the gauges move now, the periodic scan keeps them honest."""
         self.storage_blobs.labels(self.backend).inc()
         self.storage_bytes.labels(self.backend).inc(size)
+
+    def blob_removed(self, size: int) -> None:
+        self.storage_blobs.labels(self.backend).dec()
+        self.storage_bytes.labels(self.backend).dec(size)
 
     def storage_call(self, operation: str, seconds: float, failed: bool) -> None:
         if seconds:

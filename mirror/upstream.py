@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -39,6 +41,8 @@ MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
 MAX_REDIRECTS = 5
 MAX_TAG_PAGES = 50
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+BACKOFF_FIRST = 60.0  # seconds without requests after a 429 that says nothing of when to retry
+BACKOFF_MAX = 3600.0
 
 
 class UpstreamError(Exception):
@@ -102,6 +106,20 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), {m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _PARAM.finditer(rest)}
 
 
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date (RFC 9110), bounded to BACKOFF_MAX."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 1.0), BACKOFF_MAX)
+
+
 def _kind(path: str) -> str:
     for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags")):
         if marker in path:
@@ -128,6 +146,12 @@ class UpstreamClient:
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._uses_basic = False
+        self.backoff_until = 0.0  # monotonic: after a 429 no request goes out before this
+        self._backoff = 0.0  # the last back-off, doubled while 429s keep coming
+        self.metrics.upstream_backoff.labels(self.name).set_function(self.backoff_remaining)
+
+    def backoff_remaining(self) -> float:
+        return max(0.0, self.backoff_until - time.monotonic())
 
     # --- public calls ----------------------------------------------------------------------
 
@@ -193,6 +217,10 @@ class UpstreamClient:
         """Send with auth, retries on connect errors and 5xx, and redirects followed safely."""
         url = URL(f"{self.base}/v2/{name}/{suffix}", encoded="?" in suffix)
         scope = f"repository:{name}:pull"
+        wait = self.backoff_remaining()
+        if wait > 0:  # rate limited: asking again now would only count against the limit
+            raise UpstreamError(self.name, f"rate limited (429), backing off for {wait:.0f}s", status=429,
+                                retry_after=str(math.ceil(wait)))
         delay = 0.2
         for attempt in range(1, self.config.retries + 1):
             last = attempt == self.config.retries
@@ -253,6 +281,10 @@ class UpstreamClient:
             self.metrics.upstream_duration.labels(self.name, kind).observe(time.perf_counter() - start)
             self.metrics.upstream_requests.labels(self.name, kind, status_class(resp.status)).inc()
             self._note_ratelimit(resp)
+            if resp.status == 429:
+                self._back_off(resp.headers.get("Retry-After"))
+            elif self._backoff and resp.status < 400:
+                self._backoff = 0.0
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             url = resp.url.join(URL(resp.headers["Location"], encoded=True))
@@ -304,6 +336,16 @@ class UpstreamClient:
                     gauge.labels(self.name).set(float(value.split(";")[0]))
                 except ValueError:
                     pass
+
+    def _back_off(self, retry_after: str | None) -> None:
+        """No requests until the upstream's Retry-After, else for a minute, doubling while 429s keep
+        coming (Docker Hub sends none: its limit is a sliding 6-hour window)."""
+        seconds = _retry_after_seconds(retry_after)
+        if seconds is None:
+            seconds = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
+        self._backoff = seconds
+        self.backoff_until = time.monotonic() + seconds
+        log.warning("upstream %s: rate limited (429), no requests for %.0fs", self.name, seconds)
 
     def _check(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status in (200, 206):
