@@ -6,6 +6,7 @@ table, and refuses unknown keys and bad values with an error naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retries: int = 3  # attempts on connect errors and 5xx
+    mutable_tags: tuple[str, ...] = ()  # tag globs revalidated on every pull (`latest`)
+    immutable_tags: tuple[str, ...] = ()  # tag globs never revalidated once cached (`v*.*.*`)
+    repositories: tuple[str, ...] = ()  # repository globs (upstream names) allowed; () = any
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class CacheConfig:
     content_ttl: float | None = 168 * 3600.0  # proxy.ttl: unused proxied content expires (issue 8)
     directory: str | None = None  # local disk in front of remote storage; default the filesystem root
     hot_size: int = 10 << 30  # bytes of blobs kept on local disk in front of OSS (LRU)
+    max_size: int | None = None  # bytes of storage; past it proxied content is evicted, least recently used first
+    high_watermark: float = 0.95  # eviction starts above this share of max_size...
+    low_watermark: float = 0.85  # ...and stops below this one
+    min_idle: float = 600.0  # content used more recently than this is never evicted (pulls in progress)
 
     def local_dir(self, storage: StorageConfig) -> Path:
         """Where the index, staging files and the hot tier live on this machine."""
@@ -279,6 +287,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_CACHE_MEMORY": ("cache", "memory"),
     "REGISTRY_CACHE_DIRECTORY": ("cache", "directory"),
     "REGISTRY_CACHE_HOT_SIZE": ("cache", "hot_size"),
+    "REGISTRY_CACHE_MAX_SIZE": ("cache", "max_size"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 
@@ -327,12 +336,12 @@ def _select_driver(raw: dict[str, Any], driver: str) -> None:
 
 # --- value parsers -----------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: Any, key: str) -> float:
-    """Go-style durations (`168h`, `1h30m`, `500ms`) or plain seconds -> seconds."""
+    """Go-style durations (`168h`, `1h30m`, `500ms`; also `30d`) or plain seconds -> seconds."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration like 10s or 168h, got {value!r}")
     if isinstance(value, int | float):
@@ -724,6 +733,7 @@ def _upstream(s: Section, index: int) -> UpstreamConfig:
         read_timeout=s.duration("read_timeout", UpstreamConfig.read_timeout),
         retries=s.integer("retries", UpstreamConfig.retries, minimum=1),
     )
+    up = _tag_policy(s, up)
     s.done()
     return up
 
@@ -752,6 +762,7 @@ def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
         dockerhub=hub,
         tag_ttl=s.duration("tag_ttl", UpstreamConfig.tag_ttl),  # our extension
     )
+    up = _tag_policy(s, up)
     s.done()
     return up, None if ttl is None else parse_duration(ttl, s.key("ttl"))
 
@@ -788,7 +799,13 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
         content_ttl=content_ttl,
         directory=c.string("directory"),
         hot_size=parse_size(c.take("hot_size", CacheConfig.hot_size), c.key("hot_size")),
+        max_size=parse_size(c.take("max_size"), c.key("max_size")) if c.has("max_size") else None,
+        high_watermark=_share(c, "high_watermark", CacheConfig.high_watermark),
+        low_watermark=_share(c, "low_watermark", CacheConfig.low_watermark),
+        min_idle=c.duration("min_idle", CacheConfig.min_idle),
     )
+    if cache.low_watermark >= cache.high_watermark:
+        raise ConfigError(f"cache.low_watermark: must be below cache.high_watermark ({cache.high_watermark})")
     c.done()
 
     private = _private(s.section("private"))
@@ -805,6 +822,26 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
                   warnings=tuple(warnings or ()))
+
+
+def _share(s: Section, name: str, default: float) -> float:
+    value = s.take(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{s.key(name)}: expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _tag_policy(s: Section, up: UpstreamConfig) -> UpstreamConfig:
+    """Our per-upstream extensions: tag globs always/never revalidated, allowed repositories."""
+    policy = {name: s.strings(name) for name in ("mutable_tags", "immutable_tags", "repositories")}
+    for pattern in policy["mutable_tags"] + policy["immutable_tags"]:
+        if not re.fullmatch(r"[\w.*-]+", pattern):
+            raise ConfigError(f"{s.key('mutable_tags')}: {pattern!r} is not a tag pattern")
+    for pattern in policy["repositories"]:
+        if not re.fullmatch(r"[a-z0-9._*/-]+", pattern):
+            raise ConfigError(f"{s.key('repositories')}: {pattern!r} is not a repository name pattern")
+    return dataclasses.replace(up, mutable_tags=policy["mutable_tags"], immutable_tags=policy["immutable_tags"],
+                               repositories=policy["repositories"])
 
 
 def _check_unique(upstreams: list[UpstreamConfig]) -> None:

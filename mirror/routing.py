@@ -11,6 +11,7 @@ is also the name that pulls it again without `?ns=`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -51,14 +52,18 @@ def glob_to_regex(pattern: str) -> str:
     return "".join(out)
 
 
+@functools.cache
+def _patterns(globs: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs)) if globs else None
+
+
 class Router:
     def __init__(self, upstreams: list[Upstream], private: PrivateConfig | None = None,
                  known_private: set[str] | None = None) -> None:
         self.upstreams = upstreams
         config = private or PrivateConfig()
         self.claim_on_push = config.claim_on_push
-        self._private_re = (re.compile("|".join(f"(?:{glob_to_regex(p)})" for p in config.patterns))
-                            if config.patterns else None)
+        self._private_re = _patterns(config.patterns)
         self.known_private = known_private if known_private is not None else set()
         self._routes: dict[tuple[str, str | None], Route] = {}  # the hot path: one dict lookup
         self.default = upstreams[0] if upstreams else None
@@ -110,5 +115,8 @@ class Router:
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
         if up.config.dockerhub and "/" not in remote:
             remote = f"library/{remote}"
+        allowed = _patterns(up.config.repositories)
+        if allowed is not None and not allowed.fullmatch(remote):
+            raise RegistryError("DENIED", f"{remote} is not among the repositories mirrored from {up.config.name}")
         local = f"{up.local_prefix}/{remote}" if up.local_prefix else remote
         return Route(up, remote, parse_name(local))

@@ -437,3 +437,26 @@ async def test_oversized_upstream_manifest_is_refused(upstream, mirror, tmp_path
     r = await client.get("/v2/huge/manifests/latest")
     assert r.status == 502 and "larger than" in (await r.json())["errors"][0]["message"]
     assert not (tmp_path / "data" / "blobs").exists() or not stored_blobs(tmp_path)
+
+
+async def test_tag_policies_and_allowed_repositories(upstream, mirror) -> None:
+    script, _ = upstream
+    for tag in ("latest", "v1.2.3", "stable"):
+        image(script, tag=tag)
+    image(script, repo="someone/app")
+    client = await mirror(tag_ttl="100ms", mutable_tags=["latest"], immutable_tags=["v*.*.*"],
+                          repositories=["library/*"])
+    for tag in ("latest", "v1.2.3", "stable"):
+        assert (await client.get(f"/v2/app/manifests/{tag}")).status == 200
+    before = sum(script.calls.values())
+    assert (await client.get("/v2/app/manifests/latest")).status == 200  # mutable: asked every time
+    assert sum(script.calls.values()) == before + 1
+    await asyncio.sleep(0.2)
+    before = sum(script.calls.values())
+    assert (await client.get("/v2/app/manifests/v1.2.3")).status == 200  # immutable: never again
+    assert sum(script.calls.values()) == before
+    assert (await client.get("/v2/app/manifests/stable")).status == 200  # the TTL as usual
+    assert sum(script.calls.values()) == before + 1
+    r = await client.get("/v2/someone/app/manifests/latest")
+    assert r.status == 403 and (await r.json())["errors"][0]["code"] == "DENIED"
+    assert not any("someone" in call for call in script.calls)

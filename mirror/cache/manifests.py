@@ -7,13 +7,18 @@ Hot path: a tag hit is two dict lookups (tag index, manifest bodies in memory) a
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import functools
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from mirror import mediatypes
 from mirror.cache.index import Index
+from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import Digest
 from mirror.routing import Route
@@ -28,6 +33,23 @@ class Served:
     manifest: Manifest
     cache: str  # hit | miss | revalidated | stale | private
     warning: str | None = None
+
+
+@functools.cache
+def _tag_patterns(globs: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+
+
+def tag_ttl(config: UpstreamConfig, tag: str) -> float:
+    """How long a cached tag is served without asking upstream: `mutable_tags` every time,
+    `immutable_tags` forever, the rest for `tag_ttl`."""
+    mutable = _tag_patterns(config.mutable_tags)
+    if mutable is not None and mutable.match(tag):
+        return 0.0
+    immutable = _tag_patterns(config.immutable_tags)
+    if immutable is not None and immutable.match(tag):
+        return math.inf
+    return config.tag_ttl
 
 
 class ManifestCache:
@@ -51,7 +73,7 @@ class ManifestCache:
 
     async def by_tag(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
-        if entry is not None and time.time() - entry.fetched_at < route.proxy.config.tag_ttl:
+        if entry is not None and time.time() - entry.fetched_at < tag_ttl(route.proxy.config, tag):
             manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
                 return Served(manifest, "hit")
