@@ -18,6 +18,7 @@ from mirror.api import ROUTES
 from mirror.api.context import LIMITS, REGISTRY, ClientStalled
 from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blobs import BlobCache
+from mirror.cache.eviction import Evictor
 from mirror.cache.index import Index
 from mirror.cache.manifests import ManifestCache
 from mirror.config import Config
@@ -39,6 +40,8 @@ METRICS = web.AppKey("metrics", Metrics)
 INDEX_FLUSH_SECONDS = 30.0
 STORAGE_SCAN_SECONDS = 60.0
 STAGING_IDLE_SECONDS = 3600.0
+EVICTION_SECONDS = 600.0
+EPOCH_CHECK_SECONDS = 2.0
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"})
 # aiohttp's default 64 KiB pauses the upstream socket every 128 KiB: cold blobs crawled at a
 # quarter of what the link gives.
@@ -160,14 +163,19 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         Upstream(up, UpstreamClient(up, session, metrics, config.limits.manifest_size), Router.local_prefix(up, i == 0))
         for i, up in enumerate(config.upstreams)
     ]
-    manifest_store = ManifestStore(storage, config.cache.memory, metrics)
     blob_store = BlobStore(storage, index, metrics)
+    manifest_store = ManifestStore(storage, config.cache.memory, blob_store.added)
     blob_cache = BlobCache(blob_store, storage.staging_dir(), metrics)
     registry = Registry(storage, Router(upstreams, config.private), index, manifest_store, blob_store,
                         ManifestCache(manifest_store, index), blob_cache, config.storage.delete_enabled,
                         config.storage.redirect)
     await registry.load_private_names()
     app[REGISTRY] = registry
+    cache = config.cache
+    evictor = Evictor(storage, index, manifest_store, blob_store, registry.router.is_private,
+                      in_use=lambda: blob_cache.flights.keys(), max_size=cache.max_size, ttl=cache.content_ttl,
+                      min_idle=cache.min_idle, high=cache.high_watermark, low=cache.low_watermark)
+    blob_store.on_added = evictor.added
 
     async def purge_uploads() -> None:
         purging = config.storage.uploadpurging
@@ -182,13 +190,27 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     async def flush_index() -> None:
         index.flush()
 
+    epoch = index.epoch()
+
+    async def notice_storage_changes() -> None:
+        nonlocal epoch
+        if index.epoch() != epoch:  # `mirror evict` or `index rebuild` ran: memory may name gone objects
+            epoch = index.epoch()
+            log.info("storage changed behind the server (mirror evict or index rebuild): re-reading it")
+            index.forget_memory()
+            manifest_store.forget_memory()
+            blob_store.forget_memory()
+
     async def clear_staging() -> None:
         await asyncio.to_thread(_clear_staging, storage.staging_dir())
 
     # Listing a whole bucket costs a request per 1,000 blobs: remote storage is counted less often.
     scan_seconds = STORAGE_SCAN_SECONDS * (1 if storage.name == "filesystem" else 10)
     tasks = [_every(scan_seconds, scan_storage), _every(INDEX_FLUSH_SECONDS, flush_index, first=False),
+             _every(EPOCH_CHECK_SECONDS, notice_storage_changes, first=False),
              _every(STAGING_IDLE_SECONDS / 4, clear_staging)]
+    if cache.max_size is not None or cache.content_ttl is not None:
+        tasks.append(asyncio.create_task(_evict_forever(evictor)))
     if config.storage.uploadpurging.enabled:
         tasks.append(_every(config.storage.uploadpurging.interval, purge_uploads))
     metrics_runner = await _metrics_listener(config, metrics)
@@ -206,6 +228,17 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         index.close()
         await storage.close()
+
+
+async def _evict_forever(evictor: Evictor) -> None:
+    """A pass at start, then every EVICTION_SECONDS or as soon as a new blob passes the high watermark."""
+    while True:
+        try:
+            await evictor.run()
+        except Exception:
+            log.exception("eviction pass failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(evictor.wake.wait(), EVICTION_SECONDS)
 
 
 def _every(seconds: float, job: Callable[[], Awaitable[None]], first: bool = True) -> asyncio.Task[None]:

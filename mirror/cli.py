@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from mirror import logs
+from mirror import logs, maintenance
 from mirror.app import create_app
 from mirror.auth import Gate
 from mirror.auth.htpasswd import HtpasswdError
 from mirror.auth.token import TokenSetupError
-from mirror.config import Config, ConfigError, load, parse_duration
+from mirror.config import Config, ConfigError, load, parse_duration, parse_size
 from mirror.gc import GcResult, collect
 from mirror.storage import StorageUnavailable, open_storage
 from mirror.tls import server_context
+
+T = TypeVar("T")
 
 # What the files a config names can be wrong with (certificates, htpasswd, token root bundle).
 FILE_ERRORS = (ConfigError, HtpasswdError, TokenSetupError)
@@ -116,6 +121,81 @@ async def _gc(config: Config, dry_run: bool, grace: float) -> GcResult:
         await storage.close()
 
 
+def _on_storage(config: Config, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run a command's work on storage; a storage failure is a message and exit 2, not a trace."""
+    try:
+        return asyncio.run(work)
+    except StorageUnavailable as e:
+        print(f"mirror: storage error: {e}", file=sys.stderr)
+        return None
+
+
+def du(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logs.setup("warning", config.log.fields)
+    found = _on_storage(config, maintenance.disk_usage(config))
+    if found is None:
+        return 2
+    report, _ = found
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)))
+        return 0
+    print(f"{'REPOSITORY':50} {'KIND':8} {'UPSTREAM':12} {'OBJECTS':>8} {'SIZE':>10}")
+    for r in sorted(report.repositories, key=lambda r: -r.bytes):
+        print(f"{r.name:50} {r.kind:8} {r.upstream or '-':12} {r.objects:>8} {_size(r.bytes):>10}")
+    print(f"\nprivate {_size(report.private_bytes)}, cached {_size(report.cached_bytes)}"
+          + "".join(f" ({name} {_size(n)})" for name, n in sorted(report.by_upstream.items()))
+          + f", unreferenced {_size(report.unreferenced_bytes)}, total {_size(report.total_bytes)}")
+    return 0
+
+
+def evict(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logs.setup("warning", config.log.fields)
+    result = _on_storage(config, maintenance.evict(config, args.older_than, args.max_size, args.dry_run))
+    if result is None:
+        return 2
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, **dataclasses.asdict(result)}))
+        return 0
+    verb = "would evict" if args.dry_run else "evicted"
+    for digest in result.evicted:
+        print(f"{verb} {digest}")
+    print(f"{verb} {len(result.evicted)} objects ({_size(result.evicted_bytes)}; {result.manifests} manifests, "
+          f"{result.dropped_tags} tags); storage {_size(result.usage_before)} -> {_size(result.usage_after)}; "
+          f"kept {result.kept_private} private, {result.kept_recent} used within cache.min_idle")
+    return 0
+
+
+def index(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logs.setup("warning", config.log.fields)
+    result = _on_storage(config, maintenance.rebuild_index(config))
+    if result is None:
+        return 2
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+    else:
+        print(f"index rebuilt from storage: {result.tags} cached tags (revalidated on first use), "
+              f"{result.blobs} blobs")
+    return 0
+
+
+def _size(n: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    step = 0
+    while n >= 1024 ** (step + 1) and step < len(units) - 1:
+        step += 1
+    return f"{n} B" if step == 0 else f"{n / 1024 ** step:.1f} {units[step]}"
+
+
+def _bytes(value: str) -> int:
+    try:
+        return parse_size(value, "size")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
@@ -145,6 +225,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep blobs younger than this (default 1h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=gc)
+    p = sub.add_parser("du", help="storage used by repository and upstream, cached vs private")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=du)
+    p = sub.add_parser("evict", help="remove proxied content not used recently (never private content)")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--older-than", type=_duration, help="evict proxied content unused this long (e.g. 30d)")
+    p.add_argument("--max-size", type=_bytes, help="and evict least recently used until under this size")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=evict)
+    p = sub.add_parser("index", help="the local index (diskcache)")
+    p.add_argument("action", choices=["rebuild"], help="rebuild: recreate it from storage")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=index)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("config", nargs="?")
     p.set_defaults(func=check_config)

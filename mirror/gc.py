@@ -30,7 +30,8 @@ class GcResult:
     dangling_links: int = 0
 
 
-async def _manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
+async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
+    """What a manifest references (config, layers, an index's children); [] for other blobs."""
     try:
         body = await storage.get_bytes(paths.blob(digest))
     except NotFound:
@@ -57,7 +58,7 @@ async def mark(storage: Storage) -> set[str]:
         if str(digest) in marked:
             continue
         marked.add(str(digest))
-        pending.extend(await _manifest_refs(storage, digest))
+        pending.extend(await manifest_refs(storage, digest))
     return marked
 
 

@@ -88,7 +88,9 @@ class Registry:
 
     async def _manifest(self, route: Route, reference: str | Digest) -> Served:
         if not route.private:
-            return await self.manifest_cache.get(route, reference)
+            served = await self.manifest_cache.get(route, reference)
+            self.index.touch_blob(served.manifest.digest)  # its pull is under way: eviction keeps what it references
+            return served
         digest = str(reference) if isinstance(reference, Digest) else await self.manifests.tag(route.local, reference)
         found = await self.manifests.get(route.local, digest) if digest else None
         if found is None:

@@ -6,6 +6,7 @@ pull-through rules on top, and private repositories use these stores directly.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,9 @@ class _Links:
 
 
 class ManifestStore:
-    def __init__(self, storage: Storage, memory: int, metrics: Metrics) -> None:
+    def __init__(self, storage: Storage, memory: int, added: Callable[[int], None]) -> None:
         self.storage = storage
-        self.metrics = metrics
+        self.added = added  # BlobStore.added: bytes entered storage
         self.memory_limit = memory
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
@@ -82,7 +83,7 @@ class ManifestStore:
         d = parse_digest(manifest.digest)
         if await self.storage.stat(paths.blob(d)) is None:
             await self.storage.put_bytes(paths.blob(d), manifest.body)
-            self.metrics.blob_added(len(manifest.body))
+            self.added(len(manifest.body))
         await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
@@ -107,6 +108,18 @@ class ManifestStore:
     async def tags(self, repository: str) -> list[str]:
         return await self.storage.list(paths.tags(repository))
 
+    def forget_memory(self) -> None:
+        """Storage changed behind our back (another process evicted): read it again."""
+        self._memory.clear()
+        self._memory_size = 0
+        self._links = _Links()
+
+    def forget(self, digest: str) -> None:
+        """Drop a manifest from memory (it was evicted from storage)."""
+        old = self._memory.pop(digest, None)
+        if old is not None:
+            self._memory_size -= len(old.body)
+
     def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._memory:
             return
@@ -123,6 +136,16 @@ class BlobStore:
         self.index = index
         self.metrics = metrics
         self._links = _Links()
+        self.on_added: Callable[[int], None] | None = None  # the evictor: storage grew
+
+    def forget_memory(self) -> None:
+        self._links = _Links()
+
+    def added(self, size: int) -> None:
+        """A new blob entered storage (the one place that is said)."""
+        self.metrics.blob_added(size)
+        if self.on_added is not None:
+            self.on_added(size)
 
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(paths.blob(digest))

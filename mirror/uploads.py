@@ -91,7 +91,7 @@ class Uploads:
                     await self.storage.put_bytes(paths.blob(digest), b"")
                 else:
                     await self.storage.move(paths.upload_data(repository, upload_id), paths.blob(digest))
-                self.blobs.metrics.blob_added(size)
+                self.blobs.added(size)
             await self.blobs.link(repository, digest)
             await self._delete(repository, upload_id)
 
@@ -107,7 +107,7 @@ class Uploads:
                 await writer.cancel()
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             await writer.commit()
-        self.blobs.metrics.blob_added(writer.size)
+        self.blobs.added(writer.size)
         await self.blobs.link(repository, digest)
 
     async def cancel(self, repository: str, upload_id: str) -> None:

@@ -277,7 +277,7 @@ class BlobCache:
 
         async def commit(spool: Path) -> None:
             await self.store.storage.put_file(paths.blob(digest), spool)
-            self.metrics.blob_added(flight.received)
+            self.store.added(flight.received)
             await self.store.link(route.local, digest)
             self.store.index.touch_blob(key)
 

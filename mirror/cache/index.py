@@ -1,4 +1,4 @@
-"""The local index in diskcache: tag -> (digest, fetched_at), blob -> last access.
+"""The local index in diskcache: tag -> (digest, fetched_at), blob -> last access (for eviction).
 
 An accelerator only: storage holds the truth (tag files, links), so the index can be deleted
 and rebuilt. Reads go through a dict so the hot path never touches sqlite; blob access times
@@ -48,6 +48,36 @@ class Index:
 
     def touch_blob(self, digest: str) -> None:
         self._access[digest] = time.time()
+
+    def last_access(self, digest: str) -> float | None:
+        """When a blob (or manifest) was last served: pending in memory, else flushed."""
+        at = self._access.get(digest)
+        if at is None:
+            at = self.db.get(("access", digest))
+        return at
+
+    def drop_access(self, digest: str) -> None:
+        self._access.pop(digest, None)
+        self.db.delete(("access", digest))
+
+    def epoch(self) -> int:
+        """Bumped by commands that change storage behind a running server (`mirror evict`, `index
+        rebuild`): a server seeing it move forgets what it remembers in memory."""
+        return int(self.db.get("epoch", 0))
+
+    def bump_epoch(self) -> None:
+        self.db.incr("epoch")
+
+    def clear(self) -> None:
+        """Forget everything (`mirror index rebuild` refills it from storage)."""
+        self._tags.clear()
+        self._access.clear()
+        epoch = self.epoch()
+        self.db.clear()
+        self.db.set("epoch", epoch + 1)
+
+    def forget_memory(self) -> None:
+        self._tags.clear()
 
     def flush(self) -> None:
         pending, self._access = self._access, {}

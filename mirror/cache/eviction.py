@@ -1,0 +1,215 @@
+"""Keeping the cache within its disk. Proxied content unused for `proxy.ttl` is removed, and past
+`cache.high_watermark` of `cache.max_size` the least recently used proxied content goes until
+usage is under `cache.low_watermark`. Pushed (private) content is never evicted, nor anything
+used within `cache.min_idle`: a manifest served that recently keeps everything it references, so
+an image being pulled keeps its layers.
+
+Last use comes from the index (batched access times), else the object's mtime. One pass walks
+storage once (`Census`); the server runs passes in the background, and at once when a new blob
+takes usage past the high watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from mirror.cache.index import Index
+from mirror.gc import manifest_refs
+from mirror.names import Digest, parse_digest
+from mirror.storage import NotFound, Storage, paths
+from mirror.store import BlobStore, ManifestStore
+
+log = logging.getLogger("mirror.cache")
+
+
+@dataclass
+class Census:
+    """What storage holds and who links it, from one walk."""
+
+    blobs: dict[str, tuple[int, float]] = field(default_factory=dict)  # digest -> (size, mtime)
+    private: set[str] = field(default_factory=set)  # digests a private repository links
+    layer_links: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
+    revisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
+    tags: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))  # -> (repo, tag)
+    repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
+
+    @property
+    def total(self) -> int:
+        return sum(size for size, _ in self.blobs.values())
+
+
+async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Census:
+    census = Census()
+    async for key, st in storage.scan("blobs"):
+        parts = key.split("/")  # blobs/<algorithm>/<2 hex>/<hex>
+        if len(parts) == 4:
+            census.blobs[f"{parts[1]}:{parts[3]}"] = (st.size, st.mtime)
+    links: list[tuple[str, str, str]] = []  # (repository, kind, rest of the key)
+    async for key, _ in storage.scan(paths.REPOSITORIES):
+        parts = key.split("/")[1:]
+        mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
+        if not mark:
+            continue
+        name, kind = "/".join(parts[:mark]), parts[mark]
+        census.repositories.setdefault(name, is_private(name))
+        if kind == "_private":
+            census.repositories[name] = True
+        links.append((name, kind, "/".join(parts[mark + 1:])))
+    for name, kind, rest in links:
+        private = census.repositories[name]
+        if kind == "_layers" and rest.count("/") == 1:
+            digest = rest.replace("/", ":")
+            if private:
+                census.private.add(digest)
+            else:
+                census.layer_links[digest].append(name)
+        elif kind == "_manifests" and rest.startswith("revisions/") and rest.count("/") == 2:
+            digest = rest.removeprefix("revisions/").replace("/", ":")
+            if private:
+                census.private.add(digest)
+            else:
+                census.revisions[digest].append(name)
+        elif kind == "_manifests" and rest.startswith("tags/") and not private:
+            tag = rest.removeprefix("tags/")
+            try:
+                digest = (await storage.get_bytes(paths.tag(name, tag))).decode()
+            except NotFound:
+                continue
+            census.tags[digest].append((name, tag))
+    # What a private manifest references is private too (an index's children, shared layers).
+    pending = [parse_digest(d) for d in census.private if d in census.blobs]
+    while pending:
+        for ref in await manifest_refs(storage, pending.pop()):
+            if str(ref) not in census.private:
+                census.private.add(str(ref))
+                pending.append(ref)
+    return census
+
+
+@dataclass
+class EvictionResult:
+    usage_before: int = 0
+    usage_after: int = 0
+    evicted: list[str] = field(default_factory=list)
+    evicted_bytes: int = 0
+    expired: int = 0  # of `evicted`: unused for longer than the TTL
+    manifests: int = 0  # of `evicted`: manifests (their tags dropped too)
+    dropped_tags: int = 0
+    kept_private: int = 0
+    kept_recent: int = 0
+
+
+class Evictor:
+    """One eviction pass at a time over storage, the stores and the index."""
+
+    def __init__(self, storage: Storage, index: Index, manifests: ManifestStore, blobs: BlobStore,
+                 is_private: Callable[[str], bool], in_use: Callable[[], Iterable[str]] = tuple,
+                 max_size: int | None = None, ttl: float | None = None, min_idle: float = 600.0,
+                 high: float = 0.95, low: float = 0.85) -> None:
+        self.storage = storage
+        self.index = index
+        self.manifests = manifests
+        self.blobs = blobs
+        self.is_private = is_private
+        self.in_use = in_use  # digests being fetched right now
+        self.max_size, self.ttl, self.min_idle, self.high, self.low = max_size, ttl, min_idle, high, low
+        self.usage: int | None = None  # bytes in storage: from the last census plus what arrived since
+        self.wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def added(self, size: int) -> None:
+        """Storage grew: past the high watermark, the background pass runs now."""
+        if self.usage is not None:
+            self.usage += size
+            if self.max_size is not None and self.usage > self.max_size * self.high:
+                self.wake.set()
+
+    async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
+                  now: float | None = None) -> EvictionResult:
+        """One pass: expire what is older than `ttl`, then LRU down to the low watermark of `max_size`
+        (both default to the configured ones)."""
+        ttl = self.ttl if ttl is None else ttl
+        max_size = self.max_size if max_size is None else max_size
+        async with self._lock:
+            self.wake.clear()
+            now = time.time() if now is None else now
+            census = await take_census(self.storage, self.is_private)
+            result = EvictionResult(usage_before=census.total)
+            protected = self._protected(census, now, result)
+            protected |= await self._referenced_by_recent_manifests(census, now)
+            candidates = sorted((self._last_use(d, census), d) for d in census.blobs if d not in protected)
+            # Only past the high watermark does size evict, and then down to the low one.
+            target = max_size * self.low if max_size is not None and census.total > max_size * self.high else None
+            usage = census.total
+            victims: list[str] = []
+            for last_use, digest in candidates:  # least recently used first
+                expired = ttl is not None and now - last_use > ttl
+                if not expired and (target is None or usage <= target):
+                    break  # everything after this was used more recently still
+                victims.append(digest)
+                usage -= census.blobs[digest][0]
+                result.expired += expired
+            for digest in victims:
+                await self._evict(digest, census, result, dry_run)
+            result.usage_after = census.total - result.evicted_bytes
+            if not dry_run:
+                self.usage = result.usage_after
+            if victims:
+                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(victims),
+                         result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
+                         " (dry run)" if dry_run else "")
+            if max_size is not None and result.usage_after > max_size:
+                log.warning("storage holds %d bytes, over cache.max_size %d: the rest is private or in use",
+                            result.usage_after, max_size)
+            return result
+
+    def _last_use(self, digest: str, census: Census) -> float:
+        return self.index.last_access(digest) or census.blobs[digest][1]
+
+    def _protected(self, census: Census, now: float, result: EvictionResult) -> set[str]:
+        protected = set(census.private) | set(self.in_use())
+        result.kept_private = len(census.private & census.blobs.keys())
+        recent = {d for d in census.blobs if now - self._last_use(d, census) < self.min_idle}
+        result.kept_recent = len(recent - protected)
+        return protected | recent
+
+    async def _referenced_by_recent_manifests(self, census: Census, now: float) -> set[str]:
+        """A manifest served within `min_idle` keeps what it references: its pull is under way."""
+        kept: set[str] = set()
+        pending = [parse_digest(d) for d in census.revisions
+                   if d in census.blobs and now - self._last_use(d, census) < self.min_idle]
+        while pending:
+            for ref in await manifest_refs(self.storage, pending.pop()):
+                if str(ref) not in kept:
+                    kept.add(str(ref))
+                    pending.append(ref)
+        return kept
+
+    async def _evict(self, digest: str, census: Census, result: EvictionResult, dry_run: bool) -> None:
+        size = census.blobs[digest][0]
+        result.evicted.append(digest)
+        result.evicted_bytes += size
+        is_manifest = digest in census.revisions
+        result.manifests += is_manifest
+        result.dropped_tags += len(census.tags.get(digest, ()))
+        if dry_run:
+            return
+        d = Digest(*digest.split(":", 1))
+        # Links first: a request in between finds no link and fetches again, never a dangling one.
+        for repository, tag in census.tags.get(digest, ()):
+            self.index.drop_tag(repository, tag)
+            await self.manifests.delete_tag(repository, tag)
+        for repository in census.revisions.get(digest, ()):
+            await self.manifests.unlink(repository, d)
+        for repository in census.layer_links.get(digest, ()):
+            await self.blobs.unlink(repository, d)
+        self.manifests.forget(digest)
+        await self.storage.delete(paths.blob(d))
+        self.index.drop_access(digest)
+        self.blobs.metrics.blob_removed(size)
+        self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()

@@ -1,0 +1,128 @@
+"""Operator commands that work on storage directly, safe while a server runs on it:
+`mirror du`, `mirror evict`, `mirror index rebuild`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from mirror.cache.eviction import Census, EvictionResult, Evictor, take_census
+from mirror.cache.index import Index
+from mirror.config import Config
+from mirror.metrics import Metrics
+from mirror.routing import Router, glob_to_regex
+from mirror.storage import Storage, open_storage
+from mirror.store import BlobStore, ManifestStore
+
+
+@dataclass
+class RepositoryUsage:
+    name: str
+    kind: str  # private | cached
+    upstream: str | None
+    objects: int  # manifests and blobs it links
+    bytes: int  # their sizes (shared ones count in every repository that links them)
+
+
+@dataclass
+class UsageReport:
+    repositories: list[RepositoryUsage] = field(default_factory=list)
+    private_bytes: int = 0  # each blob once
+    cached_bytes: int = 0
+    unreferenced_bytes: int = 0  # linked by nothing: gc's to remove
+    total_bytes: int = 0
+    by_upstream: dict[str, int] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def _opened(config: Config) -> AsyncIterator[tuple[Storage, Index, Callable[[str], bool]]]:
+    storage = open_storage(config)
+    index = Index(config.cache.index_dir(config.storage))
+    try:
+        await storage.check()
+        globs = config.private.patterns
+        private = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs)) if globs else None
+
+        def is_private(name: str) -> bool:  # as the Router decides (pushed-to names carry a marker)
+            return not config.upstreams or (private is not None and private.fullmatch(name) is not None)
+
+        yield storage, index, is_private
+    finally:
+        index.close()
+        await storage.close()
+
+
+def _upstream_of(config: Config, name: str) -> str | None:
+    """Which configured upstream a cached repository's local name comes from."""
+    for i, up in enumerate(config.upstreams):
+        prefix = Router.local_prefix(up, i == 0)
+        if prefix and name.startswith(prefix + "/"):
+            return up.name
+    return config.upstreams[0].name if config.upstreams else None
+
+
+def usage_report(config: Config, census: Census) -> UsageReport:
+    report = UsageReport(total_bytes=census.total)
+    linked: dict[str, set[str]] = {name: set() for name in census.repositories}
+    for links in (census.layer_links, census.revisions):
+        for digest, names in links.items():
+            for name in names:
+                linked[name].add(digest)
+    cached: set[str] = set()
+    for name, digests in linked.items():
+        if census.repositories[name]:
+            continue
+        present = [d for d in digests if d in census.blobs]
+        size = sum(census.blobs[d][0] for d in present)
+        upstream = _upstream_of(config, name)
+        report.repositories.append(RepositoryUsage(name, "cached", upstream, len(present), size))
+        if upstream is not None:
+            report.by_upstream[upstream] = report.by_upstream.get(upstream, 0) + size
+        cached.update(d for d in present if d not in census.private)
+    report.cached_bytes = sum(census.blobs[d][0] for d in cached)
+    report.private_bytes = sum(census.blobs[d][0] for d in census.private if d in census.blobs)
+    report.unreferenced_bytes = report.total_bytes - report.cached_bytes - report.private_bytes
+    return report
+
+
+async def disk_usage(config: Config) -> tuple[UsageReport, Census]:
+    async with _opened(config) as (storage, _, is_private):
+        census = await take_census(storage, is_private)
+    report = usage_report(config, census)
+    return report, census
+
+
+async def evict(config: Config, older_than: float | None, max_size: int | None, dry_run: bool) -> EvictionResult:
+    """One eviction pass from the command line (the server runs the same in the background)."""
+    async with _opened(config) as (storage, index, is_private):
+        metrics = Metrics(backend="oss" if config.storage.oss else "filesystem")
+        blobs = BlobStore(storage, index, metrics)
+        manifests = ManifestStore(storage, 0, blobs.added)
+        evictor = Evictor(storage, index, manifests, blobs, is_private, min_idle=config.cache.min_idle,
+                          high=config.cache.high_watermark, low=config.cache.low_watermark)
+        result = await evictor.run(ttl=older_than, max_size=max_size, dry_run=dry_run)
+        if result.evicted and not dry_run:
+            index.bump_epoch()
+        return result
+
+
+@dataclass
+class RebuildResult:
+    tags: int = 0
+    blobs: int = 0
+
+
+async def rebuild_index(config: Config) -> RebuildResult:
+    """Recreate the diskcache index from storage: every cached tag, to be revalidated on first use
+    (stale-if-error still serves it); last use falls back to each blob's mtime."""
+    async with _opened(config) as (storage, index, is_private):
+        census = await take_census(storage, is_private)
+        index.clear()
+        result = RebuildResult(blobs=len(census.blobs))
+        for digest, tags in census.tags.items():
+            for repository, tag in tags:
+                index.set_tag(repository, tag, digest, 0.0)
+                result.tags += 1
+        return result

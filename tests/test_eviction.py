@@ -1,0 +1,175 @@
+"""The cache within its disk: over `cache.max_size` the least recently used proxied content goes,
+pushed content never does, an evicted image pulls again, and a 429 backs the upstream off."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.scripted_upstream import ScriptedUpstream
+
+MiB = 1 << 20
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ACCEPT = {"Accept": OCI_MANIFEST}
+
+
+def add_image(script: ScriptedUpstream, repo: str, size: int = MiB) -> tuple[str, str]:
+    layer = script.add_blob(os.urandom(size))
+    config = script.add_blob(json.dumps({"repo": repo}).encode())
+    manifest = script.add_manifest(repo, "latest", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 15},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": size}]})
+    return manifest, layer
+
+
+async def pull(client: TestClient, script: ScriptedUpstream, repo: str) -> None:
+    r = await client.get(f"/v2/{repo}/manifests/latest", headers=ACCEPT)
+    assert r.status == 200, await r.text()
+    doc = json.loads(await r.read())
+    for d in [doc["config"]["digest"]] + [layer["digest"] for layer in doc["layers"]]:
+        r = await client.get(f"/v2/{repo}/blobs/{d}")
+        assert r.status == 200 and await r.read() == script.blobs[d], d
+    await asyncio.sleep(0.02)  # distinct access times
+
+
+def stored(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (root / "blobs").rglob("*") if p.is_file()}
+
+
+async def wait_until(check: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_lru_within_max_size_keeps_private_and_refetches(
+        upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any], tmp_path: Path) -> None:
+    script, server = upstream
+    images = {name: add_image(script, f"library/{name}") for name in ("a", "b", "c")}
+    root = tmp_path / "data"
+    client = await registry(
+        upstreams=[{"name": "hub", "url": str(server.make_url("")), "dockerhub": True, "tag_ttl": "1h"}],
+        private={"patterns": ["team/**"]},
+        cache={"max_size": 4 * MiB, "min_idle": 0, "high_watermark": 0.95, "low_watermark": 0.85})
+
+    pushed = os.urandom(MiB)
+    private = "sha256:" + hashlib.sha256(pushed).hexdigest()
+    r = await client.post(f"/v2/team/app/blobs/uploads/?digest={private}", data=pushed)
+    assert r.status == 201
+
+    await pull(client, script, "a")
+    await pull(client, script, "b")
+    await pull(client, script, "a")  # a is now more recently used than b
+    fetches = script.calls[f"GET /v2/library/b/blobs/{images['b'][1]}"]
+    await pull(client, script, "c")  # 4 MiB + manifests: past the high watermark
+
+    b_layer = images["b"][1].split(":")[1]
+    await wait_until(lambda: b_layer not in stored(root), "b's layer to be evicted")
+    blobs = stored(root)
+    assert sum(blobs.values()) <= 4 * MiB * 0.85
+    assert private.split(":")[1] in blobs  # pushed content is never evicted
+    for name in ("a", "c"):
+        assert images[name][1].split(":")[1] in blobs, f"{name} was used more recently than b"
+    assert not (root / "repositories/library/b/_manifests/tags/latest").exists()  # its tag went with it
+    assert images["b"][0].split(":")[1] not in blobs
+
+    await pull(client, script, "b")  # evicted: fetched again, correctly
+    assert script.calls[f"GET /v2/library/b/blobs/{images['b'][1]}"] == fetches + 1
+    r = await client.get(f"/v2/team/app/blobs/{private}")
+    assert r.status == 200 and await r.read() == pushed
+
+
+async def test_429_serves_stale_passes_retry_after_and_backs_off(
+        upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any]) -> None:
+    script, server = upstream
+    add_image(script, "library/cached", size=1024)
+    _, uncached_layer = add_image(script, "library/uncached", size=1024)
+    client = await registry(upstreams=[{"name": "hub", "url": str(server.make_url("")), "dockerhub": True,
+                                        "tag_ttl": "0.2s", "retries": 1}])
+    await pull(client, script, "cached")
+    await asyncio.sleep(0.3)  # the cached tag is due for revalidation
+
+    script.status, script.retry_after = 429, "30"
+    script.headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600"}
+    r = await client.get("/v2/library/cached/manifests/latest", headers=ACCEPT)
+    assert r.status == 200 and "110" in r.headers["Warning"]  # stale, and said so
+    seen = sum(script.calls.values())
+
+    r = await client.get("/v2/library/uncached/manifests/latest", headers=ACCEPT)
+    body = await r.json()
+    assert r.status == 429 and body["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert 0 < int(r.headers["Retry-After"]) <= 30
+    r = await client.get(f"/v2/library/uncached/blobs/{uncached_layer}")
+    assert r.status == 429 and "Retry-After" in r.headers
+    r = await client.get("/v2/library/cached/manifests/latest", headers=ACCEPT)
+    assert r.status == 200
+    assert sum(script.calls.values()) == seen, "the upstream was asked again during the back-off"
+
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'mirror_upstream_ratelimit_remaining{upstream="hub"} 0.0' in metrics
+    backoff = next(line for line in metrics.splitlines() if line.startswith("mirror_upstream_backoff_seconds{"))
+    assert 0 < float(backoff.split()[-1]) <= 30
+
+
+def mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=120)
+
+
+async def test_du_evict_and_index_rebuild_from_the_command_line(
+        upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any], tmp_path: Path) -> None:
+    script, server = upstream
+    manifest, layer = add_image(script, "library/a")
+    settings: dict[str, Any] = {
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "data")}},
+        "upstreams": [{"name": "hub", "url": str(server.make_url("")), "dockerhub": True, "tag_ttl": "1h"}],
+        "private": {"patterns": ["team/**"]}, "cache": {"min_idle": 0}}
+    client = await registry(**{k: v for k, v in settings.items() if k != "storage"})
+    await pull(client, script, "a")
+    pushed = os.urandom(MiB)
+    private = "sha256:" + hashlib.sha256(pushed).hexdigest()
+    assert (await client.post(f"/v2/team/app/blobs/uploads/?digest={private}", data=pushed)).status == 201
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"version": 0.1, **settings}))
+    await asyncio.sleep(0.05)
+
+    r = await asyncio.to_thread(mirror_cli, "du", "--config", str(config), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    repos = {x["name"]: x for x in report["repositories"]}
+    assert repos["library/a"]["kind"] == "cached" and repos["library/a"]["upstream"] == "hub"
+    assert repos["library/a"]["bytes"] >= MiB and repos["library/a"]["objects"] == 3
+    assert report["private_bytes"] == MiB and report["by_upstream"]["hub"] == repos["library/a"]["bytes"]
+    assert report["total_bytes"] == report["private_bytes"] + report["cached_bytes"] + report["unreferenced_bytes"]
+    r = await asyncio.to_thread(mirror_cli, "du", "--config", str(config))
+    assert "library/a" in r.stdout and "private 1.0 MiB" in r.stdout
+
+    r = await asyncio.to_thread(mirror_cli, "evict", "--config", str(config), "--older-than", "30d", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["evicted"] == []  # all used just now
+    r = await asyncio.to_thread(mirror_cli, "evict", "--config", str(config), "--older-than", "0s", "--dry-run",
+                                "--json")
+    planned = json.loads(r.stdout)
+    config_blob = next(d for d in script.blobs if d != layer)
+    assert set(planned["evicted"]) == {manifest, layer, config_blob}
+    assert private not in planned["evicted"] and planned["manifests"] == 1 and planned["dropped_tags"] == 1
+    assert stored(tmp_path / "data").keys() >= {layer.split(":")[1]}  # a dry run changes nothing
+    r = await asyncio.to_thread(mirror_cli, "evict", "--config", str(config), "--older-than", "0s")
+    assert r.returncode == 0 and "evicted 3 objects" in r.stdout, r.stdout
+    assert set(stored(tmp_path / "data")) == {private.split(":")[1]}
+
+    await asyncio.sleep(2.5)  # the running server notices (mirror.app.EPOCH_CHECK_SECONDS) and re-reads storage
+    await pull(client, script, "a")  # and fetches it all again
+    r = await asyncio.to_thread(mirror_cli, "index", "rebuild", "--config", str(config), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"tags": 1, "blobs": 4}
