@@ -121,6 +121,7 @@ class Evictor:
         self.usage: int | None = None  # bytes in storage: from the last census plus what arrived since
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
     def added(self, size: int) -> None:
         """Storage grew: past the high watermark, the background pass runs now."""
@@ -139,6 +140,8 @@ class Evictor:
             self.wake.clear()
             now = time.time() if now is None else now
             census = await take_census(self.storage, self.is_private)
+            self._times = await asyncio.to_thread(self.index.flushed_access_times)
+            self._times.update(self.index.pending)
             result = EvictionResult(usage_before=census.total)
             protected = self._protected(census, now, result)
             protected |= await self._referenced_by_recent_manifests(census, now)
@@ -169,7 +172,7 @@ class Evictor:
             return result
 
     def _last_use(self, digest: str, census: Census) -> float:
-        return self.index.last_access(digest) or census.blobs[digest][1]
+        return self._times.get(digest) or census.blobs[digest][1]
 
     def _protected(self, census: Census, now: float, result: EvictionResult) -> set[str]:
         protected = set(census.private) | set(self.in_use())

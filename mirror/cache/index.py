@@ -56,6 +56,21 @@ class Index:
             at = self.db.get(("access", digest))
         return at
 
+    def flushed_access_times(self) -> dict[str, float]:
+        """Every flushed access time (many small sqlite reads: call it in a thread; add `pending`)."""
+        times = {}
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key[0] == "access":
+                at = self.db.get(key)
+                if at is not None:
+                    times[key[1]] = float(at)
+        return times
+
+    @property
+    def pending(self) -> dict[str, float]:
+        """Access times not flushed yet (the loop's own: read them on the loop)."""
+        return self._access
+
     def drop_access(self, digest: str) -> None:
         self._access.pop(digest, None)
         self.db.delete(("access", digest))
