@@ -175,7 +175,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     evictor = Evictor(storage, index, manifest_store, blob_store, registry.router.is_private,
                       in_use=lambda: blob_cache.flights.keys(), max_size=cache.max_size, ttl=cache.content_ttl,
                       min_idle=cache.min_idle, high=cache.high_watermark, low=cache.low_watermark)
-    blob_store.on_added = evictor.added
+    blob_store.on_growth = evictor.grew
 
     async def purge_uploads() -> None:
         purging = config.storage.uploadpurging

@@ -136,7 +136,7 @@ class BlobStore:
         self.index = index
         self.metrics = metrics
         self._links = _Links()
-        self.on_added: Callable[[int], None] | None = None  # the evictor: storage grew
+        self.on_growth: Callable[[int, bool], None] | None = None  # the evictor: (bytes, committed)
 
     def forget_memory(self) -> None:
         self._links = _Links()
@@ -144,8 +144,13 @@ class BlobStore:
     def added(self, size: int) -> None:
         """A new blob entered storage (the one place that is said)."""
         self.metrics.blob_added(size)
-        if self.on_added is not None:
-            self.on_added(size)
+        if self.on_growth is not None:
+            self.on_growth(size, True)
+
+    def expect(self, size: int) -> None:
+        """A blob of `size` bytes is on its way in: room can be made before it lands."""
+        if self.on_growth is not None:
+            self.on_growth(size, False)
 
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(paths.blob(digest))

@@ -273,7 +273,10 @@ class BlobCache:
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:
             with answering_as("BLOB_UNKNOWN", f"{route.local}@{digest}"):
-                return await route.proxy.client.open_blob(route.remote, key, offset)
+                resp = await route.proxy.client.open_blob(route.remote, key, offset)
+            if offset == 0 and resp.content_length:
+                self.store.expect(resp.content_length)
+            return resp
 
         async def commit(spool: Path) -> None:
             await self.store.storage.put_file(paths.blob(digest), spool)

@@ -123,12 +123,15 @@ class Evictor:
         self._lock = asyncio.Lock()
         self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
-    def added(self, size: int) -> None:
-        """Storage grew: past the high watermark, the background pass runs now."""
-        if self.usage is not None:
+    def grew(self, size: int, committed: bool) -> None:
+        """Storage grew (or a blob is on its way): past the high watermark, the background pass
+        runs now, so a large cold blob makes its room while it streams in."""
+        if self.usage is None:
+            return
+        if committed:
             self.usage += size
-            if self.max_size is not None and self.usage > self.max_size * self.high:
-                self.wake.set()
+        if self.max_size is not None and self.usage + (0 if committed else size) > self.max_size * self.high:
+            self.wake.set()
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
                   now: float | None = None) -> EvictionResult:
