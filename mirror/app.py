@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api import ROUTES
+from mirror.api import ROUTES, area
 from mirror.api.context import LIMITS, REGISTRY, ClientStalled
 from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blobs import BlobCache
@@ -26,6 +26,7 @@ from mirror.errors import RegistryError
 from mirror.limits import UploadLimiter
 from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
 from mirror.metrics import Metrics
+from mirror.notify import NOTIFIER, Notifier, events
 from mirror.registry import Registry
 from mirror.routing import Router, Upstream
 from mirror.storage import StorageUnavailable, open_storage
@@ -49,11 +50,10 @@ UPSTREAM_READ_BUFFER = 4 << 20
 
 
 def _route_label(request: web.Request) -> str:
-    """The API area that answered (the handler's module): a bounded label, never a name."""
+    """The API area that answered: a bounded label, never a name."""
     if request.match_info.http_exception is not None:
         return "other"
-    module = getattr(request.match_info.handler, "__module__", "")
-    return module.rsplit(".", 1)[-1] if module.startswith("mirror.api.") else "metrics"
+    return area(request) or "metrics"
 
 
 @web.middleware
@@ -214,9 +214,14 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     if config.storage.uploadpurging.enabled:
         tasks.append(_every(config.storage.uploadpurging.interval, purge_uploads))
     metrics_runner = await _metrics_listener(config, metrics)
+    notifier = app.get(NOTIFIER)
+    if notifier is not None:
+        notifier.start(session)
     try:
         yield
     finally:
+        if notifier is not None:
+            await notifier.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         for task in tasks:
@@ -290,12 +295,17 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(authorize)
     if config.limits.uploads_per_client:
         middlewares.append(UploadLimiter(config.limits.uploads_per_client).middleware)
+    notify = any(not e.disabled for e in config.notifications.endpoints)
+    if notify:
+        middlewares.append(events)
     app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
     if gate is not None:
         app[GATE] = gate
     app[CONFIG] = config
     app[LIMITS] = config.limits
     app[METRICS] = Metrics([u.name for u in config.upstreams], backend="oss" if config.storage.oss else "filesystem")
+    if notify:
+        app[NOTIFIER] = Notifier(config, config.cache.local_dir(config.storage) / "_events", app[METRICS])
     app.router.add_routes(ROUTES)
     if config.metrics.enabled and config.metrics.addr is None:
         app.router.add_get(config.metrics.path, metrics_endpoint)

@@ -219,6 +219,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class EndpointConfig:
+    """notifications.endpoints[], registry:2's keys: where events go and which are left out."""
+
+    name: str
+    url: str
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)  # may hold credentials
+    timeout: float = 1.0
+    threshold: int = 10  # failures in a row before retries wait `backoff`
+    backoff: float = 1.0
+    ignored_mediatypes: tuple[str, ...] = ()
+    ignored_actions: tuple[str, ...] = ()
+    disabled: bool = False
+    queue_size: int = 100_000  # ours: events kept (on disk) while the endpoint is down; oldest dropped past it
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    endpoints: tuple[EndpointConfig, ...] = ()
+    include_references: bool = False  # registry:2's events.includereferences (layers of a pushed manifest)
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -230,6 +252,7 @@ class Config:
     auth: AuthConfig | None = None
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -479,21 +502,69 @@ def _log(s: Section) -> LogConfig:
     return LogConfig(level="warning" if level == "warn" else level, fields=fields, accesslog=not disabled)
 
 
-def _http(s: Section) -> HttpConfig:
-    host, port = parse_addr(s.take("addr", ":5000"), s.key("addr"))
-    net = s.string("net", "tcp")
-    if net != "tcp":
-        raise ConfigError(f"{s.key('net')}: only tcp is supported, got {net!r}")
-    headers_raw = s.take("headers", {}) or {}
-    if not isinstance(headers_raw, dict):
+def _headers(s: Section) -> dict[str, tuple[str, ...]]:
+    """`headers: {Name: [values]}` as registry:2 writes them (a single string is one value)."""
+    raw = s.take("headers", {}) or {}
+    if not isinstance(raw, dict):
         raise ConfigError(f"{s.key('headers')}: expected a mapping of header -> list of values")
     headers = {}
-    for name, values in headers_raw.items():
+    for name, values in raw.items():
         if isinstance(values, str):
             values = [values]
         if not isinstance(values, list):
             raise ConfigError(f"{s.key('headers')}.{name}: expected a list of strings")
         headers[str(name)] = tuple(str(v) for v in values)
+    return headers
+
+
+EVENT_ACTIONS = ("push", "pull", "delete", "mount", "fetch")
+
+
+def _notifications(s: Section) -> NotificationsConfig:
+    events = s.section("events")
+    include_references = events.flag("includereferences", False)
+    events.done()
+    items = s.take("endpoints", []) or []
+    if not isinstance(items, list):
+        raise ConfigError(f"{s.key('endpoints')}: expected a list")
+    endpoints: list[EndpointConfig] = []
+    for i, item in enumerate(items):
+        e = Section(item, f"{s.key('endpoints')}[{i}]")
+        name, url = e.string("name"), e.string("url")
+        if not name:
+            raise ConfigError(f"{e.key('name')}: every endpoint needs a name")
+        if not url:
+            raise ConfigError(f"{e.key('url')}: every endpoint needs a url")
+        ignore = e.section("ignore")
+        actions = ignore.strings("actions")
+        for action in actions:
+            if action not in EVENT_ACTIONS:
+                raise ConfigError(f"{ignore.key('actions')}: expected some of {', '.join(EVENT_ACTIONS)}, "
+                                  f"got {action!r}")
+        endpoint = EndpointConfig(
+            name=name, url=_url(url, e.key("url")), headers=_headers(e),
+            timeout=e.duration("timeout", EndpointConfig.timeout),
+            threshold=e.integer("threshold", EndpointConfig.threshold, minimum=1),
+            backoff=e.duration("backoff", EndpointConfig.backoff),
+            ignored_mediatypes=e.strings("ignoredmediatypes") + ignore.strings("mediatypes"),
+            ignored_actions=actions, disabled=e.flag("disabled", False),
+            queue_size=e.integer("queue_size", EndpointConfig.queue_size, minimum=1),
+        )
+        ignore.done()
+        e.done()
+        if any(other.name == name for other in endpoints):
+            raise ConfigError(f"{e.key('name')}: {name!r} names two endpoints")
+        endpoints.append(endpoint)
+    s.done()
+    return NotificationsConfig(endpoints=tuple(endpoints), include_references=include_references)
+
+
+def _http(s: Section) -> HttpConfig:
+    host, port = parse_addr(s.take("addr", ":5000"), s.key("addr"))
+    net = s.string("net", "tcp")
+    if net != "tcp":
+        raise ConfigError(f"{s.key('net')}: only tcp is supported, got {net!r}")
+    headers = _headers(s)
     draintimeout = s.duration("draintimeout", 10.0)
     tls = _tls(s.section("tls")) if s.has("tls") else None
     s.refuse("prefix", why="serve mirror at the root path")
@@ -817,11 +888,14 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     auth = _auth(s.section("auth"))
     access = _access(s.section("access"), auth)
     limits = _limits(s.section("limits"))
-    s.refuse("notifications", why="notifications arrive with issue 9")
+    notifications = _notifications(s.section("notifications"))
+    if notifications.include_references:
+        warnings = [*(warnings or ()), "notifications.events.includereferences: events carry no references "
+                                       "in this version (the rest of each event is as registry:2's)"]
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  warnings=tuple(warnings or ()))
+                  notifications=notifications, warnings=tuple(warnings or ()))
 
 
 def _share(s: Section, name: str, default: float) -> float:

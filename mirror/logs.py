@@ -20,6 +20,7 @@ REPOSITORY = web.RequestKey("repository", str)
 USER = web.RequestKey("user", str)  # who authenticated (htpasswd user, token subject)
 CACHE = web.RequestKey("cache", str)  # hit | miss | revalidated | stale | private
 SERVED_BYTES = web.RequestKey("served_bytes", int)  # manifest or blob body bytes sent
+PUSHED_BYTES = web.RequestKey("pushed_bytes", int)  # size of the blob or manifest a request pushed
 
 
 class JsonFormatter(logging.Formatter):

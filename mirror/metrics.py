@@ -103,6 +103,16 @@ class Metrics:
                                       ["backend", "operation"], registry=r)
         self.hot_tier_bytes = Gauge("mirror_hot_tier_bytes", "Bytes of blobs on local disk in front of remote storage.",
                                     registry=r)
+        self.notifications_queued = Gauge("mirror_notifications_queued",
+                                          "Events waiting (on disk) for a notification endpoint.", ["endpoint"],
+                                          registry=r)
+        self.notifications_sent = Counter("mirror_notifications_sent", "Events an endpoint accepted.", ["endpoint"],
+                                          registry=r)
+        self.notifications_failed = Counter("mirror_notifications_failed",
+                                            "Deliveries that failed (retried later).", ["endpoint"], registry=r)
+        self.notifications_dropped = Counter("mirror_notifications_dropped",
+                                             "Oldest events dropped past an endpoint's queue_size.", ["endpoint"],
+                                             registry=r)
         self.uploads_in_progress = Gauge("mirror_uploads_in_progress", "Blob uploads started and not finished.",
                                          registry=r)
 

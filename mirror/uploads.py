@@ -76,8 +76,8 @@ class Uploads:
         return writer.size
 
     async def finish(self, repository: str, upload_id: str, digest: Digest,
-                     chunks: AsyncIterator[bytes] | None) -> None:
-        """The last chunk (if any), then verify and commit the blob; DIGEST_INVALID cancels."""
+                     chunks: AsyncIterator[bytes] | None) -> int:
+        """The last chunk (if any), then verify and commit the blob (its size); DIGEST_INVALID cancels."""
         async with self._lock(upload_id):
             size = await self.size(repository, upload_id)
             if chunks is not None:
@@ -94,8 +94,9 @@ class Uploads:
                 self.blobs.added(size)
             await self.blobs.link(repository, digest)
             await self._delete(repository, upload_id)
+            return size
 
-    async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> None:
+    async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
         """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
         hasher = digest.hasher()
         writer = await self.storage.writer(paths.blob(digest))
@@ -109,6 +110,7 @@ class Uploads:
             await writer.commit()
         self.blobs.added(writer.size)
         await self.blobs.link(repository, digest)
+        return writer.size
 
     async def cancel(self, repository: str, upload_id: str) -> None:
         async with self._lock(upload_id):

@@ -24,3 +24,12 @@ ROUTES = [
     web.delete(f"{NAME}/blobs/{{digest}}", blobs.delete_blob),
     web.get(f"{NAME}/referrers/{{digest}}", referrers.list_referrers),
 ]
+
+
+def area(request: web.Request) -> str | None:
+    """The API area that answered (the handler's module: manifests, blobs, uploads, ...); None for
+    no route or a handler outside mirror.api."""
+    if request.match_info.http_exception is not None:
+        return None
+    module = getattr(request.match_info.handler, "__module__", "")
+    return module.rsplit(".", 1)[-1] if module.startswith("mirror.api.") else None

@@ -3,7 +3,7 @@ from aiohttp import web
 from mirror import mediatypes
 from mirror.api.context import LIMITS, push_route, route
 from mirror.errors import RegistryError
-from mirror.logs import CACHE, SERVED_BYTES
+from mirror.logs import CACHE, PUSHED_BYTES, SERVED_BYTES
 from mirror.manifest import read_manifest
 from mirror.names import parse_reference
 
@@ -36,6 +36,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     if body is None:
         raise RegistryError("TOO_LARGE", f"manifests are limited to {limit} bytes (limits.manifest_size)")
     pushed = await registry.put_manifest(r, reference, body, request.headers.get("Content-Type"))
+    request[PUSHED_BYTES] = len(body)
     headers = {"Location": f"/v2/{r.local}/manifests/{pushed.digest}", "Docker-Content-Digest": pushed.digest}
     if pushed.subject:
         headers["OCI-Subject"] = pushed.subject

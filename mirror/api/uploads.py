@@ -5,6 +5,7 @@ from aiohttp import web
 from mirror.api.context import body, push_route
 from mirror.auth import may_pull
 from mirror.errors import RegistryError
+from mirror.logs import PUSHED_BYTES
 from mirror.names import Digest, parse_content_range, parse_digest, parse_name, parse_upload_id
 from mirror.uploads import range_headers
 
@@ -39,7 +40,7 @@ async def start_upload(request: web.Request) -> web.Response:
         # Not mountable: a plain upload session, as the spec asks.
     elif "digest" in request.query:
         digest = _digest_param(request)
-        await registry.uploads.monolithic(r.local, digest, body(request))
+        request[PUSHED_BYTES] = await registry.uploads.monolithic(r.local, digest, body(request))
         return _created(r.local, digest)
     upload_id = await registry.uploads.start(r.local)
     return web.Response(status=202, headers=_session_headers(r.local, upload_id, 0))
@@ -72,7 +73,8 @@ async def finish_upload(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request.match_info["upload_id"])
     digest = _digest_param(request)
     has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding") == "chunked"
-    await registry.uploads.finish(r.local, upload_id, digest, body(request) if has_body else None)
+    request[PUSHED_BYTES] = await registry.uploads.finish(r.local, upload_id, digest,
+                                                          body(request) if has_body else None)
     return _created(r.local, digest)
 
 
