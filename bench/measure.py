@@ -464,14 +464,29 @@ class WrkResult:
     latency_avg: str = ""
     latency_max: str = ""
     raw: str = ""
+    percentiles_ms: dict[str, float] = field(default_factory=dict)  # with latency=True: "50", "99" -> ms
+
+
+_WRK_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def wrk_ms(text: str) -> float:
+    """wrk's "635.91us", "1.47ms", "2.00s" in milliseconds."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise BenchError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _WRK_UNITS_MS[m.group(2)]
 
 
 def wrk(url: str, seconds: float, threads: int = 2, connections: int = 32,
-        headers: dict[str, str] | None = None) -> WrkResult:
+        headers: dict[str, str] | None = None, latency: bool = False) -> WrkResult:
+    """wrk against `url`; with `latency`, also its latency distribution (50/75/90/99th percentiles)."""
     exe = shutil.which("wrk")
     if exe is None:
         raise BenchError("wrk is not installed (apt-get install -y wrk)")
     cmd = [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    if latency:
+        cmd.append("--latency")
     for k, v in (headers or {}).items():
         cmd += ["-H", f"{k}: {v}"]
     cmd.append(url)
@@ -493,4 +508,7 @@ def wrk(url: str, seconds: float, threads: int = 2, connections: int = 32,
     m = re.search(r"Latency\s+(\S+)\s+\S+\s+(\S+)", out)
     if m:
         res.latency_avg, res.latency_max = m.group(1), m.group(2)
+    if latency:
+        for m in re.finditer(r"^\s+(\d+)%\s+([\d.]+(?:us|ms|s|m))\s*$", out, re.M):
+            res.percentiles_ms[m.group(1)] = round(wrk_ms(m.group(2)), 3)
     return res
