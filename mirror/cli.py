@@ -1,4 +1,4 @@
-"""`mirror serve | check-config`."""
+"""`mirror serve | gc | check-config | prefetch`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,12 @@ async def _gc(config: Config, dry_run: bool, grace: float) -> GcResult:
         await storage.close()
 
 
+def prefetch(args: argparse.Namespace) -> int:
+    from mirror.prefetch import command
+
+    return command(args.images, args.platform, args.server, None if args.server else _load(args.config), args.json)
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
@@ -117,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep blobs younger than this (default 1h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=gc)
+    p = sub.add_parser("prefetch", help="warm the cache: pull images through the mirror")
+    p.add_argument("images", nargs="+", metavar="IMAGE[:TAG|@DIGEST]", help="alpine, user/app:1, ghcr.io/org/app")
+    p.add_argument("--platform", help="os/arch[/variant] to take from an index, or all (default: this host's)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", help="the running mirror, e.g. http://127.0.0.1:5000 (default: run one "
+                                        "in this process on --config's storage)")
+    where.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=prefetch)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("config", nargs="?")
     p.set_defaults(func=check_config)
