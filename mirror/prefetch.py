@@ -38,6 +38,7 @@ ACCEPT = ", ".join(sorted(mediatypes.MANIFEST_TYPES))
 PARALLEL_BLOBS = 4  # docker's max-concurrent-downloads is 3; the server single-flights each blob anyway
 MAX_INDEX_DEPTH = 4  # an index of indexes of ... is refused past this
 CHUNK = 1 << 20
+SETTLE_SECONDS = 300.0  # for the in-process server's last commits (fsync + rename, or an upload to OSS)
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
 
 
@@ -356,11 +357,13 @@ async def prefetch_in_process(config: Config, images: list[ImageRef], platform: 
                               progress: bool = False) -> Report:
     """Start the mirror app from `config` on an ephemeral loopback port, prefetch through it, stop it.
     Storage may be shared with a running server, as replicas share a bucket."""
-    from mirror.app import create_app  # the whole server: only needed on this path
+    from mirror.api.context import REGISTRY  # the whole server: only needed on this path
+    from mirror.app import create_app
 
     # Its own metrics listener would collide with the running server's.
     config = dataclasses.replace(config, metrics=MetricsConfig(enabled=False))
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -368,6 +371,13 @@ async def prefetch_in_process(config: Config, images: list[ImageRef], platform: 
         host, port = runner.addresses[0][:2]
         report = await prefetch(f"http://{host}:{port}", images, platform, progress)
         report.server = "in-process"
+        # A client has a blob's last bytes once it verified; its commit to storage may still run.
+        try:
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await app[REGISTRY].blob_cache.settle()
+        except TimeoutError:
+            for result in report.images:
+                result.error = result.error or f"{result.image}: blobs still being stored after {SETTLE_SECONDS:.0f}s"
         return report
     finally:
         await runner.cleanup()
