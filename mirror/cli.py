@@ -1,4 +1,4 @@
-"""`mirror serve | gc | check-config | prefetch`."""
+"""`mirror serve | gc | check-config | prefetch | export | import`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -102,6 +103,19 @@ def prefetch(args: argparse.Namespace) -> int:
     return command(args.images, args.platform, args.server, None if args.server else _load(args.config), args.json)
 
 
+def export(args: argparse.Namespace) -> int:
+    from mirror.archive import export_command
+
+    kind = "private" if args.private_only else "proxied" if args.cached_only else None
+    return export_command(_load(args.config), Path(args.output), args.repos, kind, args.json)
+
+
+def import_(args: argparse.Namespace) -> int:
+    from mirror.archive import import_command
+
+    return import_command(_load(args.config), Path(args.archive), args.json)
+
+
 def check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in config.warnings:
@@ -132,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--config", help="config.yml (default: the embedded one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=prefetch)
+    p = sub.add_parser("export", help="write repositories (private and cached) to a tar file")
+    p.add_argument("repos", nargs="*", metavar="REPO", help="names or patterns (team/**); default: all")
+    p.add_argument("--output", "-o", required=True, help="the tar file to write")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--private-only", action="store_true", help="only repositories pushed here")
+    only.add_argument("--cached-only", action="store_true", help="only pull-through cached repositories")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=export)
+    p = sub.add_parser("import", help="verify a tar from `mirror export`, then add it to storage")
+    p.add_argument("archive", metavar="FILE.tar")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=import_)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("config", nargs="?")
     p.set_defaults(func=check_config)
