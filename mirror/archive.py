@@ -403,32 +403,21 @@ async def write_archive(storage: Storage, header: Header, output: Path, progress
 async def _copy_blob(storage: Storage, f: IO[bytes], digest: Digest, size: int,
                      advance: Callable[[int], object]) -> None:
     """Stream one blob into the tar, hashed on the way: a damaged blob never makes a backup that
-    only fails at restore time. Hashing and writing run in a thread while the next chunk is read."""
+    only fails at restore time. (Hashing and writing in a thread beside the next read measured no
+    faster here: this command is the only thing on its loop.)"""
     hasher = digest.hasher()
     written = 0
-
-    def consume(chunk: bytes) -> None:
-        hasher.update(chunk)
-        f.write(chunk)
-
-    pending: asyncio.Future[None] | None = None
     try:
         async for chunk in storage.reader(paths.blob(digest)):
-            if written + len(chunk) > size:
-                raise ArchiveError(f"blob {digest} in storage is larger than the {size} bytes it had moments ago")
-            if pending is not None:
-                await pending
-            pending = asyncio.ensure_future(asyncio.to_thread(consume, chunk))
             written += len(chunk)
+            if written > size:
+                raise ArchiveError(f"blob {digest} in storage is larger than the {size} bytes it had moments ago")
+            hasher.update(chunk)
+            f.write(chunk)
             advance(len(chunk))
-        if pending is not None:
-            await pending
     except NotFound:
         raise ArchiveError(f"blob {digest} was removed from storage during the export (mirror gc or eviction); "
                            f"run the export again") from None
-    finally:
-        if pending is not None and not pending.done():
-            await asyncio.wait([pending])
     if written != size:
         raise ArchiveError(f"blob {digest} in storage has {written} bytes, not the {size} it had moments ago")
     if hasher.hexdigest() != digest.hex:
@@ -463,8 +452,9 @@ class ImportResult:
 
 def _open(path: Path) -> tarfile.TarFile:
     try:
-        # Stream mode: members are read in order, once, without seeking or an index in memory.
-        return tarfile.open(path, mode="r|")
+        # Seekable mode reads member data straight from the file: stream mode ("r|") copies every
+        # block through its buffer and reads at a third of the speed. Members are still read in order.
+        return tarfile.open(path, mode="r:")
     except tarfile.TarError as e:
         raise ArchiveError(f"{path} is not a tar file: {e}") from None
 
@@ -511,6 +501,8 @@ def verify(path: Path, header_bytes: bytes, header: Header, present: set[str], s
             if first is None or first.name != HEADER or _read_member(tar, first) != header_bytes:
                 raise ArchiveError(f"{path}: {HEADER} changed while importing")
             while (member := tar.next()) is not None:
+                # TarFile keeps every member it read (an undocumented list): each is read once, in order here.
+                tar.members.clear()  # type: ignore[attr-defined]
                 reading = member.name
                 if trailer is not None:
                     raise ArchiveError(f"{path}: {member.name} follows {TRAILER}, which must be the last member")
