@@ -49,7 +49,7 @@ from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
 from mirror.routing import glob_to_regex
-from mirror.storage import NotFound, Storage, StorageUnavailable, open_storage, paths
+from mirror.storage import NotFound, Storage, StorageUnavailable, open_storage, paths, without_hot_tier
 from mirror.store import walk_repositories
 
 FORMAT = "mirror-export"
@@ -665,7 +665,7 @@ def _run(config: Config, as_json: bool, job: Callable[[Storage], Awaitable[T]]) 
     logs.setup("warning", config.log.fields, sys.stderr)
 
     async def run() -> T:
-        storage = open_storage(config)
+        storage = open_storage(without_hot_tier(config))
         try:
             try:
                 await storage.check()

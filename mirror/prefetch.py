@@ -30,7 +30,7 @@ from mirror import manifest as manifests_
 from mirror.config import Config, MetricsConfig
 from mirror.errors import RegistryError
 from mirror.names import DIGEST_RE, NAME_RE, TAG_RE, parse_digest
-from mirror.storage import StorageUnavailable
+from mirror.storage import StorageUnavailable, without_hot_tier
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -302,7 +302,7 @@ class Prefetcher:
     async def _blobs(self, image: ImageRef, blobs: list[_Blob], result: ImageResult) -> None:
         total = sum(b.size for b in blobs)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=str(image), leave=True,
-                  disable=not self.progress, dynamic_ncols=True) as bar:
+                  disable=not self.progress) as bar:
             gate = asyncio.Semaphore(self.parallel)
 
             async def one(blob: _Blob) -> None:
@@ -360,8 +360,8 @@ async def prefetch_in_process(config: Config, images: list[ImageRef], platform: 
     from mirror.api.context import REGISTRY  # the whole server: only needed on this path
     from mirror.app import create_app
 
-    # Its own metrics listener would collide with the running server's.
-    config = dataclasses.replace(config, metrics=MetricsConfig(enabled=False))
+    # Its own metrics listener would collide with the running server's, its own hot tier fight the server's.
+    config = dataclasses.replace(without_hot_tier(config), metrics=MetricsConfig(enabled=False))
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 
 from tests.e2e.push_helpers import push_config
+from tests.e2e.test_replicas import replica_config
 from tests.support.clients import Dockerd, skopeo, skopeo_copy
 from tests.support.images import Layout, inspect_raw, sha256_digest
-from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, http, run
+from tests.support.ossserver import OssServer
+from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, http, run, wait_for
 from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy
 from tests.test_archive import HEADER, TRAILER, member_name, members, snapshot
 
@@ -46,9 +48,10 @@ def json_out(r: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def config_with(default_url: str, quay_url: str | None = None, private: bool = False) -> dict[str, Any]:
-    config = push_config(default_url, quay_url) if private else {**push_config(default_url, quay_url)}
+    """The standard test config, tags stale after a second, with `team/**` private if asked."""
+    config = push_config(default_url, quay_url)
     if not private:
-        config.pop("private")
+        del config["private"]
     config["upstreams"][0]["tag_ttl"] = TAG_TTL
     return config
 
@@ -246,8 +249,8 @@ def test_export_wipe_import_docker_pull(docker: Dockerd, docker_mirror: Callable
     # A restarted server knows the imported private repositories from their markers.
     mirror.restart()
     assert manifest_digest(mirror, "team/app", "v1") == pushed
-    r = http("GET", f"{mirror.url}/v2/_catalog")
-    assert {"library/small", "library/big", "team/app", "team/multi"} <= set(r.json()["repositories"])
+    catalog = http("GET", f"{mirror.url}/v2/_catalog").json()["repositories"]
+    assert {"library/small", "library/big", "team/app", "team/multi"} <= set(catalog)
 
 
 def _rewrite_without(archive: Path, dest: Path, repo: str) -> str:
@@ -328,3 +331,33 @@ def test_damaged_archives_fail_and_leave_storage_unchanged(mirror_factory: Calla
     assert manifest_digest(target, "team/app", "v1") == small.digest
     assert manifest_digest(target, "team/multi", "latest") == multi.digest
     assert manifest_digest(target, "library/small", small.digest) == small.digest
+
+
+def test_export_import_on_oss(mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer,
+                              layouts: dict[str, Layout], tmp_path: Path) -> None:
+    """Through the Storage interface only: from one OSS prefix to another, next to running replicas,
+    and without touching the servers' hot tiers."""
+    small = layouts["small"]
+    a = mirror_factory(replica_config(upstream, oss), name="oss-a")
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/team/app:v1", "--dest-tls-verify=false")
+    skopeo_copy(f"docker://{a.host}/team/app:v1", f"oci:{tmp_path / 'pulled'}:latest")  # fills a's hot tier
+    tier = a.root / "_tier" / "blobs"
+    wait_for(lambda: len([p for p in tier.rglob("*") if p.is_file()]) >= 3, 10, "a's hot tier to fill")
+    hot = snapshot(tier)
+
+    archive = tmp_path / "oss.tar"
+    r = mirror_cli("export", "--config", a.config_path, "--output", archive, "--json")
+    assert r.returncode == 0, r.stderr
+    assert [x["name"] for x in json_out(r)["repositories"]] == ["team/app"]
+    assert snapshot(tier) == hot  # the export read the bucket, not a's tier, and evicted nothing
+
+    restored = replica_config(upstream, oss)
+    restored["storage"]["oss"]["rootdirectory"] = "restored"
+    b = mirror_factory(restored, name="oss-b")
+    r = mirror_cli("import", archive, "--config", b.config_path, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json_out(r)["new_blobs"] == 4  # the manifest, the config, two layers
+    assert manifest_digest(b, "team/app", "v1") == small.digest
+    out = tmp_path / "from-b"
+    skopeo_copy(f"docker://{b.host}/team/app:v1", f"oci:{out}:latest")
+    check_oci_copy(out, small)
