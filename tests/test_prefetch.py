@@ -4,10 +4,14 @@ app (in front of the scripted upstream) and through one started in-process from 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +235,45 @@ async def test_command_unreachable_server_exits_1() -> None:
     doc = json.loads(out)
     assert doc["ok"] is False and [f["image"] for f in doc["failures"]] == ["alpine", "busybox"]
     assert "cannot reach http://127.0.0.1:9" in err.decode()
+
+
+def _drain(fd: int) -> bytes:
+    """Everything written to a pty until its other side closes."""
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+async def test_progress_bars_on_a_terminal_only(upstream: Any, mirror: Any) -> None:
+    """Bars go to stderr when it is a terminal, never with --json; stdout stays the result."""
+    script, _ = upstream
+    m, _ = image(script, "library/solo", "amd64", 3_000_000)
+    script.manifests[("library/solo", "latest")] = script.manifests[("library/solo", m)]
+    client = await mirror()
+    base = str(client.server.make_url("")).rstrip("/")
+    for extra, bars in (((), True), (("--json",), False)):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mirror", "prefetch", "solo", "--server", base, *extra,
+                stdout=subprocess.PIPE, stderr=slave)
+            os.close(slave)
+            drained = asyncio.create_task(asyncio.to_thread(_drain, master))
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            err = (await asyncio.wait_for(drained, 10)).decode(errors="replace")
+        finally:
+            os.close(master)
+        assert proc.returncode == 0, err
+        assert ("library/solo:latest" in err and "100%" in err) is bars, err
+        if bars:
+            assert out.decode().startswith(f"library/solo:latest {m} 1 manifests, 2 blobs, 2.9 MiB")
+        else:
+            assert json.loads(out)["images"][0]["digest"] == m and "%" not in err
