@@ -26,7 +26,7 @@ from aiohttp import web
 from tqdm import tqdm
 
 from mirror import logs, mediatypes
-from mirror import manifest as manifests_
+from mirror import manifest as manifests_  # MAX_MANIFEST
 from mirror.config import Config, MetricsConfig
 from mirror.errors import RegistryError
 from mirror.names import DIGEST_RE, NAME_RE, TAG_RE, parse_digest
@@ -202,6 +202,28 @@ class _Blob:
     size: int
 
 
+def _json_object(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise PrefetchError(f"{where} is not a JSON object")
+    return doc
+
+
+def _descriptor(value: Any, where: str) -> _Blob:
+    digest = value.get("digest") if isinstance(value, dict) else None
+    size = value.get("size") if isinstance(value, dict) else None
+    try:
+        parse_digest(digest if isinstance(digest, str) else "")
+    except RegistryError:
+        raise PrefetchError(f"{where}: a descriptor without a valid digest: {str(value)[:200]}") from None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise PrefetchError(f"{where}: descriptor {digest} has no valid size")
+    return _Blob(str(digest), size)
+
+
 def _oci_error(status: int, body: bytes) -> str:
     try:
         errors = json.loads(body)["errors"]
@@ -264,12 +286,13 @@ class Prefetcher:
             for child in self._children(image, body):
                 blobs.extend(await self._manifests(image, child, result, depth + 1))
             return blobs
-        try:
-            manifests_.parse(body, media_type)
-        except RegistryError as e:
-            raise PrefetchError(f"{image}: manifest {digest}: {e.message}") from None
-        doc = json.loads(body)
-        return [_Blob(d["digest"], d["size"]) for d in [doc["config"], *(doc.get("layers") or [])]]
+        doc = _json_object(body, f"{image}: manifest {digest}")
+        layers = doc.get("layers") or []
+        if not isinstance(layers, list):
+            raise PrefetchError(f"{image}: manifest {digest}: layers is not a list")
+        # Read as a client reads it, not with the push validation: upstreams send manifests a push
+        # would refuse (descriptors without a mediaType, say), and docker pulls them all the same.
+        return [_descriptor(d, f"{image}: manifest {digest}") for d in [doc.get("config"), *layers]]
 
     async def _get_manifest(self, image: ImageRef, reference: str) -> tuple[bytes, str]:
         async with self.session.get(self._url(image, "manifests", reference), headers={"Accept": ACCEPT}) as r:
@@ -286,7 +309,9 @@ class Prefetcher:
         return body, mediatypes.detect(body, declared)
 
     def _children(self, image: ImageRef, body: bytes) -> list[str]:
-        entries = json.loads(body).get("manifests") or []
+        entries = _json_object(body, f"{image}: index").get("manifests") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise PrefetchError(f"{image}: index: manifests is not a list of descriptors")
         if self.platform is None:
             chosen = entries
         else:
@@ -297,7 +322,7 @@ class Prefetcher:
                                         for e in entries if isinstance(p := e.get("platform"), dict)}))
             raise PrefetchError(f"{image}: no {self.platform} image in the index (it has {offered or 'none'}); "
                                 f"--platform all fetches every one")
-        return [e["digest"] for e in chosen]
+        return [_descriptor(e, f"{image}: index").digest for e in chosen]
 
     async def _blobs(self, image: ImageRef, blobs: list[_Blob], result: ImageResult) -> None:
         total = sum(b.size for b in blobs)

@@ -31,6 +31,7 @@ from mirror.prefetch import (
     prefetch_in_process,
 )
 from tests.scripted_upstream import ScriptedUpstream, digest
+from tests.test_cache import image as cache_image
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -193,6 +194,14 @@ async def test_prefetch_failures_are_per_image(upstream: Any, mirror: Any) -> No
     del script.blobs[blobs[1]]
     report = await prefetch(base, [parse_reference("broken")], None)
     assert blobs[1] in str(report.images[0].error)
+
+    # what the upstream sends is read as a client reads it: descriptors without a mediaType are fine,
+    # a body that is no manifest at all is an error for that image, not a crash
+    m, layer = cache_image(script, "library/plain")
+    script.add_manifest("library/junk", "latest", b"<html>not a manifest</html>", media_type=OCI_MANIFEST)
+    report = await prefetch(base, [parse_reference("plain"), parse_reference("junk")], None)
+    assert report.images[0].error is None and layer in report.images[0].blobs
+    assert "is not a JSON object" in str(report.images[1].error)
 
 
 async def test_prefetch_in_process_from_config(upstream: Any, tmp_path: Path) -> None:
