@@ -18,7 +18,17 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.archive import HEADER, TRAILER, ArchiveError, Header, export, import_archive, member_name
+from mirror.archive import (
+    HEADER,
+    TRAILER,
+    ArchiveError,
+    Header,
+    export,
+    import_archive,
+    member_name,
+    plan_export,
+    write_archive,
+)
 from mirror.storage.filesystem import FilesystemStorage
 from tests.test_cache import committed
 from tests.test_cache import image as upstream_image
@@ -352,3 +362,28 @@ def test_header_rejects_what_it_does_not_know() -> None:
     ]:
         with pytest.raises(ArchiveError, match=message):
             Header.from_bytes(bad)
+
+
+async def test_blob_removed_during_export_fails_clearly(registry: Factory, tmp_path: Path) -> None:
+    """Between the listing and the copy, gc (or eviction) removes a blob: a clear failure naming it,
+    and no archive at all rather than one that looks whole."""
+    await push_private(await registry(root=tmp_path / "data"))
+    storage = FilesystemStorage(tmp_path / "data")
+    header, _ = await plan_export(storage, [], None)
+    victim = list(header.blobs)[len(header.blobs) // 2]
+    (tmp_path / "data" / "blobs" / "sha256" / victim[7:9] / victim[7:]).unlink()
+    output = tmp_path / "out.tar"
+    with pytest.raises(ArchiveError, match=f"blob {victim} was removed from storage during the export"):
+        await write_archive(storage, header, output)
+    assert not output.exists() and not output.with_name("out.tar.partial").exists()
+
+    # Bytes changed under the same name (a damaged disk): caught by the hash on the way.
+    other = next(d for d in header.blobs if d != victim and header.blobs[d] > 10)
+    path = tmp_path / "data" / "blobs" / "sha256" / other[7:9] / other[7:]
+    data = bytearray(path.read_bytes())
+    data[5] ^= 1
+    path.write_bytes(bytes(data))
+    header, _ = await plan_export(storage, [], None)
+    with pytest.raises(ArchiveError, match=f"blob {other} in storage does not match its digest"):
+        await write_archive(storage, header, output)
+    assert not output.exists()
