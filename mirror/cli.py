@@ -1,4 +1,4 @@
-"""`mirror serve | check-config`."""
+"""`mirror serve | gc | du | evict | index | prefetch | export | import | check-config`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -93,7 +94,7 @@ def _duration(value: str) -> float:
 
 def gc(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup("warning", config.log.fields)
+    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
     try:
         result = asyncio.run(_gc(config, args.dry_run, args.grace))
     except StorageUnavailable as e:
@@ -132,7 +133,7 @@ def _on_storage(config: Config, work: Coroutine[Any, Any, T]) -> T | None:
 
 def du(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup("warning", config.log.fields)
+    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
     found = _on_storage(config, maintenance.disk_usage(config))
     if found is None:
         return 2
@@ -151,7 +152,7 @@ def du(args: argparse.Namespace) -> int:
 
 def evict(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup("warning", config.log.fields)
+    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
     result = _on_storage(config, maintenance.evict(config, args.older_than, args.max_size, args.dry_run))
     if result is None:
         return 2
@@ -169,7 +170,7 @@ def evict(args: argparse.Namespace) -> int:
 
 def index(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup("warning", config.log.fields)
+    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
     result = _on_storage(config, maintenance.rebuild_index(config))
     if result is None:
         return 2
@@ -194,6 +195,23 @@ def _bytes(value: str) -> int:
         return parse_size(value, "size")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+def prefetch(args: argparse.Namespace) -> int:
+    from mirror.prefetch import command
+
+    return command(args.images, args.platform, args.server, None if args.server else _load(args.config), args.json)
+
+
+def export(args: argparse.Namespace) -> int:
+    from mirror.archive import export_command
+
+    kind = "private" if args.private_only else "proxied" if args.cached_only else None
+    return export_command(_load(args.config), Path(args.output), args.repos, kind, args.json)
+
+
+def import_(args: argparse.Namespace) -> int:
+    from mirror.archive import import_command
+
+    return import_command(_load(args.config), Path(args.archive), args.json)
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -241,6 +259,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config.yml (default: the embedded one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=index)
+    p = sub.add_parser("prefetch", help="warm the cache: pull images through the mirror")
+    p.add_argument("images", nargs="+", metavar="IMAGE[:TAG|@DIGEST]", help="alpine, user/app:1, ghcr.io/org/app")
+    p.add_argument("--platform", help="os/arch[/variant] to take from an index, or all (default: this host's)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", help="the running mirror, e.g. http://127.0.0.1:5000 (default: run one "
+                                        "in this process on --config's storage)")
+    where.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=prefetch)
+    p = sub.add_parser("export", help="write repositories (private and cached) to a tar file")
+    p.add_argument("repos", nargs="*", metavar="REPO", help="names or patterns (team/**); default: all")
+    p.add_argument("--output", "-o", required=True, help="the tar file to write")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--private-only", action="store_true", help="only repositories pushed here")
+    only.add_argument("--cached-only", action="store_true", help="only pull-through cached repositories")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=export)
+    p = sub.add_parser("import", help="verify a tar from `mirror export`, then add it to storage")
+    p.add_argument("archive", metavar="FILE.tar")
+    p.add_argument("--config", help="config.yml (default: the embedded one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=import_)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("config", nargs="?")
     p.set_defaults(func=check_config)

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -46,8 +46,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup(level: str, fields: Mapping[str, Any]) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+def setup(level: str, fields: Mapping[str, Any], stream: TextIO | None = None) -> None:
+    """JSON lines on stdout (or `stream`: stderr for commands whose stdout is their result)."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -460,3 +460,25 @@ async def test_tag_policies_and_allowed_repositories(upstream, mirror) -> None:
     r = await client.get("/v2/someone/app/manifests/latest")
     assert r.status == 403 and (await r.json())["errors"][0]["code"] == "DENIED"
     assert not any("someone" in call for call in script.calls)
+
+
+async def test_tag_in_storage_without_index_entry_is_served(upstream, registry, tmp_path: Path) -> None:
+    """The index is an accelerator: a tag file in storage (an import, another replica, a lost index)
+    is revalidated like a cached tag, and served stale when the upstream is down."""
+    script, server = upstream
+    m, _ = image(script)
+    hub = {"name": "hub", "url": str(server.make_url("")), "dockerhub": True, "retries": 1}
+    first = await registry(upstreams=[hub])
+    assert (await first.get("/v2/app/manifests/latest")).status == 200
+    assert script.calls["GET /v2/library/app/manifests/latest"] == 1
+
+    fresh = await registry(upstreams=[hub], cache={"index": str(tmp_path / "other-index")})
+    r = await fresh.get("/v2/app/manifests/latest")
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == m
+    assert script.calls["HEAD /v2/library/app/manifests/latest"] == 1  # revalidated, not fetched again
+    assert script.calls["GET /v2/library/app/manifests/latest"] == 1
+
+    script.status = 503
+    down = await registry(upstreams=[hub], cache={"index": str(tmp_path / "third-index")})
+    r = await down.get("/v2/app/manifests/latest")
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == m and "110" in r.headers["Warning"]

@@ -301,6 +301,12 @@ class BlobCache:
         task.add_done_callback(self._tasks.discard)
         return flight
 
+    async def settle(self) -> None:
+        """Wait until no fetch is in progress (every blob a client received is committed), for a server
+        about to stop on purpose (prefetch); callers bound it with asyncio.timeout."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()

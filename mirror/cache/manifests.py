@@ -95,6 +95,9 @@ class ManifestCache:
     async def _revalidate(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
         cached = await self.store.get(route.local, entry.digest) if entry else None
+        if cached is None:  # the index is an accelerator: the tag file (an import, another replica) is the truth
+            stored = await self.store.tag(route.local, tag)
+            cached = await self.store.get(route.local, stored) if stored else None
         up = route.proxy.client
         try:
             if cached is not None:

@@ -3,13 +3,15 @@ local hot tier in front (tier.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from mirror.config import Config
 from mirror.storage.base import NotFound, Observed, Observer, Stat, Storage, StorageUnavailable, Writer
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.storage.oss import OssStorage
 from mirror.storage.tier import HotTier
 
-__all__ = ["NotFound", "Stat", "Storage", "StorageUnavailable", "Writer", "open_storage"]
+__all__ = ["NotFound", "Stat", "Storage", "StorageUnavailable", "Writer", "open_storage", "without_hot_tier"]
 
 
 def open_storage(config: Config, observe: Observer | None = None) -> Storage:
@@ -25,3 +27,11 @@ def open_storage(config: Config, observe: Observer | None = None) -> Storage:
     if observe is not None:
         bucket = Observed(bucket, observe)
     return HotTier(bucket, tier, config.cache.hot_size) if config.cache.hot_size > 0 else bucket
+
+
+def without_hot_tier(config: Config) -> Config:
+    """`config` for a command that reads or writes in bulk next to a running server (export, import,
+    prefetch): straight to the bucket. The hot tier's directory and its accounting belong to the
+    server; a second process filling and evicting the same directory would fight it, and a backup
+    must not evict what is hot."""
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, hot_size=0))

@@ -33,6 +33,16 @@ def layer(name: str, digest: Digest) -> str:
     return f"{REPOSITORIES}/{name}/_layers/{digest.algorithm}/{digest.hex}"
 
 
+def revisions(name: str) -> str:
+    """Every manifest link of `name`: `<algorithm>/<hex>` below."""
+    return f"{REPOSITORIES}/{name}/_manifests/revisions"
+
+
+def layers(name: str) -> str:
+    """Every blob link of `name`: `<algorithm>/<hex>` below."""
+    return f"{REPOSITORIES}/{name}/_layers"
+
+
 def private_marker(name: str) -> str:
     """Present once something was pushed to `name`: it is hosted here, never proxied."""
     return f"{REPOSITORIES}/{name}/_private"
@@ -42,9 +52,19 @@ def referrers(name: str, subject: Digest) -> str:
     return f"{REPOSITORIES}/{name}/_referrers/{subject.algorithm}/{subject.hex}"
 
 
+def all_referrers(name: str) -> str:
+    """Every referrer record of `name`: `<algorithm>/<subject hex>/<referrer_entry>` below."""
+    return f"{REPOSITORIES}/{name}/_referrers"
+
+
 def referrer(name: str, subject: Digest, manifest: Digest) -> str:
     """The descriptor of `manifest`, which names `subject` as its subject."""
     return f"{referrers(name, subject)}/{manifest.algorithm}-{manifest.hex}"
+
+
+def referrer_manifest(entry: str) -> str:
+    """The manifest digest a referrer record's name (the last part of `referrer()`) stands for."""
+    return entry.replace("-", ":", 1)
 
 
 def uploads(name: str) -> str:
