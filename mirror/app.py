@@ -229,6 +229,10 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Fetches under way finish and commit (their clients already have the bytes), within bounds.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.http.draintimeout):
+                await blob_cache.settle()
         await blob_cache.close()
         await session.close()
         index.close()

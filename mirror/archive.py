@@ -325,7 +325,7 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
         included = kept | set(repo.layers)
         absent: dict[str, None] = {}
         for digest in repo.manifests:
-            for ref in _references(bodies[digest]):
+            for ref in _refs(bodies[digest]):
                 if ref not in included:
                     absent[ref] = None
         repo.absent = list(absent)
@@ -338,26 +338,8 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
     return Header(repositories, blobs, created), notes
 
 
-def _references(body: bytes) -> list[str]:
-    """What a manifest references: config, layers, an index's children. Read leniently, not with
-    the push validation: upstreams send manifests a push would refuse (descriptors without a
-    mediaType, say), and their references count all the same."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return []
-    if not isinstance(doc, dict):
-        return []
-    descriptors = [doc.get("config")]
-    for key in ("layers", "manifests"):
-        if isinstance(doc.get(key), list):
-            descriptors += doc[key]
-    refs = []
-    for descriptor in descriptors:
-        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-            with contextlib.suppress(RegistryError):
-                refs.append(str(parse_digest(descriptor["digest"])))
-    return refs
+def _refs(body: bytes) -> list[str]:
+    return [str(d) for d in manifests_.references(body)]
 
 
 def _tar_header(name: str, size: int, mtime: int) -> bytes:
@@ -580,7 +562,7 @@ def check_references(header: Header, bodies: dict[str, bytes]) -> None:
     for repo in header.repositories:
         included = {*repo.manifests, *repo.layers, *repo.absent}
         for digest in repo.manifests:
-            for ref in _references(bodies[digest]):
+            for ref in _refs(bodies[digest]):
                 if ref not in included:
                     raise ArchiveError(f"{HEADER}: manifest {digest} of {repo.name} references {ref}, which the "
                                        f"archive neither holds ({member_name(ref)}) nor declares absent")

@@ -22,7 +22,7 @@ from mirror.auth.htpasswd import HtpasswdError
 from mirror.auth.token import TokenSetupError
 from mirror.config import Config, ConfigError, load, parse_duration, parse_size
 from mirror.gc import GcResult, collect
-from mirror.storage import StorageUnavailable, open_storage
+from mirror.storage import StorageUnavailable, open_storage, without_hot_tier
 from mirror.tls import server_context
 
 T = TypeVar("T")
@@ -114,7 +114,7 @@ def gc(args: argparse.Namespace) -> int:
 
 
 async def _gc(config: Config, dry_run: bool, grace: float) -> GcResult:
-    storage = open_storage(config)
+    storage = open_storage(without_hot_tier(config))  # the hot tier belongs to the running server
     try:
         await storage.check()
         return await collect(storage, dry_run=dry_run, grace=grace)

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 from mirror import manifest as manifests_
-from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, Digest
 from mirror.storage import NotFound, Storage, paths
 from mirror.store import walk_repositories
@@ -36,11 +35,7 @@ async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
         body = await storage.get_bytes(paths.blob(digest))
     except NotFound:
         return []
-    try:
-        parsed = manifests_.parse(body, None)
-    except RegistryError:
-        return []  # not a manifest we understand: it keeps itself, nothing more
-    return [*parsed.blobs, *parsed.manifests]
+    return manifests_.references(body)
 
 
 async def mark(storage: Storage) -> set[str]:

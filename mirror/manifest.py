@@ -3,6 +3,7 @@ its subject and artifact type (for the referrers API)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,3 +130,25 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
         artifact_type = config.media_type  # OCI 1.1: an artifact without artifactType is typed by its config
     return ParsedManifest(media_type, blobs=blobs, subject=subject, artifact_type=artifact_type,
                           annotations=annotations)
+
+
+def references(body: bytes) -> list[Digest]:
+    """What a stored manifest references: config, layers, an index's children. Read leniently, not
+    with the push validation: upstreams send manifests a push would refuse (descriptors without a
+    mediaType, say), and their references count all the same (gc, eviction, export)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    descriptors = [doc.get("config")]
+    for key in ("layers", "manifests", "blobs"):
+        if isinstance(doc.get(key), list):
+            descriptors += doc[key]
+    refs = []
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            with contextlib.suppress(RegistryError):
+                refs.append(parse_digest(descriptor["digest"]))
+    return refs

@@ -87,3 +87,19 @@ def test_gc_cli(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "mirror", "gc", "--config", str(config)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "deleted 1 blobs" in r.stdout and not orphan.exists()
+
+
+async def test_gc_keeps_what_a_leniently_written_cached_manifest_references(tmp_path: Path) -> None:
+    """Upstreams send manifests a push would refuse (descriptors without mediaType): what they
+    reference is in use all the same."""
+    storage = FilesystemStorage(tmp_path / "data")
+    layer, config = os.urandom(1000), b'{"os":"linux"}'
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": sha(config), "size": len(config)},
+                           "layers": [{"digest": sha(layer), "size": len(layer)}]}).encode()
+    for data in (layer, config, manifest):
+        d = sha(data)
+        await storage.put_bytes(f"blobs/sha256/{d[7:9]}/{d[7:]}", data)
+    await storage.put_bytes(f"repositories/library/app/_manifests/revisions/sha256/{sha(manifest)[7:]}", b"")
+    age_everything(tmp_path / "data")
+    result = await collect(storage, grace=0)
+    assert result.swept == [] and result.marked == 3

@@ -25,6 +25,7 @@ from mirror.storage import NotFound, Storage, paths
 from mirror.store import BlobStore, ManifestStore
 
 log = logging.getLogger("mirror.cache")
+YIELD_EVERY = 32  # evictions between turns of the event loop
 
 
 @dataclass
@@ -160,8 +161,12 @@ class Evictor:
                 victims.append(digest)
                 usage -= census.blobs[digest][0]
                 result.expired += expired
-            for digest in victims:
+            for i, digest in enumerate(victims):
                 await self._evict(digest, census, result, dry_run)
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # filesystem deletes never wait: let requests through
+            if victims and not dry_run:
+                await asyncio.to_thread(self.index.drop_access, victims)  # one transaction, off the loop
             result.usage_after = census.total - result.evicted_bytes
             if not dry_run:
                 self.usage = result.usage_after
@@ -216,6 +221,6 @@ class Evictor:
             await self.blobs.unlink(repository, d)
         self.manifests.forget(digest)
         await self.storage.delete(paths.blob(d))
-        self.index.drop_access(digest)
+        self.index.pending.pop(digest, None)
         self.blobs.metrics.blob_removed(size)
         self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()

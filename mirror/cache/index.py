@@ -71,9 +71,11 @@ class Index:
         """Access times not flushed yet (the loop's own: read them on the loop)."""
         return self._access
 
-    def drop_access(self, digest: str) -> None:
-        self._access.pop(digest, None)
-        self.db.delete(("access", digest))
+    def drop_access(self, digests: list[str]) -> None:
+        """Forget the access times of evicted objects (flushed ones: pop pending ones on the loop)."""
+        with self.db.transact():
+            for digest in digests:
+                self.db.delete(("access", digest))
 
     def epoch(self) -> int:
         """Bumped by commands that change storage behind a running server (`mirror evict`, `index

@@ -7,8 +7,9 @@ async iterators of chunks; nothing here reads a blob whole (get_bytes is for sma
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -74,7 +75,7 @@ class Storage(abc.ABC):
     async def stat(self, key: str) -> Stat | None: ...
 
     @abc.abstractmethod
-    def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         """Chunks of the object from `offset`; raises NotFound."""
 
     @abc.abstractmethod
@@ -167,17 +168,17 @@ class Observed(Storage):
     async def stat(self, key: str) -> Stat | None:
         return await self._timed("stat", self.backend.stat(key))
 
-    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        chunks = self.backend.reader(key, offset, length)
-        first = await self._timed("reader", anext(chunks, b""))
-        if first:
-            yield first
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            except Exception:
-                self.observe("reader", 0.0, True)
-                raise
+    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
+        async with contextlib.aclosing(self.backend.reader(key, offset, length)) as chunks:
+            first = await self._timed("reader", anext(chunks, b""))
+            if first:
+                yield first
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                except Exception:
+                    self.observe("reader", 0.0, True)
+                    raise
 
     async def writer(self, key: str, append: bool = False) -> Writer:
         return _ObservedWriter(await self._timed("writer", self.backend.writer(key, append)), self)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import aiofiles
@@ -99,7 +99,7 @@ class FilesystemStorage(Storage):
             return None
         return Stat(st.st_size, st.st_mtime)
 
-    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         try:
             f = await aiofiles.open(self.path(key), "rb")
         except (FileNotFoundError, NotADirectoryError):

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,7 +125,7 @@ class OssStorage(Storage):
             return None
         return Stat(int(head.content_length), float(head.last_modified))
 
-    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         end = None if length is None else offset + length
         pos, attempt = offset, 0
         if end is not None and pos >= end:

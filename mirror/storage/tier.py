@@ -9,12 +9,13 @@ last use, so the order survives a restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import aiofiles
@@ -127,20 +128,19 @@ class HotTier(Storage):
                 return st
         return await self.backend.stat(key)
 
-    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        if self._hit(key) is not None:
-            async for chunk in self.local.reader(key, offset, length):
-                yield chunk
-            return
-        if not _tiered(key) or offset or length is not None:
-            async for chunk in self.backend.reader(key, offset, length):
-                yield chunk
+    async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
+        hit = self._hit(key) is not None
+        if hit or not _tiered(key) or offset or length is not None:
+            source = self.local if hit else self.backend
+            async with contextlib.aclosing(source.reader(key, offset, length)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         # A whole blob read from the backend: keep a copy on the way, if it arrives whole.
         temp = self._temp()
         try:
-            async with aiofiles.open(temp, "wb") as f:
-                async for chunk in self.backend.reader(key):
+            async with aiofiles.open(temp, "wb") as f, contextlib.aclosing(self.backend.reader(key)) as chunks:
+                async for chunk in chunks:  # aclosing: a reader that stops early lets go of the backend now
                     await f.write(chunk)
                     yield chunk
             await self._keep(key, temp)
