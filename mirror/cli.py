@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,19 +122,20 @@ async def _gc(config: Config, dry_run: bool, grace: float) -> GcResult:
         await storage.close()
 
 
-def _on_storage(config: Config, work: Coroutine[Any, Any, T]) -> T | None:
-    """Run a command's work on storage; a storage failure is a message and exit 2, not a trace."""
+def _on_storage(args: argparse.Namespace, work: Callable[[Config], Coroutine[Any, Any, T]]) -> T | None:
+    """Run a command's work on the configured storage, logging to stderr (stdout is the result);
+    a storage failure is a message (and exit 2), not a trace."""
+    config = _load(args.config)
+    logs.setup("warning", config.log.fields, sys.stderr)
     try:
-        return asyncio.run(work)
+        return asyncio.run(work(config))
     except StorageUnavailable as e:
         print(f"mirror: storage error: {e}", file=sys.stderr)
         return None
 
 
 def du(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
-    found = _on_storage(config, maintenance.disk_usage(config))
+    found = _on_storage(args, maintenance.disk_usage)
     if found is None:
         return 2
     report, _ = found
@@ -151,9 +152,8 @@ def du(args: argparse.Namespace) -> int:
 
 
 def evict(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
-    result = _on_storage(config, maintenance.evict(config, args.older_than, args.max_size, args.dry_run))
+    result = _on_storage(args, lambda config: maintenance.evict(config, args.older_than, args.max_size,
+                                                                args.dry_run))
     if result is None:
         return 2
     if args.json:
@@ -169,9 +169,7 @@ def evict(args: argparse.Namespace) -> int:
 
 
 def index(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
-    result = _on_storage(config, maintenance.rebuild_index(config))
+    result = _on_storage(args, maintenance.rebuild_index)
     if result is None:
         return 2
     if args.json:

@@ -439,6 +439,12 @@ class Section:
             return str(value)
         raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
 
+    def required(self, name: str, why: str) -> str:
+        value = self.string(name)
+        if not value:
+            raise ConfigError(f"{self.key(name)}: {why}")
+        return value
+
     def flag(self, name: str, default: bool) -> bool:
         value = self.take(name, default)
         if not isinstance(value, bool):
@@ -530,11 +536,7 @@ def _notifications(s: Section) -> NotificationsConfig:
     endpoints: list[EndpointConfig] = []
     for i, item in enumerate(items):
         e = Section(item, f"{s.key('endpoints')}[{i}]")
-        name, url = e.string("name"), e.string("url")
-        if not name:
-            raise ConfigError(f"{e.key('name')}: every endpoint needs a name")
-        if not url:
-            raise ConfigError(f"{e.key('url')}: every endpoint needs a url")
+        name, url = e.required("name", "every endpoint needs a name"), e.required("url", "every endpoint needs a url")
         ignore = e.section("ignore")
         actions = ignore.strings("actions")
         for action in actions:
@@ -657,10 +659,7 @@ def _storage(s: Section) -> StorageConfig:
 
 def _oss(s: Section) -> OssConfig:
     def required(name: str) -> str:
-        value = s.string(name)
-        if not value:
-            raise ConfigError(f"{s.key(name)}: required by the oss driver")
-        return value
+        return s.required(name, "required by the oss driver")
 
     chunksize = parse_size(s.take("chunksize", OssConfig.chunksize), s.key("chunksize"))
     if chunksize < 5 << 20:  # registry:2's minimum; OSS itself refuses parts under 100 KiB
@@ -775,12 +774,8 @@ def _limits(s: Section) -> LimitsConfig:
 
 
 def _upstream(s: Section, index: int) -> UpstreamConfig:
-    name = s.string("name")
-    url = s.string("url")
-    if not name:
-        raise ConfigError(f"{s.key('name')}: every upstream needs a name")
-    if not url:
-        raise ConfigError(f"{s.key('url')}: every upstream needs a url")
+    name = s.required("name", "every upstream needs a name")
+    url = s.required("url", "every upstream needs a url")
     hosts = s.strings("hosts")
     prefixes = s.strings("prefixes")
     for prefix in prefixes:

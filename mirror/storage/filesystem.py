@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
 import aiofiles
@@ -154,20 +154,19 @@ class FilesystemStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
-        def walk() -> list[tuple[str, Stat]]:
-            found = []
-            for dirpath, _, files in os.walk(self.path(prefix)):
-                for name in files:
-                    path = os.path.join(dirpath, name)
-                    try:
-                        st = os.stat(path)
-                    except FileNotFoundError:
-                        continue
-                    found.append((os.path.relpath(path, self.root), Stat(st.st_size, st.st_mtime)))
-            return found
+    def walk(self, prefix: str) -> Iterator[tuple[str, Stat]]:
+        """scan(), blocking: every file below `prefix` with its stat."""
+        for dirpath, _, files in os.walk(self.path(prefix)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                yield os.path.relpath(path, self.root), Stat(st.st_size, st.st_mtime)
 
-        for entry in await asyncio.to_thread(walk):
+    async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
+        for entry in await asyncio.to_thread(lambda: [*self.walk(prefix)]):
             yield entry
 
     async def delete(self, key: str) -> None:

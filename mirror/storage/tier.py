@@ -43,18 +43,9 @@ class HotTier(Storage):
         self._load()
 
     def _load(self) -> None:
-        found = []
-        for dirpath, _, names in os.walk(self.local.root / "blobs"):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                found.append((st.st_mtime, os.path.relpath(path, self.local.root), st.st_size))
-        for _, key, size in sorted(found):
-            self._files[key] = size
-            self.size += size
+        for key, st in sorted(self.local.walk("blobs"), key=lambda entry: entry[1].mtime):
+            self._files[key] = st.size
+            self.size += st.size
         self._evict()
 
     # --- the local copies ----------------------------------------------------------------------
