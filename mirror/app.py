@@ -126,6 +126,24 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(RegistryError("UNKNOWN", "internal server error"))
 
 
+# What a proxied pull answers when the upstream does not know the name (Docker Hub: DENIED).
+NOT_UPSTREAM = frozenset({"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "DENIED"})
+
+
+@web.middleware
+async def late_private(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A pull of a name the upstream does not know, that became private elsewhere (another replica
+    pushed it, or an import), is answered as private: once, after a storage check."""
+    try:
+        return await handler(request)
+    except RegistryError as e:
+        name = request.match_info.get("name")
+        if (e.code not in NOT_UPSTREAM or name is None or request.method not in ("GET", "HEAD")
+                or not await request.app[REGISTRY].became_private(name, request.query.get("ns"))):
+            raise
+    return await handler(request)
+
+
 def _on_prepare(config: Config) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     extra = {name: ", ".join(values) for name, values in config.http.headers.items()}
 
@@ -302,6 +320,7 @@ def create_app(config: Config) -> web.Application:
     notify = any(not e.disabled for e in config.notifications.endpoints)
     if notify:
         middlewares.append(events)
+    middlewares.append(late_private)  # inside auth: a caller who may not pull costs no storage check
     app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
     if gate is not None:
         app[GATE] = gate

@@ -56,6 +56,17 @@ class Registry:
     def route(self, name: str, ns: str | None) -> Route:
         return self.router.route(name, ns)
 
+    async def became_private(self, name: str, ns: str | None) -> bool:
+        """A name routed upstream that another replica (claim_on_push) or `mirror import` has made
+        private since we started: its marker is in storage. Asked only after the upstream did not
+        know the name, so the hot path pays nothing."""
+        if ns or self.router.route(name, ns).private:
+            return False
+        if await self.storage.stat(paths.private_marker(name)) is None:
+            return False
+        self.router.add_private(name)
+        return True
+
     async def route_for_push(self, name: str, ns: str | None) -> Route:
         """The route a push may write to: private, or claimed as private; DENIED for proxied names.
         `name` is the raw one from the URL: routing validates it before anything uses it."""

@@ -32,7 +32,7 @@ MiB = 1 << 20
 def replica_config(upstream: Distribution, oss: OssServer, **storage: Any) -> dict[str, Any]:
     """A replica: the session upstream, `team/**` private, everything in the bucket."""
     config = mirror_config(upstream.url)
-    config["private"] = {"patterns": list(PRIVATE)}
+    config["private"] = {"patterns": list(PRIVATE), "claim_on_push": True}
     config["storage"] = {"oss": {"accesskeyid": oss.key_id, "accesskeysecret": oss.key_secret,
                                  "region": "oss-test", "bucket": oss.bucket, "endpoint": oss.endpoint,
                                  "secure": False, "rootdirectory": "registry"},
@@ -75,6 +75,12 @@ def test_replicas_share_pushes_uploads_and_cached_blobs(
     docker.pull(f"{b.host}/team/app:v1")
     assert docker.image_id(f"{b.host}/team/app:v1") == small.image().config.digest
 
+    # A name A made private by pushing to it (claim_on_push) is served by B, which started before.
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/claimed/app:v1", "--dest-tls-verify=false")
+    out = tmp_path / "claimed"
+    skopeo_copy(f"docker://{b.host}/claimed/app:v1", f"oci:{out}:v1", "--src-tls-verify=false")
+    check_oci_copy(out, small)
+
     # An upload started on A is finished on B, and both serve the blob.
     data = os.urandom(3 * MiB + 7)
     location = start_upload(a, "team/data")
@@ -105,8 +111,14 @@ def test_hot_tier_serves_through_an_outage_and_nothing_half_written_appears(
         mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer) -> None:
     a = mirror_factory(replica_config(upstream, oss), name="replica-a")
     b = mirror_factory(replica_config(upstream, oss), name="replica-b")
+    def metric(pattern: str) -> float:
+        text = request("GET", f"{a.url}/metrics").body.decode()
+        return sum(float(v) for v in re.findall(pattern + r" (\S+)$", text, re.M))
+
     warm = push_blob(a, "team/outage", os.urandom(2 * MiB))
-    assert blob_get(a, "team/outage", warm)[0] == 200  # in A's hot tier now
+    assert blob_get(a, "team/outage", warm)[0] == 200
+    # the client has its bytes a moment before the server files the hot tier's copy
+    wait_for(lambda: metric(r"^mirror_hot_tier_bytes") >= 2 * MiB, 10, "the blob in A's hot tier")
     cold = push_blob(b, "team/outage", os.urandom(MiB))  # in the bucket, not in A's tier
 
     oss.faults(down=True)
@@ -123,13 +135,7 @@ def test_hot_tier_serves_through_an_outage_and_nothing_half_written_appears(
     assert request("HEAD", f"{b.url}/v2/team/outage/blobs/{sha(lost)}").status == 404
     assert blob_get(a, "team/outage", cold)[0] == 200
     assert a.running and b.running
-
-    def metric(pattern: str) -> float:
-        text = request("GET", f"{a.url}/metrics").body.decode()
-        return sum(float(v) for v in re.findall(pattern + r" (\S+)$", text, re.M))
-
     assert metric(r'^mirror_storage_errors_total\{backend="oss",operation="\w+"\}') >= 2  # the cold read, the push
-    # the client has its bytes a moment before the server files the tier's copy
     wait_for(lambda: metric(r"^mirror_hot_tier_bytes") >= 3 * MiB, 10, "both blobs in A's hot tier")
 
 
