@@ -20,7 +20,9 @@ async def registry(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     clients: list[TestClient] = []
 
     async def start(root: Path | None = None, **config: Any) -> TestClient:
-        raw = {"storage": {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}}, **config}
+        # A test's own storage keys (delete, redirect, ...) join the root, never replace it.
+        storage = {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}, **config.pop("storage", {})}
+        raw = {"storage": storage, **config}
         client = TestClient(TestServer(create_app(parse(raw))))
         await client.start_server()
         clients.append(client)

@@ -85,7 +85,7 @@ async def test_a_read_cut_short_leaves_no_local_copy(tmp_path: Path) -> None:
     await remote.put_bytes("blobs/sha256/ef/cut", os.urandom(4 * MiB))
     chunks = hot.reader("blobs/sha256/ef/cut")
     await anext(chunks)
-    await chunks.aclose()  # type: ignore[attr-defined]
+    await chunks.aclose()
     assert hot.local_path("blobs/sha256/ef/cut") is None
     assert not list(hot.staging_dir().iterdir())
 
