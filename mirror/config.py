@@ -219,6 +219,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UIConfig:
+    """The web UI at /ui/ (ours): browse repositories, tags and manifests, cache overview, deletes."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -230,6 +237,7 @@ class Config:
     auth: AuthConfig | None = None
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -288,6 +296,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_CACHE_DIRECTORY": ("cache", "directory"),
     "REGISTRY_CACHE_HOT_SIZE": ("cache", "hot_size"),
     "REGISTRY_CACHE_MAX_SIZE": ("cache", "max_size"),
+    "REGISTRY_UI_ENABLED": ("ui", "enabled"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 
@@ -703,6 +712,12 @@ def _limits(s: Section) -> LimitsConfig:
     return limits
 
 
+def _ui(s: Section) -> UIConfig:
+    ui = UIConfig(enabled=s.flag("enabled", UIConfig.enabled))
+    s.done()
+    return ui
+
+
 def _upstream(s: Section, index: int) -> UpstreamConfig:
     name = s.string("name")
     url = s.string("url")
@@ -817,10 +832,11 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     auth = _auth(s.section("auth"))
     access = _access(s.section("access"), auth)
     limits = _limits(s.section("limits"))
+    ui = _ui(s.section("ui"))
     s.refuse("notifications", why="notifications arrive with issue 9")
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
-                  private=private, metrics=metrics, auth=auth, access=access, limits=limits,
+                  private=private, metrics=metrics, auth=auth, access=access, limits=limits, ui=ui,
                   warnings=tuple(warnings or ()))
 
 
