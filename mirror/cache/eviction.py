@@ -37,6 +37,10 @@ class Census:
     revisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
     tags: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))  # -> (repo, tag)
     repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
+    # Per repository, private ones too (the web UI's catalog): digests it links, manifests and tags it has.
+    linked: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    manifest_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tag_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def total(self) -> int:
@@ -64,17 +68,23 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Ce
         private = census.repositories[name]
         if kind == "_layers" and rest.count("/") == 1:
             digest = rest.replace("/", ":")
+            census.linked[name].add(digest)
             if private:
                 census.private.add(digest)
             else:
                 census.layer_links[digest].append(name)
         elif kind == "_manifests" and rest.startswith("revisions/") and rest.count("/") == 2:
             digest = rest.removeprefix("revisions/").replace("/", ":")
+            census.linked[name].add(digest)
+            census.manifest_counts[name] += 1
             if private:
                 census.private.add(digest)
             else:
                 census.revisions[digest].append(name)
-        elif kind == "_manifests" and rest.startswith("tags/") and not private:
+        elif kind == "_manifests" and rest.startswith("tags/") and rest.count("/") == 1:
+            census.tag_counts[name] += 1
+            if private:
+                continue
             tag = rest.removeprefix("tags/")
             try:
                 digest = (await storage.get_bytes(paths.tag(name, tag))).decode()
