@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine (run as root) and runs it:
-# the real upstream (distribution), real clients (dockerd, containerd, podman, skopeo), then
+# the real upstream (distribution), real clients (dockerd, containerd, podman, skopeo, chromium), then
 # lint, type checks and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -100,7 +100,7 @@ async def test_list_paginates_filters_and_sorts(registry: Factory, tmp_path: Pat
     assert (await client.get("/ui/?page=x")).status == 400
 
 
-async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory) -> None:
+async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory, tmp_path: Path) -> None:
     client = await registry()
     await ready(client)
     digest, _ = await push_image(client, "team/app", "v1")
@@ -111,9 +111,19 @@ async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory) -> None:
     assert r.status == 200
     data = await ready(client)
     assert data["repositories"][0]["last_pulled"] == pytest.approx(time.time(), abs=10)
+    pulled = data["repositories"][0]["last_pulled"]
     html = await (await client.get("/ui/repo/team/app")).text()
     (row,) = rows(html, "tags")
     assert digest in row and "just now" in row
+    # last pulled is written to the index with the batched access times: a restart keeps it
+    await client.close()
+    client = await registry(root=tmp_path / "data")
+    data = await ready(client)
+    assert data["repositories"][0]["last_pulled"] == pulled
+    # a delete through the API: the row goes within a second
+    client = await registry(root=tmp_path / "data", storage=deletes(tmp_path))
+    assert (await client.delete(f"/v2/team/app/manifests/{digest}")).status == 202
+    await ready(client, lambda d: d["repositories"] == [])
 
 
 # --- a repository and a manifest ------------------------------------------------------------------

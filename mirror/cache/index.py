@@ -73,9 +73,9 @@ class Index:
         """Access times not flushed yet (the loop's own: read them on the loop)."""
         return self._access
 
-    def pulled(self, repository: str, digest: str) -> None:
+    def pulled(self, repository: str, digest: str, at: float | None = None) -> None:
         """A client pulled `digest` from `repository` (a manifest GET): batched like blob access."""
-        now = time.time()
+        now = time.time() if at is None else at
         self._pulled[(repository,)] = now
         self._pulled[(repository, digest)] = now
 

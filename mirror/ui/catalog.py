@@ -65,11 +65,23 @@ class Catalog:
         self.build_seconds = 0.0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._by_size: list[str] | None = None  # names largest first, until the snapshot changes
 
     # --- reads (request handlers) ---------------------------------------------------------------
 
     def last_pulled(self, repository: str, digest: str | None = None) -> float | None:
         return self.pulled.get((repository,) if digest is None else (repository, digest))
+
+    def ordered(self, sort: str) -> list[str]:
+        """Every name by `name`, `size` (largest first, kept until the snapshot changes) or
+        `pulled` (most recent first, sorted per call: pulls move it all the time)."""
+        if sort == "size":
+            if self._by_size is None:
+                self._by_size = sorted(self.names, key=lambda n: (-self.repositories[n].size, n))
+            return self._by_size
+        if sort == "pulled":
+            return sorted(self.names, key=lambda n: (-(self.pulled.get((n,)) or 0.0), n))
+        return self.names
 
     # --- writes (the API's middleware, the UI's deletes) ----------------------------------------
 
@@ -78,7 +90,7 @@ class Catalog:
         now = time.time()
         self.pulled[(repository,)] = now
         self.pulled[(repository, digest)] = now
-        self.index.pulled(repository, digest)
+        self.index.pulled(repository, digest, now)
         if repository not in self.repositories:  # first pull through the cache: a new cached repository
             self.changed(repository)
 
@@ -112,6 +124,7 @@ class Catalog:
         self.blob_sizes = sizes
         self.repositories = found
         self.names = sorted(found)
+        self._by_size = None
         self.built_at = time.time()
         self.build_seconds = time.perf_counter() - start
         self.ready.set()
@@ -136,6 +149,7 @@ class Catalog:
                 manifests += 1
             elif rest[0] == "_manifests" and rest[1:2] == ["tags"] and len(rest) == 3:
                 tags += 1
+        self._by_size = None
         if not manifests and not tags:
             if self.repositories.pop(name, None) is not None:
                 self.names = sorted(self.repositories)

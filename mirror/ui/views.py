@@ -114,11 +114,7 @@ def _int_param(request: web.Request, key: str, default: int, maximum: int) -> in
 
 # --- repositories ---------------------------------------------------------------------------------
 
-SORTS: dict[str, Callable[[Catalog], Callable[[str], Any]]] = {
-    "name": lambda c: lambda n: n,
-    "size": lambda c: lambda n: -c.repositories[n].size,
-    "pulled": lambda c: lambda n: -(c.last_pulled(n) or 0.0),
-}
+SORTS = ("name", "size", "pulled")
 
 
 async def _listing(request: web.Request) -> dict[str, Any]:
@@ -134,15 +130,13 @@ async def _listing(request: web.Request) -> dict[str, Any]:
     sort = request.query.get("sort", "name")
     sort = sort if sort in SORTS else "name"
     size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
-    names = catalog.names
+    names = catalog.ordered(sort)
     if q:
         names = [n for n in names if q in n]
     if kind:
         private = kind == "private"
         names = [n for n in names if catalog.repositories[n].private == private]
     names = visible(request, names)
-    if sort != "name":
-        names = sorted(names, key=SORTS[sort](catalog))
     pages = max(1, math.ceil(len(names) / size))
     number = min(_int_param(request, "page", 1, 10**9), pages)
     shown = names[(number - 1) * size:number * size]
