@@ -47,7 +47,10 @@ class Census:
         return sum(size for size, _ in self.blobs.values())
 
 
-async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Census:
+async def take_census(storage: Storage, is_private: Callable[[str], bool], links_only: bool = False) -> Census:
+    """One walk of storage. `links_only` (the web UI's catalog) skips what costs a read per object:
+    the digests cached tags point to (`tags`) and what private manifests reference (`private`
+    then holds only what private repositories link directly)."""
     census = Census()
     async for key, st in storage.scan("blobs"):
         parts = key.split("/")  # blobs/<algorithm>/<2 hex>/<hex>
@@ -83,7 +86,7 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Ce
                 census.revisions[digest].append(name)
         elif kind == "_manifests" and rest.startswith("tags/") and rest.count("/") == 1:
             census.tag_counts[name] += 1
-            if private:
+            if private or links_only:
                 continue
             tag = rest.removeprefix("tags/")
             try:
@@ -92,7 +95,7 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Ce
                 continue
             census.tags[digest].append((name, tag))
     # What a private manifest references is private too (an index's children, shared layers).
-    pending = [parse_digest(d) for d in census.private if d in census.blobs]
+    pending = [] if links_only else [parse_digest(d) for d in census.private if d in census.blobs]
     while pending:
         for ref in await manifest_refs(storage, pending.pop()):
             if str(ref) not in census.private:
