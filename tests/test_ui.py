@@ -126,6 +126,19 @@ async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory, tmp_path
     await ready(client, lambda d: d["repositories"] == [])
 
 
+async def test_nested_repositories_are_counted_apart(registry: Factory) -> None:
+    client = await registry()
+    await ready(client)
+    await push_image(client, "team/app", "v1", seed=b"a")
+    await push_image(client, "team/app/sub", "v1", seed=b"b")
+    await push_image(client, "team/app/sub", "v2", seed=b"c")
+    data = await ready(client, lambda d: {r["name"]: r["tags"] for r in d["repositories"]}
+                       == {"team/app": 1, "team/app/sub": 2})
+    by_name = {r["name"]: r for r in data["repositories"]}
+    assert by_name["team/app"]["manifests"] == 1 and by_name["team/app/sub"]["manifests"] == 2
+    assert by_name["team/app/sub"]["size"] > by_name["team/app"]["size"]
+
+
 # --- a repository and a manifest ------------------------------------------------------------------
 
 async def test_repository_and_manifest_pages(registry: Factory, tmp_path: Path) -> None:

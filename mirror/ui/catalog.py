@@ -29,6 +29,7 @@ from mirror.storage import Storage, paths
 log = logging.getLogger("mirror.ui")
 
 REFRESH_SECONDS = 45.0  # filesystem; a bucket is walked ten times less often (a LIST per 1,000 keys)
+RETRY_SECONDS = 10.0  # after a failed build (storage unavailable)
 DIRTY_DELAY = 0.5  # a push touches several keys: read the repository once it settled
 
 
@@ -61,7 +62,8 @@ class Catalog:
         self.names: list[str] = []  # sorted
         self.pulled: dict[tuple[str, ...], float] = {}  # (repository,) / (repository, digest) -> time
         self.blob_sizes: dict[str, int] = {}
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the first build ended (or failed: then `error` says why)
+        self.error: str | None = None
         self.built_at = 0.0
         self.build_seconds = 0.0
         self._dirty: set[str] = set()
@@ -128,6 +130,7 @@ class Catalog:
         self._by_size = None
         self.built_at = time.time()
         self.build_seconds = time.perf_counter() - start
+        self.error = None
         self.ready.set()
         log.info("ui catalog: %d repositories in %.2fs", len(found), self.build_seconds)
 
@@ -177,9 +180,13 @@ class Catalog:
             if time.monotonic() >= next_build:
                 try:
                     await self.rebuild()
-                except Exception:
+                    wait = max(self.refresh_seconds, 10 * self.build_seconds)
+                except Exception as e:
                     log.exception("ui catalog build failed")
-                next_build = time.monotonic() + max(self.refresh_seconds, 10 * self.build_seconds)
+                    self.error = str(e) or type(e).__name__
+                    self.ready.set()  # pages say so rather than wait for it
+                    wait = RETRY_SECONDS
+                next_build = time.monotonic() + wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_build - time.monotonic()))
             if self._dirty:

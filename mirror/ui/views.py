@@ -32,11 +32,12 @@ IMAGES = web.AppKey("ui_images", Images)
 CONFIG = web.AppKey("ui_config", Config)
 METRICS = web.AppKey("ui_metrics", Metrics)
 STATIC = Path(__file__).with_name("static")
-STATIC_FILES = frozenset({"ui.css", "ui.js"})
+STATIC_FILES = frozenset({"ui.css", "ui.js", "favicon.svg"})
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 READY_WAIT = 5.0  # a request right after start waits this long for the first catalog build
 UNTAGGED_SHOWN = 200
+TAGS_READ = 2000  # pages that resolve every tag of a repository stop here
 # Scripts and styles from this origin only (no inline script can run), no framing, no sniffing.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
@@ -142,7 +143,8 @@ async def _listing(request: web.Request) -> dict[str, Any]:
     shown = names[(number - 1) * size:number * size]
     rows = [(catalog.repositories[n], catalog.last_pulled(n)) for n in shown]
     return {"rows": rows, "total": len(names), "all": len(catalog.names), "q": q, "kind": kind, "sort": sort,
-            "n": size, "page": number, "pages": pages, "ready": catalog.ready.is_set(), "built_at": catalog.built_at}
+            "n": size, "page": number, "pages": pages, "ready": catalog.ready.is_set(), "built_at": catalog.built_at,
+            "error": catalog.error}
 
 
 @page
@@ -195,8 +197,10 @@ async def repository(request: web.Request) -> web.StreamResponse:
         rows.append({"tag": tag, "digest": digest, "summary": summary,
                      "pulled": catalog.last_pulled(name, digest or ""),
                      "commands": pull_commands(request, name, tag, repo)})
-    all_tagged = {await registry.manifests.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
-    untagged = [f"sha256:{h}" for h in revisions if f"sha256:{h}" not in all_tagged][:UNTAGGED_SHOWN]
+    untagged: list[str] = []
+    if len(tags) <= TAGS_READ:  # which manifests no tag names: a read per tag, so not for huge repositories
+        all_tagged = {await registry.manifests.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
+        untagged = [f"sha256:{h}" for h in revisions if f"sha256:{h}" not in all_tagged][:UNTAGGED_SHOWN]
     return render(request, "repository.html", {
         "name": name, "repo": repo, "rows": rows, "tag_count": len(tags), "page": number, "pages": pages, "n": size,
         "untagged": [(d, catalog.last_pulled(name, d)) for d in untagged],
@@ -213,8 +217,8 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     registry, catalog = request.app[REGISTRY], request.app[CATALOG]
     view = await request.app[IMAGES].view(name, str(digest))
     referrers = await registry.referrers(registry.route(name, None), digest, None)
-    tags = [t for t in sorted(await registry.manifests.tags(name))
-            if await registry.manifests.tag(name, t) == view.digest] if not view.subject else []
+    names = sorted(await registry.manifests.tags(name)) if not view.subject else []
+    tags = [t for t in names[:TAGS_READ] if await registry.manifests.tag(name, t) == view.digest]
     return render(request, "manifest.html", {
         "name": name, "view": view, "config": config_section(view.image_config), "referrers": referrers,
         "tags": tags, "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name, view.digest),
