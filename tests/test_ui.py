@@ -245,6 +245,9 @@ async def test_not_found_and_invalid(registry: Factory) -> None:
                          ("/ui/static/../../app.py", 404), ("/ui/static/nothing.css", 404), ("/ui/nothing", 404)]:
         r = await client.get(path)
         assert r.status == status, (path, r.status, await r.text())
+    for query in ("tag=%3Cb%3Ex", f"tag={missing}", "tag=v1&digest=" + missing, ""):
+        r = await client.get(f"/ui/repo/team/app/-/delete?{query}")
+        assert r.status in (400, 405) and "<b>" not in await r.text(), query  # deletes are off here, too
     r = await client.get("/ui/repo/team/nothing")
     assert r.headers["Content-Type"].startswith("text/html") and "404" in await r.text()
     r = await client.get("/ui/static/ui.css")
@@ -294,6 +297,9 @@ async def test_delete_a_tag_and_a_manifest_with_csrf_checks(registry: Factory, t
     assert r.status == 403
     r = await post(form, origin)  # the box not ticked
     assert r.status == 405
+    for bad in ({"tag": "<b>x"}, {"tag": digest}, {"tag": "v1", "digest": digest}, {}):
+        r = await post({"token": form["token"], "confirm": "yes", **bad}, origin)
+        assert r.status in (400, 405) and "<b>" not in await r.text(), bad
     assert (await client.get("/v2/team/app/tags/list")).status == 200
     r = await post({**form, "confirm": "yes"}, {"Referer": f"{origin['Origin']}/ui/repo/team/app/-/delete?tag=v1"})
     assert r.status == 303 and r.headers["Location"] == "/ui/repo/team/app?deleted=team/app:v1"

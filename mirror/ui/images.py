@@ -13,7 +13,7 @@ from typing import Any
 
 from mirror import mediatypes
 from mirror.errors import RegistryError
-from mirror.names import Digest, parse_digest
+from mirror.names import parse_digest
 from mirror.storage import NotFound, Storage, paths
 from mirror.store import ManifestStore
 
@@ -241,10 +241,3 @@ def config_section(config: dict[str, Any] | None) -> dict[str, Any]:
         "labels": _strings(inner.get("Labels")),
         "history": history,
     }
-
-
-def is_digest(reference: str) -> Digest | None:
-    try:
-        return parse_digest(reference)
-    except RegistryError:
-        return None

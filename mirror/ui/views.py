@@ -24,7 +24,7 @@ from mirror.registry import REGISTRY
 from mirror.storage import paths
 from mirror.ui import guard
 from mirror.ui.catalog import Catalog, Repository
-from mirror.ui.images import Images, config_section, is_digest
+from mirror.ui.images import Images, config_section
 from mirror.ui.overview import overview as read_overview
 
 CATALOG = web.AppKey("ui_catalog", Catalog)
@@ -227,18 +227,16 @@ async def manifest(request: web.Request) -> web.StreamResponse:
 
 # --- delete ---------------------------------------------------------------------------------------
 
-def _target(request: web.Request, form: Any) -> tuple[str, str]:
-    """("tag", name) or ("digest", digest) from the query or the form, validated."""
-    tag, digest = form.get("tag", ""), form.get("digest", "")
+def _target(form: Any) -> tuple[str, str]:
+    """("tag", tag) or ("digest", digest) from the query or the form, validated."""
+    tag, digest = str(form.get("tag", "")), str(form.get("digest", ""))
     if bool(tag) == bool(digest):
         raise RegistryError("UNSUPPORTED", "name one tag or one digest to delete")
     if digest:
         return "digest", str(parse_digest(digest))
-    if is_digest(tag) is not None or len(tag) > 128:
-        raise RegistryError("TAG_INVALID", f"invalid tag {tag[:130]!r}")
     parsed = parse_reference(tag)
     if not isinstance(parsed, str):
-        raise RegistryError("TAG_INVALID", f"invalid tag {tag[:130]!r}")
+        raise RegistryError("TAG_INVALID", f"a digest is not a tag: {tag[:130]!r}")
     return "tag", parsed
 
 
@@ -246,7 +244,7 @@ def _target(request: web.Request, form: Any) -> tuple[str, str]:
 async def confirm_delete(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>/-/delete?tag=|digest=: what would go, and the form that does it."""
     name = _name(request, "delete")
-    kind, reference = _target(request, request.query)
+    kind, reference = _target(request.query)
     registry = request.app[REGISTRY]
     if kind == "tag":
         digest = await registry.manifests.tag(name, reference)
@@ -270,7 +268,7 @@ async def delete(request: web.Request) -> web.StreamResponse:
         raise RegistryError("DENIED", "refused: the form was not sent from a page of this mirror (Origin/Referer)")
     name = _name(request, "delete")
     form = await request.post()
-    kind, reference = _target(request, form)
+    kind, reference = _target(form)
     if not guard.token_ok(request, name, reference, str(form.get("token", ""))):
         raise RegistryError("DENIED", "refused: the confirmation token is missing or not for this delete")
     if form.get("confirm") != "yes":
