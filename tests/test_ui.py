@@ -423,3 +423,28 @@ async def test_overview_shows_the_numbers_of_metrics(upstream: tuple[ScriptedUps
     assert hub["ratelimit_remaining"] is None and hub["backoff_seconds"] == 0 and hub["healthy"]
     html = await (await client.get("/ui/overview")).text()
     assert "66.7 %" in html and "unknown (no rate-limit headers seen)" in html
+
+
+async def test_overview_shows_rate_limit_headroom_and_back_off(upstream: tuple[ScriptedUpstream, TestServer],
+                                                               mirror: MirrorFactory) -> None:
+    script, _ = upstream
+    image(script)
+    script.headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "76;w=21600"}
+    client = await mirror()
+    assert (await client.get("/v2/app/manifests/latest")).status == 200
+    data = await (await client.get("/ui/api/overview")).json()
+    hub = data["upstreams"]["hub"]
+    assert (hub["ratelimit_limit"], hub["ratelimit_remaining"], hub["ratelimit_share"]) == (100, 76, 0.76)
+    html = await (await client.get("/ui/overview")).text()
+    assert "76 of 100 (76.0 %)" in html and '<span class="badge ok">ok</span>' in html
+    # a 429 with Retry-After: the upstream is backed off, the same seconds as the gauge says
+    script.status, script.retry_after = 429, "120"
+    assert (await client.get("/v2/app/manifests/other")).status == 429
+    data = await (await client.get("/ui/api/overview")).json()
+    s = await scrape(client)
+    hub = data["upstreams"]["hub"]
+    assert not hub["healthy"] and 100 < hub["backoff_seconds"] <= 120
+    assert s["mirror_upstream_backoff_seconds" + labels(upstream="hub")] == pytest.approx(hub["backoff_seconds"], abs=2)
+    assert hub["errors"]["429"] == s["mirror_upstream_errors_total" + labels(reason="429", upstream="hub")] >= 1
+    html = await (await client.get("/ui/overview")).text()
+    assert re.search(r'class="badge bad">backing off 1[01]\d s<', html)
