@@ -71,6 +71,7 @@ class HttpConfig:
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     draintimeout: float = 10.0
     tls: TLSConfig | None = None
+    secret: str | None = field(default=None, repr=False)  # signs the web UI's delete forms (else random per process)
 
 
 @dataclass(frozen=True)
@@ -506,11 +507,14 @@ def _http(s: Section) -> HttpConfig:
     draintimeout = s.duration("draintimeout", 10.0)
     tls = _tls(s.section("tls")) if s.has("tls") else None
     s.refuse("prefix", why="serve mirror at the root path")
-    # Accepted: secret (upload state lives in storage, nothing to sign), host and relativeurls
-    # (we answer with relative Location headers), http2. http.debug is read by _debug_metrics.
-    s.ignore("secret", "host", "relativeurls", "http2", "h2c")
+    # secret: as registry:2, what replicas share to trust each other's signed state; here only the
+    # web UI's delete forms are signed (upload state lives in storage).
+    secret = s.string("secret") or None
+    # Accepted: host and relativeurls (we answer with relative Location headers), http2. http.debug
+    # is read by _debug_metrics.
+    s.ignore("host", "relativeurls", "http2", "h2c")
     s.done()
-    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls)
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret)
 
 
 def _tls(s: Section) -> TLSConfig:

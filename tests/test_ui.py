@@ -16,6 +16,7 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.app import CONFIG
 from tests.auth_keys import ISSUER, SERVICE, make_pki
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream
@@ -312,6 +313,22 @@ async def test_delete_a_tag_and_a_manifest_with_csrf_checks(registry: Factory, t
     assert (await (await client.get("/v2/team/app/tags/list")).json())["tags"] == ["other"]
     assert (await client.get(f"/v2/team/app/manifests/{digest}", headers={"Accept": OCI_MANIFEST})).status == 404
     assert other in await (await client.get("/ui/repo/team/app")).text()
+
+
+async def test_replicas_with_one_http_secret_accept_each_others_delete_forms(registry: Factory,
+                                                                            tmp_path: Path) -> None:
+    one = await registry(storage=deletes(tmp_path), http={"secret": "shared-secret"})
+    other = await registry(storage=deletes(tmp_path), http={"secret": "shared-secret"})
+    third = await registry(storage=deletes(tmp_path))  # no secret: a key of its own
+    await push_image(one, "team/app", "v1")
+    await push_image(one, "team/app", "v2", seed=b"2")
+    assert "shared-secret" not in repr(one.app[CONFIG])
+    form = delete_form(await (await one.get("/ui/repo/team/app/-/delete?tag=v1")).text())
+    for client, status in ((third, 403), (other, 303)):
+        r = await client.post("/ui/repo/team/app/-/delete", data={**form, "confirm": "yes"}, allow_redirects=False,
+                              headers={"Origin": str(client.make_url("")).rstrip("/")})
+        assert r.status == status
+    assert (await (await one.get("/v2/team/app/tags/list")).json())["tags"] == ["v2"]
 
 
 # --- auth -----------------------------------------------------------------------------------------

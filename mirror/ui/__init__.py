@@ -102,7 +102,7 @@ def setup(app: web.Application, config: Config, metrics: Metrics) -> None:
                                filters=filters)
     # `:` is a plain path character: digests stay readable in links (yarl quotes it)
     env.globals["url"] = lambda route, **parts: str(app.router[route].url_for(**parts)).replace("%3A", ":")
-    app[guard.SECRET] = guard.new_secret()
+    app[guard.SECRET] = guard.secret(config.http.secret)
     app[views.CONFIG] = config
     app[views.METRICS] = metrics
     app.router.add_routes(ROUTES)

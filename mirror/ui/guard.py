@@ -43,7 +43,11 @@ def may_delete(request: web.Request, name: str) -> bool:
     return gate is None or gate.may(request, name, "delete")
 
 
-def new_secret() -> bytes:
+def secret(configured: str | None) -> bytes:
+    """The key of the delete tokens: `http.secret` (the same on every replica behind one load
+    balancer, as registry:2 asks), else random per process (a restart voids open confirm pages)."""
+    if configured:
+        return hashlib.sha256(b"mirror ui delete form\0" + configured.encode()).digest()
     return secrets.token_bytes(32)
 
 
