@@ -69,6 +69,7 @@ class Catalog:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._by_size: list[str] | None = None  # names largest first, until the snapshot changes
+        self._pulls_loaded = False
 
     # --- reads (request handlers) ---------------------------------------------------------------
 
@@ -120,10 +121,12 @@ class Catalog:
                 continue  # uploads only, or emptied by deletes
             found[name] = Repository(name, private, None if private else upstreams.get(name, self.upstream_of(name)),
                                      sum(sizes.get(d, 0) for d in linked), count, tags)
-        pulled = await asyncio.to_thread(self.index.pulled_times)
-        for key, at in pulled.items():
-            if at > self.pulled.get(key, 0.0):
-                self.pulled[key] = at
+        if not self._pulls_loaded:  # the index is this process's: after the first read, memory is newer
+            pulled = await asyncio.to_thread(self.index.pulled_times)
+            self._pulls_loaded = True
+            for key, at in pulled.items():
+                if at > self.pulled.get(key, 0.0):
+                    self.pulled[key] = at
         self.blob_sizes = sizes
         self.repositories = found
         self.names = sorted(found)
