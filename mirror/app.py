@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror import ui
 from mirror.api import ROUTES, area
 from mirror.api.context import LIMITS, REGISTRY, ClientStalled
 from mirror.auth import GATE, Gate, authorize
@@ -53,6 +54,9 @@ def _route_label(request: web.Request) -> str:
     """The API area that answered: a bounded label, never a name."""
     if request.match_info.http_exception is not None:
         return "other"
+    module = getattr(request.match_info.handler, "__module__", "")
+    if module.startswith("mirror.ui"):
+        return "ui"
     return area(request) or "metrics"
 
 
@@ -317,6 +321,8 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(authorize)
     if config.limits.uploads_per_client:
         middlewares.append(UploadLimiter(config.limits.uploads_per_client).middleware)
+    if config.ui.enabled:
+        middlewares.append(ui.track)
     notify = any(not e.disabled for e in config.notifications.endpoints)
     if notify:
         middlewares.append(events)
@@ -334,4 +340,6 @@ def create_app(config: Config) -> web.Application:
         app.router.add_get(config.metrics.path, metrics_endpoint)
     app.on_response_prepare.append(_on_prepare(config))
     app.cleanup_ctx.append(_state)
+    if config.ui.enabled:
+        ui.setup(app, config, app[METRICS])  # after _state: the UI's catalog reads the registry
     return app

@@ -71,6 +71,7 @@ class HttpConfig:
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     draintimeout: float = 10.0
     tls: TLSConfig | None = None
+    secret: str | None = field(default=None, repr=False)  # signs the web UI's delete forms (else random per process)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,13 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True)
+class UIConfig:
+    """The web UI at /ui/ (ours): browse repositories, tags and manifests, cache overview, deletes."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -253,6 +261,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 
 
@@ -311,6 +320,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_CACHE_DIRECTORY": ("cache", "directory"),
     "REGISTRY_CACHE_HOT_SIZE": ("cache", "hot_size"),
     "REGISTRY_CACHE_MAX_SIZE": ("cache", "max_size"),
+    "REGISTRY_UI_ENABLED": ("ui", "enabled"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 
@@ -570,11 +580,14 @@ def _http(s: Section) -> HttpConfig:
     draintimeout = s.duration("draintimeout", 10.0)
     tls = _tls(s.section("tls")) if s.has("tls") else None
     s.refuse("prefix", why="serve mirror at the root path")
-    # Accepted: secret (upload state lives in storage, nothing to sign), host and relativeurls
-    # (we answer with relative Location headers), http2. http.debug is read by _debug_metrics.
-    s.ignore("secret", "host", "relativeurls", "http2", "h2c")
+    # secret: as registry:2, what replicas share to trust each other's signed state; here only the
+    # web UI's delete forms are signed (upload state lives in storage).
+    secret = s.string("secret") or None
+    # Accepted: host and relativeurls (we answer with relative Location headers), http2. http.debug
+    # is read by _debug_metrics.
+    s.ignore("host", "relativeurls", "http2", "h2c")
     s.done()
-    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls)
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret)
 
 
 def _tls(s: Section) -> TLSConfig:
@@ -773,6 +786,12 @@ def _limits(s: Section) -> LimitsConfig:
     return limits
 
 
+def _ui(s: Section) -> UIConfig:
+    ui = UIConfig(enabled=s.flag("enabled", UIConfig.enabled))
+    s.done()
+    return ui
+
+
 def _upstream(s: Section, index: int) -> UpstreamConfig:
     name = s.required("name", "every upstream needs a name")
     url = s.required("url", "every upstream needs a url")
@@ -887,10 +906,11 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     if notifications.include_references:
         warnings = [*(warnings or ()), "notifications.events.includereferences: events carry no references "
                                        "in this version (the rest of each event is as registry:2's)"]
+    ui = _ui(s.section("ui"))
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  notifications=notifications, warnings=tuple(warnings or ()))
+                  notifications=notifications, ui=ui, warnings=tuple(warnings or ()))
 
 
 def _share(s: Section, name: str, default: float) -> float:

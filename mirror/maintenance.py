@@ -54,7 +54,7 @@ async def _opened(config: Config) -> AsyncIterator[tuple[Storage, Index, Callabl
         await storage.close()
 
 
-def _upstream_of(config: Config, name: str) -> str | None:
+def upstream_of(config: Config, name: str) -> str | None:
     """Which configured upstream a cached repository's local name comes from."""
     for i, up in enumerate(config.upstreams):
         prefix = Router.local_prefix(up, i == 0)
@@ -76,7 +76,7 @@ def usage_report(config: Config, census: Census) -> UsageReport:
             continue
         present = [d for d in digests if d in census.blobs]
         size = sum(census.blobs[d][0] for d in present)
-        upstream = _upstream_of(config, name)
+        upstream = upstream_of(config, name)
         report.repositories.append(RepositoryUsage(name, "cached", upstream, len(present), size))
         if upstream is not None:
             report.by_upstream[upstream] = report.by_upstream.get(upstream, 0) + size

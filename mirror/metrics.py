@@ -24,7 +24,7 @@ from prometheus_client import (
 
 from mirror import __version__
 
-ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "other")
+ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "other")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine (run as root) and runs it:
-# the real upstream (distribution), real clients (dockerd, containerd, podman, skopeo), then
+# the real upstream (distribution), real clients (dockerd, containerd, podman, skopeo, chromium), then
 # lint, type checks and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip ca-certificates curl openssl \
-    docker-registry docker.io containerd podman skopeo prometheus >/dev/null
+    docker-registry docker.io containerd podman skopeo prometheus chromium chromium-driver >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -155,6 +155,8 @@ def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
         ("version: 0.1\nlimits: {manifest_size: 10}\n", r"^limits\.manifest_size"),
         ("version: 0.1\nlimits: {uploads_per_client: -1}\n", r"^limits\.uploads_per_client"),
         ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
+        ("version: 0.1\nui: {enabled: sometimes}\n", r"^ui\.enabled: expected true or false"),
+        ("version: 0.1\nui: {enabled: true, theme: dark}\n", r"^ui\.theme: unknown configuration key"),
         ("- a\n- b\n", r"mapping"),
     ],
 )
@@ -283,3 +285,9 @@ def test_token_auth_keys_and_registry_env(tmp_path: Path) -> None:
     c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_AUTH_HTPASSWD_REALM": "r",
                                                    "REGISTRY_AUTH_HTPASSWD_PATH": "/h"})
     assert c.auth is not None and c.auth.htpasswd is not None and c.auth.htpasswd.path == "/h"
+
+
+def test_ui_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "version: 0.1\n"), {}).ui.enabled
+    assert not load(write(tmp_path, "version: 0.1\nui: {enabled: false}\n"), {}).ui.enabled
+    assert not load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_UI_ENABLED": "false"}).ui.enabled

@@ -29,7 +29,19 @@ def test_wheel_ships_the_embedded_config(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("mirror-*.whl")
     with zipfile.ZipFile(wheel) as z:
         shipped = z.read("mirror/mirror.yml").decode()
-        assert "mirror/py.typed" in z.namelist()
+        names = z.namelist()
+        assert "mirror/py.typed" in names
+        # the web UI's templates and static files, every one of them, byte for byte
+        ui = ROOT / "mirror" / "ui"
+        for folder in ("templates", "static"):
+            files = sorted(p for p in (ui / folder).iterdir() if p.is_file())
+            assert files, folder
+            for path in files:
+                assert z.read(f"mirror/ui/{folder}/{path.name}") == path.read_bytes(), path.name
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [line for line in z.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+        assert any("aiohttp-jinja2" in r and "extra" not in r for r in requires), requires
+        assert any(r.split()[1].lower().startswith("jinja2") and "extra" not in r for r in requires), requires
     assert shipped == (ROOT / "config" / "mirror.yml").read_text()
 
 

@@ -44,8 +44,8 @@ CALLER = web.RequestKey("caller", Caller)
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """What a request needs: `base` (any authenticated caller: /v2/, /metrics), `catalog`, or an
-    `action` on repository `name` (as in the URL)."""
+    """What a request needs: `base` (any authenticated caller: /v2/, /metrics), `catalog`, `ui`
+    (nothing: the UI asks `may` per repository), or an `action` on repository `name` (as in the URL)."""
 
     kind: str
     name: str = ""
@@ -70,6 +70,8 @@ def need(request: web.Request, metrics_path: str | None) -> Need | None:
     info = request.match_info
     if info.http_exception is not None:
         return None
+    if getattr(info.handler, "__module__", "").startswith("mirror.ui"):
+        return Need("ui")  # credentials are checked if sent; anonymous callers see what they may pull
     name = info.get("name")
     if name is not None:
         if is_upload_route(request):
@@ -135,6 +137,8 @@ class Gate:
     # --- may they -----------------------------------------------------------------------------
 
     def authorize(self, request: web.Request, caller: Caller, need: Need) -> None:
+        if need.kind == "ui":
+            return
         if need.kind == "repository":
             if not self.token_allows(caller, need.name, need.action):
                 raise self.denied(request, need, f"the token does not grant {need.scope()}")

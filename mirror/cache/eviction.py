@@ -38,13 +38,20 @@ class Census:
     revisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
     tags: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))  # -> (repo, tag)
     repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
+    # Per repository, private ones too (the web UI's catalog): digests it links, manifests and tags it has.
+    linked: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    manifest_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tag_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def total(self) -> int:
         return sum(size for size, _ in self.blobs.values())
 
 
-async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Census:
+async def take_census(storage: Storage, is_private: Callable[[str], bool], links_only: bool = False) -> Census:
+    """One walk of storage. `links_only` (the web UI's catalog) skips what costs a read per object:
+    the digests cached tags point to (`tags`) and what private manifests reference (`private`
+    then holds only what private repositories link directly)."""
     census = Census()
     async for key, st in storage.scan("blobs"):
         parts = key.split("/")  # blobs/<algorithm>/<2 hex>/<hex>
@@ -65,17 +72,23 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Ce
         private = census.repositories[name]
         if kind == "_layers" and rest.count("/") == 1:
             digest = rest.replace("/", ":")
+            census.linked[name].add(digest)
             if private:
                 census.private.add(digest)
             else:
                 census.layer_links[digest].append(name)
         elif kind == "_manifests" and rest.startswith("revisions/") and rest.count("/") == 2:
             digest = rest.removeprefix("revisions/").replace("/", ":")
+            census.linked[name].add(digest)
+            census.manifest_counts[name] += 1
             if private:
                 census.private.add(digest)
             else:
                 census.revisions[digest].append(name)
-        elif kind == "_manifests" and rest.startswith("tags/") and not private:
+        elif kind == "_manifests" and rest.startswith("tags/") and rest.count("/") == 1:
+            census.tag_counts[name] += 1
+            if private or links_only:
+                continue
             tag = rest.removeprefix("tags/")
             try:
                 digest = (await storage.get_bytes(paths.tag(name, tag))).decode()
@@ -83,7 +96,7 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool]) -> Ce
                 continue
             census.tags[digest].append((name, tag))
     # What a private manifest references is private too (an index's children, shared layers).
-    pending = [parse_digest(d) for d in census.private if d in census.blobs]
+    pending = [] if links_only else [parse_digest(d) for d in census.private if d in census.blobs]
     while pending:
         for ref in await manifest_refs(storage, pending.pop()):
             if str(ref) not in census.private:

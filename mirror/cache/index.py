@@ -1,4 +1,5 @@
-"""The local index in diskcache: tag -> (digest, fetched_at), blob -> last access (for eviction).
+"""The local index in diskcache: tag -> (digest, fetched_at), blob -> last access (for eviction),
+repository and manifest -> last pulled (for the web UI).
 
 An accelerator only: storage holds the truth (tag files, links), so the index can be deleted
 and rebuilt. Reads go through a dict so the hot path never touches sqlite; blob access times
@@ -24,6 +25,7 @@ class Index:
         self.db = diskcache.Cache(directory, eviction_policy="none", size_limit=2**62)
         self._tags: dict[tuple[str, str], TagEntry | None] = {}
         self._access: dict[str, float] = {}
+        self._pulled: dict[tuple[str, ...], float] = {}  # (repository,) or (repository, digest) -> time
 
     def tag(self, repository: str, tag: str) -> TagEntry | None:
         key = (repository, tag)
@@ -71,6 +73,26 @@ class Index:
         """Access times not flushed yet (the loop's own: read them on the loop)."""
         return self._access
 
+    def pulled(self, repository: str, digest: str, at: float | None = None) -> None:
+        """A client pulled `digest` from `repository` (a manifest GET): batched like blob access."""
+        now = time.time() if at is None else at
+        self._pulled[(repository,)] = now
+        self._pulled[(repository, digest)] = now
+
+    def pulled_times(self) -> dict[tuple[str, ...], float]:
+        """Every flushed pull time (sqlite reads: call it in a thread), then the pending ones."""
+        times = {}
+        for key in self.db.iterkeys():
+            if isinstance(key, tuple) and key and key[0] == "pulled":
+                at = self.db.get(key)
+                if at is not None:
+                    times[tuple(key[1:])] = float(at)
+        return times
+
+    @property
+    def pending_pulls(self) -> dict[tuple[str, ...], float]:
+        return self._pulled
+
     def drop_access(self, digests: list[str]) -> None:
         """Forget the access times of evicted objects (flushed ones: pop pending ones on the loop)."""
         with self.db.transact():
@@ -89,6 +111,7 @@ class Index:
         """Forget everything (`mirror index rebuild` refills it from storage)."""
         self._tags.clear()
         self._access.clear()
+        self._pulled.clear()
         epoch = self.epoch()
         self.db.clear()
         self.db.set("epoch", epoch + 1)
@@ -98,10 +121,13 @@ class Index:
 
     def flush(self) -> None:
         pending, self._access = self._access, {}
-        if pending:
+        pulled, self._pulled = self._pulled, {}
+        if pending or pulled:
             with self.db.transact():
                 for digest, at in pending.items():
                     self.db.set(("access", digest), at)
+                for key, at in pulled.items():
+                    self.db.set(("pulled", *key), at)
 
     def close(self) -> None:
         self.flush()

@@ -1,0 +1,203 @@
+"""The web UI's catalog: every repository (private and cached) with its upstream, size, tag count
+and last pull, held in memory so a page over thousands of repositories is a list filter and a
+render, never a walk of storage.
+
+Built at start from one `take_census` (the walk eviction does) and `usage_report` (which upstream
+a cached repository comes from), rebuilt in the background (every REFRESH_SECONDS, or ten times
+as long as the last build took on a large store), and patched between rebuilds: a push or delete
+marks its repository dirty and only that repository is read again, within a second. Last pulls
+are recorded per manifest GET in a dict (and batched into the diskcache index by its flush, so
+they survive a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirror.cache.eviction import take_census
+from mirror.cache.index import Index
+from mirror.config import Config
+from mirror.maintenance import usage_report
+from mirror.names import parse_digest
+from mirror.storage import Storage, paths
+
+log = logging.getLogger("mirror.ui")
+
+REFRESH_SECONDS = 45.0  # filesystem; a bucket is walked ten times less often (a LIST per 1,000 keys)
+RETRY_SECONDS = 10.0  # after a failed build (storage unavailable)
+DIRTY_DELAY = 0.5  # a push touches several keys: read the repository once it settled
+
+
+@dataclass(frozen=True, slots=True)
+class Repository:
+    name: str
+    private: bool
+    upstream: str | None  # the configured upstream a cached repository comes from
+    size: int  # bytes of the manifests and blobs it links (shared ones count in each repository)
+    manifests: int
+    tags: int
+
+    @property
+    def kind(self) -> str:
+        return "private" if self.private else "cached"
+
+
+class Catalog:
+    """The snapshot and its upkeep. Read by request handlers on the loop; written only on the loop."""
+
+    def __init__(self, storage: Storage, index: Index, config: Config, is_private: Callable[[str], bool],
+                 upstream_of: Callable[[str], str | None]) -> None:
+        self.storage = storage
+        self.index = index
+        self.config = config
+        self.is_private = is_private
+        self.upstream_of = upstream_of
+        self.refresh_seconds = REFRESH_SECONDS * (1 if storage.name == "filesystem" else 10)
+        self.repositories: dict[str, Repository] = {}
+        self.names: list[str] = []  # sorted
+        self.pulled: dict[tuple[str, ...], float] = {}  # (repository,) / (repository, digest) -> time
+        self.blob_sizes: dict[str, int] = {}
+        self.ready = asyncio.Event()  # the first build ended (or failed: then `error` says why)
+        self.error: str | None = None
+        self.built_at = 0.0
+        self.build_seconds = 0.0
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._by_size: list[str] | None = None  # names largest first, until the snapshot changes
+        self._pulls_loaded = False
+
+    # --- reads (request handlers) ---------------------------------------------------------------
+
+    def last_pulled(self, repository: str, digest: str | None = None) -> float | None:
+        return self.pulled.get((repository,) if digest is None else (repository, digest))
+
+    def ordered(self, sort: str) -> list[str]:
+        """Every name by `name`, `size` (largest first, kept until the snapshot changes) or
+        `pulled` (most recent first, sorted per call: pulls move it all the time)."""
+        if sort == "size":
+            if self._by_size is None:
+                self._by_size = sorted(self.names, key=lambda n: (-self.repositories[n].size, n))
+            return self._by_size
+        if sort == "pulled":
+            return sorted(self.names, key=lambda n: (-(self.pulled.get((n,)) or 0.0), n))
+        return self.names
+
+    # --- writes (the API's middleware, the UI's deletes) ----------------------------------------
+
+    def pull(self, repository: str, digest: str) -> None:
+        """A manifest GET was answered: two dict stores here, two in the index's pending batch."""
+        now = time.time()
+        self.pulled[(repository,)] = now
+        self.pulled[(repository, digest)] = now
+        self.index.pulled(repository, digest, now)
+        if repository not in self.repositories:  # first pull through the cache: a new cached repository
+            self.changed(repository)
+
+    def changed(self, repository: str) -> None:
+        """Something was pushed to or deleted from `repository`: read it again soon."""
+        self._dirty.add(repository)
+        self._wake.set()
+
+    # --- building -------------------------------------------------------------------------------
+
+    async def rebuild(self) -> None:
+        """One walk of storage into a new snapshot (the old one serves until it is ready)."""
+        start = time.perf_counter()
+        census = await take_census(self.storage, self.is_private, links_only=True)
+        report = usage_report(self.config, census)
+        upstreams = {r.name: r.upstream for r in report.repositories}
+        sizes = {digest: size for digest, (size, _) in census.blobs.items()}
+        found: dict[str, Repository] = {}
+        for name, private in census.repositories.items():
+            linked = census.linked.get(name, set())
+            count = census.manifest_counts.get(name, 0)
+            tags = census.tag_counts.get(name, 0)
+            if not count and not tags:
+                continue  # uploads only, or emptied by deletes
+            found[name] = Repository(name, private, None if private else upstreams.get(name, self.upstream_of(name)),
+                                     sum(sizes.get(d, 0) for d in linked), count, tags)
+        if not self._pulls_loaded:  # the index is this process's: after the first read, memory is newer
+            pulled = await asyncio.to_thread(self.index.pulled_times)
+            self._pulls_loaded = True
+            for key, at in pulled.items():
+                if at > self.pulled.get(key, 0.0):
+                    self.pulled[key] = at
+        self.blob_sizes = sizes
+        self.repositories = found
+        self.names = sorted(found)
+        self._by_size = None
+        self.built_at = time.time()
+        self.build_seconds = time.perf_counter() - start
+        self.error = None
+        self.ready.set()
+        log.info("ui catalog: %d repositories in %.2fs", len(found), self.build_seconds)
+
+    async def refresh(self, name: str) -> None:
+        """Read one repository again (after a push or delete)."""
+        prefix = f"{paths.repository(name)}/"
+        linked: set[str] = set()
+        manifests = tags = 0
+        private = self.is_private(name)
+        async for key, _ in self.storage.scan(paths.repository(name)):
+            rest = key[len(prefix):].split("/") if key.startswith(prefix) else []
+            if not rest or not rest[0].startswith("_"):
+                continue  # a nested repository's keys
+            if rest[0] == "_private":
+                private = True
+            elif rest[0] == "_layers" and len(rest) == 3:
+                linked.add(f"{rest[1]}:{rest[2]}")
+            elif rest[0] == "_manifests" and rest[1:2] == ["revisions"] and len(rest) == 4:
+                linked.add(f"{rest[2]}:{rest[3]}")
+                manifests += 1
+            elif rest[0] == "_manifests" and rest[1:2] == ["tags"] and len(rest) == 3:
+                tags += 1
+        self._by_size = None
+        if not manifests and not tags:
+            if self.repositories.pop(name, None) is not None:
+                self.names = sorted(self.repositories)
+            return
+        size = 0
+        for digest in linked:
+            known = self.blob_sizes.get(digest)
+            if known is None:
+                with contextlib.suppress(ValueError):
+                    st = await self.storage.stat(paths.blob(parse_digest(digest)))
+                    if st is not None:
+                        known = self.blob_sizes[digest] = st.size
+            size += known or 0
+        new = name not in self.repositories
+        self.repositories[name] = Repository(name, private, None if private else self.upstream_of(name), size,
+                                             manifests, tags)
+        if new:
+            self.names = sorted(self.repositories)
+
+    async def run(self) -> None:
+        """Build now, then keep the snapshot fresh until cancelled."""
+        next_build = 0.0
+        while True:
+            if time.monotonic() >= next_build:
+                try:
+                    await self.rebuild()
+                    wait = max(self.refresh_seconds, 10 * self.build_seconds)
+                except Exception as e:
+                    log.exception("ui catalog build failed")
+                    self.error = str(e) or type(e).__name__
+                    self.ready.set()  # pages say so rather than wait for it
+                    wait = RETRY_SECONDS
+                next_build = time.monotonic() + wait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_build - time.monotonic()))
+            if self._dirty:
+                await asyncio.sleep(DIRTY_DELAY)
+                self._wake.clear()
+                dirty, self._dirty = self._dirty, set()
+                for name in sorted(dirty):
+                    try:
+                        await self.refresh(name)
+                    except Exception:
+                        log.exception("ui catalog: reading %s failed", name)

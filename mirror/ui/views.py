@@ -1,0 +1,326 @@
+"""The UI's handlers, thin: parse the query, ask the catalog, the registry or the metrics, render
+one template. Every page is server-rendered HTML (templates/, autoescaped); /ui/api/ answers the
+same data as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from mirror.auth import GATE, Need, visible
+from mirror.config import Config
+from mirror.errors import RegistryError
+from mirror.metrics import Metrics
+from mirror.names import parse_digest, parse_name, parse_reference
+from mirror.registry import REGISTRY
+from mirror.storage import paths
+from mirror.ui import guard
+from mirror.ui.catalog import Catalog, Repository
+from mirror.ui.images import Images, config_section
+from mirror.ui.overview import overview as read_overview
+
+CATALOG = web.AppKey("ui_catalog", Catalog)
+IMAGES = web.AppKey("ui_images", Images)
+CONFIG = web.AppKey("ui_config", Config)
+METRICS = web.AppKey("ui_metrics", Metrics)
+STATIC = Path(__file__).with_name("static")
+STATIC_FILES = frozenset({"ui.css", "ui.js", "favicon.svg"})
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+READY_WAIT = 5.0  # a request right after start waits this long for the first catalog build
+UNTAGGED_SHOWN = 200
+TAGS_READ = 2000  # pages that resolve every tag of a repository stop here
+# Scripts and styles from this origin only (no inline script can run), no framing, no sniffing.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def render(request: web.Request, template: str, context: dict[str, Any], status: int = 200,
+           headers: dict[str, str] | None = None) -> web.Response:
+    caller = guard.caller(request)
+    base = {"user": caller.user, "auth_on": guard.auth_on(request), "host": request.host,
+            "login_available": _login_available(request), "path": request.path}
+    response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
+    response.headers.update(SECURITY_HEADERS)
+    response.headers.update(headers or {})
+    return response
+
+
+def _login_available(request: web.Request) -> bool:
+    gate = request.app.get(GATE)
+    return gate is not None and gate.htpasswd is not None
+
+
+def page(handler: Handler) -> Handler:
+    """Registry errors as an HTML page with the error's status (401 keeps its challenge, so a
+    browser asks for htpasswd credentials)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RegistryError as e:
+            return render(request, "error.html", {"error": e}, status=e.status, headers=e.headers)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    wrapped.__module__ = handler.__module__
+    return wrapped
+
+
+def _refuse(request: web.Request, name: str, action: str) -> RegistryError:
+    """Not allowed: anonymous callers are asked to log in (401), known ones are refused (403)."""
+    if guard.caller(request).user is None:
+        headers = {}
+        gate = request.app.get(GATE)
+        if gate is not None and gate.htpasswd is not None:
+            headers["WWW-Authenticate"] = gate.challenge(request, Need("ui"))
+        return RegistryError("UNAUTHORIZED", f"log in to {action} {name}", headers=headers)
+    return RegistryError("DENIED", f"{guard.caller(request).user} may not {action} {name}")
+
+
+def _name(request: web.Request, action: str = "see") -> str:
+    name = parse_name(request.match_info["name"])
+    if action == "delete" and not request.app[REGISTRY].delete_enabled:
+        raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
+    allowed = guard.may_see(request, name) if action == "see" else guard.may_delete(request, name)
+    if not allowed:
+        raise _refuse(request, name, action)
+    return name
+
+
+def _int_param(request: web.Request, key: str, default: int, maximum: int) -> int:
+    value = request.query.get(key, "")
+    if not value:
+        return default
+    if not value.isdigit():
+        raise RegistryError("PAGINATION_NUMBER_INVALID", f"{key} must be a positive number")
+    return max(1, min(int(value), maximum))
+
+
+# --- repositories ---------------------------------------------------------------------------------
+
+SORTS = ("name", "size", "pulled")
+
+
+async def _listing(request: web.Request) -> dict[str, Any]:
+    catalog = request.app[CATALOG]
+    if not catalog.ready.is_set():
+        try:
+            await asyncio.wait_for(catalog.ready.wait(), READY_WAIT)
+        except TimeoutError:
+            pass
+    q = request.query.get("q", "").strip().lower()[:200]
+    kind = request.query.get("kind", "")
+    kind = kind if kind in ("private", "cached") else ""
+    sort = request.query.get("sort", "name")
+    sort = sort if sort in SORTS else "name"
+    size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
+    names = catalog.ordered(sort)
+    if q:
+        names = [n for n in names if q in n]
+    if kind:
+        private = kind == "private"
+        names = [n for n in names if catalog.repositories[n].private == private]
+    names = visible(request, names)
+    pages = max(1, math.ceil(len(names) / size))
+    number = min(_int_param(request, "page", 1, 10**9), pages)
+    shown = names[(number - 1) * size:number * size]
+    rows = [(catalog.repositories[n], catalog.last_pulled(n)) for n in shown]
+    return {"rows": rows, "total": len(names), "all": len(catalog.names), "q": q, "kind": kind, "sort": sort,
+            "n": size, "page": number, "pages": pages, "ready": catalog.ready.is_set(), "built_at": catalog.built_at,
+            "error": catalog.error}
+
+
+@page
+async def repositories(request: web.Request) -> web.StreamResponse:
+    """GET /ui/: every repository the caller may pull, filtered, sorted and paginated."""
+    return render(request, "repositories.html", await _listing(request))
+
+
+async def api_repositories(request: web.Request) -> web.StreamResponse:
+    """GET /ui/api/repositories: the list page's data as JSON."""
+    listing = await _listing(request)
+    rows = [{**asdict(repo), "kind": repo.kind, "last_pulled": pulled} for repo, pulled in listing.pop("rows")]
+    return web.json_response({**listing, "repositories": rows}, headers={"Cache-Control": "no-store"})
+
+
+# --- one repository -------------------------------------------------------------------------------
+
+def pull_commands(request: web.Request, name: str, tag: str, repo: Repository | None) -> dict[str, str]:
+    """`docker pull` through the address the browser used; for Docker Hub names also the short form
+    that dockerd's `registry-mirrors` sends here."""
+    commands = {"direct": f"docker pull {request.host}/{name}:{tag}"}
+    registry = request.app[REGISTRY]
+    default = registry.router.default
+    if repo is not None and not repo.private and default is not None and default.config.dockerhub \
+            and repo.upstream == default.config.name:
+        commands["mirrors"] = f"docker pull {name.removeprefix('library/')}:{tag}"
+    return commands
+
+
+@page
+async def repository(request: web.Request) -> web.StreamResponse:
+    """GET /ui/repo/<name>: tags (digest, size, created, platforms, last pulled), untagged manifests."""
+    name = _name(request)
+    registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
+    tags = sorted(await registry.manifests.tags(name))
+    revisions = await registry.storage.list(f"{paths.repository(name)}/_manifests/revisions/sha256")
+    if not tags and not revisions:
+        raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
+    size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
+    pages = max(1, math.ceil(len(tags) / size))
+    number = min(_int_param(request, "page", 1, 10**9), pages)
+    repo = catalog.repositories.get(name)
+    rows = []
+    tagged = set()
+    for tag in tags[(number - 1) * size:number * size]:
+        digest = await registry.manifests.tag(name, tag)
+        summary = await images.summary(name, digest) if digest else None
+        if digest:
+            tagged.add(digest)
+        rows.append({"tag": tag, "digest": digest, "summary": summary,
+                     "pulled": catalog.last_pulled(name, digest or ""),
+                     "commands": pull_commands(request, name, tag, repo)})
+    untagged: list[str] = []
+    if len(tags) <= TAGS_READ:  # which manifests no tag names: a read per tag, so not for huge repositories
+        all_tagged = {await registry.manifests.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
+        untagged = [f"sha256:{h}" for h in revisions if f"sha256:{h}" not in all_tagged][:UNTAGGED_SHOWN]
+    return render(request, "repository.html", {
+        "name": name, "repo": repo, "rows": rows, "tag_count": len(tags), "page": number, "pages": pages, "n": size,
+        "untagged": [(d, catalog.last_pulled(name, d)) for d in untagged],
+        "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name),
+        "deleted": request.query.get("deleted", "")[:300],
+    })
+
+
+@page
+async def manifest(request: web.Request) -> web.StreamResponse:
+    """GET /ui/repo/<name>/-/manifest/<digest>: layers, config, platforms, referrers."""
+    name = _name(request)
+    digest = parse_digest(request.match_info["digest"])
+    registry, catalog = request.app[REGISTRY], request.app[CATALOG]
+    view = await request.app[IMAGES].view(name, str(digest))
+    referrers = await registry.referrers(registry.route(name, None), digest, None)
+    names = sorted(await registry.manifests.tags(name)) if not view.subject else []
+    tags = [t for t in names[:TAGS_READ] if await registry.manifests.tag(name, t) == view.digest]
+    return render(request, "manifest.html", {
+        "name": name, "view": view, "config": config_section(view.image_config), "referrers": referrers,
+        "tags": tags, "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name, view.digest),
+    })
+
+
+# --- delete ---------------------------------------------------------------------------------------
+
+def _target(form: Any) -> tuple[str, str]:
+    """("tag", tag) or ("digest", digest) from the query or the form, validated."""
+    tag, digest = str(form.get("tag", "")), str(form.get("digest", ""))
+    if bool(tag) == bool(digest):
+        raise RegistryError("UNSUPPORTED", "name one tag or one digest to delete")
+    if digest:
+        return "digest", str(parse_digest(digest))
+    parsed = parse_reference(tag)
+    if not isinstance(parsed, str):
+        raise RegistryError("TAG_INVALID", f"a digest is not a tag: {tag[:130]!r}")
+    return "tag", parsed
+
+
+@page
+async def confirm_delete(request: web.Request) -> web.StreamResponse:
+    """GET /ui/repo/<name>/-/delete?tag=|digest=: what would go, and the form that does it."""
+    name = _name(request, "delete")
+    kind, reference = _target(request.query)
+    registry = request.app[REGISTRY]
+    if kind == "tag":
+        digest = await registry.manifests.tag(name, reference)
+        if digest is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{reference}")
+        also: list[str] = []
+    else:
+        digest = reference
+        if await registry.manifests.get(name, digest) is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}@{digest}")
+        also = [t for t in sorted(await registry.manifests.tags(name))
+                if await registry.manifests.tag(name, t) == digest]
+    return render(request, "confirm.html", {"name": name, "kind": kind, "reference": reference, "digest": digest,
+                                            "also": also, "token": guard.token(request, name, reference)})
+
+
+@page
+async def delete(request: web.Request) -> web.StreamResponse:
+    """POST /ui/repo/<name>/-/delete: only from this origin, with the confirm page's token and box."""
+    if not guard.same_origin(request):
+        raise RegistryError("DENIED", "refused: the form was not sent from a page of this mirror (Origin/Referer)")
+    name = _name(request, "delete")
+    form = await request.post()
+    kind, reference = _target(form)
+    if not guard.token_ok(request, name, reference, str(form.get("token", ""))):
+        raise RegistryError("DENIED", "refused: the confirmation token is missing or not for this delete")
+    if form.get("confirm") != "yes":
+        raise RegistryError("UNSUPPORTED", "tick the confirmation box to delete")
+    registry = request.app[REGISTRY]
+    route = registry.route(name, None)
+    await registry.delete_manifest(route, parse_digest(reference) if kind == "digest" else reference)
+    request.app[CATALOG].changed(name)
+    what = f"{name}@{reference}" if kind == "digest" else f"{name}:{reference}"
+    location = request.app.router["ui_repository"].url_for(name=name).with_query(deleted=what)
+    raise web.HTTPSeeOther(location)
+
+
+# --- overview, login, static ----------------------------------------------------------------------
+
+@page
+async def overview(request: web.Request) -> web.StreamResponse:
+    """GET /ui/overview: the cache's numbers from the same Metrics object /metrics renders."""
+    data = read_overview(request.app[METRICS], request.app[CONFIG])
+    catalog = request.app[CATALOG]
+    age = time.time() - catalog.built_at if catalog.built_at else None
+    return render(request, "overview.html", {"o": data, "repositories": len(catalog.names), "catalog_age": age})
+
+
+async def api_overview(request: web.Request) -> web.StreamResponse:
+    """GET /ui/api/overview: the overview's numbers as JSON."""
+    return web.json_response(read_overview(request.app[METRICS], request.app[CONFIG]),
+                             headers={"Cache-Control": "no-store"})
+
+
+@page
+async def login(request: web.Request) -> web.StreamResponse:
+    """GET /ui/login: with htpasswd, 401 and the Basic challenge until the browser sends credentials
+    (then it sends them with every /ui/ page). Token auth has no credentials a browser could send."""
+    gate = request.app.get(GATE)
+    if gate is None or guard.caller(request).user is not None:
+        raise web.HTTPSeeOther(request.app.router["ui_repositories"].url_for())
+    if gate.htpasswd is None:
+        raise RegistryError("UNSUPPORTED", "the mirror uses token auth: the web UI is read-only for anonymous "
+                                           "users, and browsers cannot log in with a token")
+    raise RegistryError("UNAUTHORIZED", "log in with your registry username and password",
+                        headers={"WWW-Authenticate": gate.challenge(request, Need("ui"))})
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMovedPermanently(request.app.router["ui_repositories"].url_for())
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    """GET /ui/static/<file>: the stylesheet and the copy button's script, nothing from elsewhere."""
+    file = request.match_info["file"]
+    if file not in STATIC_FILES:
+        raise RegistryError("NOT_FOUND", f"no such file: {file[:100]}")
+    return web.FileResponse(STATIC / file, headers={"Cache-Control": "public, max-age=3600",
+                                                    "X-Content-Type-Options": "nosniff"})
