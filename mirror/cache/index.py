@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import diskcache
 
@@ -58,15 +59,19 @@ class Index:
             at = self.db.get(("access", digest))
         return at
 
-    def flushed_access_times(self) -> dict[str, float]:
-        """Every flushed access time (many small sqlite reads: call it in a thread; add `pending`)."""
+    def _flushed(self, kind: str) -> dict[tuple[Any, ...], float]:
+        """Every flushed (kind, ...) -> time entry (many small sqlite reads: call it in a thread)."""
         times = {}
         for key in self.db.iterkeys():
-            if isinstance(key, tuple) and key[0] == "access":
+            if isinstance(key, tuple) and key and key[0] == kind:
                 at = self.db.get(key)
                 if at is not None:
-                    times[key[1]] = float(at)
+                    times[tuple(key[1:])] = float(at)
         return times
+
+    def flushed_access_times(self) -> dict[str, float]:
+        """Every flushed access time (call it in a thread; add `pending`)."""
+        return {key[0]: at for key, at in self._flushed("access").items()}
 
     @property
     def pending(self) -> dict[str, float]:
@@ -80,14 +85,8 @@ class Index:
         self._pulled[(repository, digest)] = now
 
     def pulled_times(self) -> dict[tuple[str, ...], float]:
-        """Every flushed pull time (sqlite reads: call it in a thread), then the pending ones."""
-        times = {}
-        for key in self.db.iterkeys():
-            if isinstance(key, tuple) and key and key[0] == "pulled":
-                at = self.db.get(key)
-                if at is not None:
-                    times[tuple(key[1:])] = float(at)
-        return times
+        """Every flushed pull time (call it in a thread), then add `pending_pulls`."""
+        return self._flushed("pulled")
 
     @property
     def pending_pulls(self) -> dict[tuple[str, ...], float]:
