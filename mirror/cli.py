@@ -134,8 +134,13 @@ def _on_storage(args: argparse.Namespace, work: Callable[[Config], Coroutine[Any
         return None
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Bars for people at a terminal; never with --json (scripts read stdout, and stderr stays clean)."""
+    return not args.json and sys.stderr.isatty()
+
+
 def du(args: argparse.Namespace) -> int:
-    found = _on_storage(args, maintenance.disk_usage)
+    found = _on_storage(args, lambda config: maintenance.disk_usage(config, _progress(args)))
     if found is None:
         return 2
     report, _ = found
@@ -153,7 +158,7 @@ def du(args: argparse.Namespace) -> int:
 
 def evict(args: argparse.Namespace) -> int:
     result = _on_storage(args, lambda config: maintenance.evict(config, args.older_than, args.max_size,
-                                                                args.dry_run))
+                                                                args.dry_run, _progress(args)))
     if result is None:
         return 2
     if args.json:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+from tqdm import tqdm
 
 from mirror.cache.eviction import Census, EvictionResult, Evictor, take_census
 from mirror.cache.index import Index
@@ -87,14 +90,21 @@ def usage_report(config: Config, census: Census) -> UsageReport:
     return report
 
 
-async def disk_usage(config: Config) -> tuple[UsageReport, Census]:
+def _bar(show: bool) -> tqdm:
+    """Objects walked (then evicted) on stderr, for people at a terminal (never with --json)."""
+    return tqdm(desc="walking storage", unit=" objects", disable=not show, file=sys.stderr, leave=False)
+
+
+async def disk_usage(config: Config, progress: bool = False) -> tuple[UsageReport, Census]:
     async with _opened(config) as (storage, _, is_private):
-        census = await take_census(storage, is_private)
+        with _bar(progress) as bar:
+            census = await take_census(storage, is_private, progress=bar)
     report = usage_report(config, census)
     return report, census
 
 
-async def evict(config: Config, older_than: float | None, max_size: int | None, dry_run: bool) -> EvictionResult:
+async def evict(config: Config, older_than: float | None, max_size: int | None, dry_run: bool,
+                progress: bool = False) -> EvictionResult:
     """One eviction pass from the command line (the server runs the same in the background)."""
     async with _opened(config) as (storage, index, is_private):
         metrics = Metrics(backend="oss" if config.storage.oss else "filesystem")
@@ -102,7 +112,8 @@ async def evict(config: Config, older_than: float | None, max_size: int | None, 
         manifests = ManifestStore(storage, 0, blobs.added)
         evictor = Evictor(storage, index, manifests, blobs, is_private, min_idle=config.cache.min_idle,
                           high=config.cache.high_watermark, low=config.cache.low_watermark)
-        result = await evictor.run(ttl=older_than, max_size=max_size, dry_run=dry_run)
+        with _bar(progress) as bar:
+            result = await evictor.run(ttl=older_than, max_size=max_size, dry_run=dry_run, progress=bar)
         if result.evicted and not dry_run:
             index.bump_epoch()
         return result

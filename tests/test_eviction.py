@@ -4,11 +4,15 @@ pushed content never does, an evicted image pulls again, and a 429 backs the ups
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,3 +182,36 @@ async def test_du_evict_and_index_rebuild_from_the_command_line(
     assert stored(tmp_path / "data").keys() >= {manifest.split(":")[1], layer.split(":")[1]}
     r = await asyncio.to_thread(mirror_cli, "index", "rebuild", "--config", str(config), "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"tags": 1, "blobs": 4}
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str, bytes]:
+    """`mirror ARGS` with stderr on a pty: (exit code, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mirror", *args], stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        terminal = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    return proc.returncode, stdout.decode(), bytes(terminal)
+
+
+def test_du_and_evict_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(tmp_path)}},
+                                      "upstreams": [{"name": "hub", "url": "http://127.0.0.1:9"}]}))
+    for command in (["du"], ["evict", "--older-than", "30d"]):
+        code, out, terminal = run_on_a_terminal(*command, "--config", str(config))
+        assert code == 0 and b"walking storage" in terminal and "walking" not in out
+        code, out, terminal = run_on_a_terminal(*command, "--config", str(config), "--json")
+        assert code == 0 and b"walking" not in terminal and json.loads(out)

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mirror.cache.index import Index
 from mirror.gc import manifest_refs
@@ -48,17 +49,32 @@ class Census:
         return sum(size for size, _ in self.blobs.values())
 
 
-async def take_census(storage: Storage, is_private: Callable[[str], bool], links_only: bool = False) -> Census:
+class Progress(Protocol):
+    """What a command's progress bar offers (tqdm's): counts, and a new total for a new phase."""
+
+    def update(self, n: int = 1) -> object: ...
+
+    def reset(self, total: int | None = None) -> object: ...
+
+    def set_description(self, desc: str) -> object: ...
+
+
+async def take_census(storage: Storage, is_private: Callable[[str], bool], links_only: bool = False,
+                      progress: Progress | None = None) -> Census:
     """One walk of storage. `links_only` (the web UI's catalog) skips what costs a read per object:
     the digests cached tags point to (`tags`) and what private manifests reference (`private`
     then holds only what private repositories link directly)."""
     census = Census()
     async for key, st in storage.scan("blobs"):
+        if progress is not None:
+            progress.update()
         parts = key.split("/")  # blobs/<algorithm>/<2 hex>/<hex>
         if len(parts) == 4:
             census.blobs[f"{parts[1]}:{parts[3]}"] = (st.size, st.mtime)
     links: list[tuple[str, str, str]] = []  # (repository, kind, rest of the key)
     async for key, _ in storage.scan(paths.REPOSITORIES):
+        if progress is not None:
+            progress.update()
         parts = key.split("/")[1:]
         mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
         if not mark:
@@ -148,7 +164,7 @@ class Evictor:
             self.wake.set()
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
-                  now: float | None = None) -> EvictionResult:
+                  now: float | None = None, progress: Progress | None = None) -> EvictionResult:
         """One pass: expire what is older than `ttl`, then LRU down to the low watermark of `max_size`
         (both default to the configured ones)."""
         ttl = self.ttl if ttl is None else ttl
@@ -156,7 +172,7 @@ class Evictor:
         async with self._lock:
             self.wake.clear()
             now = time.time() if now is None else now
-            census = await take_census(self.storage, self.is_private)
+            census = await take_census(self.storage, self.is_private, progress=progress)
             self._times = await asyncio.to_thread(self.index.flushed_access_times)
             self._times.update(self.index.pending)
             result = EvictionResult(usage_before=census.total)
@@ -174,8 +190,13 @@ class Evictor:
                 victims.append(digest)
                 usage -= census.blobs[digest][0]
                 result.expired += expired
+            if progress is not None:
+                progress.set_description("evicting")
+                progress.reset(total=len(victims))
             for i, digest in enumerate(victims):
                 await self._evict(digest, census, result, dry_run)
+                if progress is not None:
+                    progress.update()
                 if i % YIELD_EVERY == YIELD_EVERY - 1:
                     await asyncio.sleep(0)  # filesystem deletes never wait: let requests through
             if victims and not dry_run:
