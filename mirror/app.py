@@ -54,9 +54,6 @@ def _route_label(request: web.Request) -> str:
     """The API area that answered: a bounded label, never a name."""
     if request.match_info.http_exception is not None:
         return "other"
-    module = getattr(request.match_info.handler, "__module__", "")
-    if module.startswith("mirror.ui"):
-        return "ui"
     return area(request) or "metrics"
 
 

@@ -27,9 +27,11 @@ ROUTES = [
 
 
 def area(request: web.Request) -> str | None:
-    """The API area that answered (the handler's module: manifests, blobs, uploads, ...); None for
-    no route or a handler outside mirror.api."""
+    """The area that answered: the API module (manifests, blobs, uploads, ...) or `ui`; None for no
+    route or another handler (/metrics)."""
     if request.match_info.http_exception is not None:
         return None
     module = getattr(request.match_info.handler, "__module__", "")
-    return module.rsplit(".", 1)[-1] if module.startswith("mirror.api.") else None
+    if module.startswith("mirror.api."):
+        return module.rsplit(".", 1)[-1]
+    return "ui" if module.startswith("mirror.ui") else None
