@@ -90,8 +90,8 @@ def test_events_wait_on_disk_while_the_receiver_is_down_across_a_restart(
     receiver.stop()
     mirror = mirror_factory(notify_config(upstream, receiver, ignore={"actions": ["pull"]}))
     skopeo_copy(small.oci_ref(), f"docker://{mirror.host}/team/down:v1", "--dest-tls-verify=false")
-    wait_for(lambda: metric(mirror, "mirror_notifications_queued") == len(expected), 20, "every event queued")
-    assert metric(mirror, "mirror_notifications_failed_total") >= 1
+    wait_for(lambda: metric(mirror, "mirror_notifications_queued") == len(expected)
+             and metric(mirror, "mirror_notifications_failed_total") >= 1, 20, "every event queued, a delivery failed")
     skopeo_copy(f"docker://{mirror.host}/team/down:v1", "oci:/dev/null:x", check=False)  # pulls: ignored
 
     mirror.restart()  # the queue is on disk: nothing is lost
