@@ -22,6 +22,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.scripted_upstream import ScriptedUpstream
+from tests.support.terminal import drain
 
 MiB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -191,19 +192,11 @@ def run_on_a_terminal(*args: str) -> tuple[int, str, bytes]:
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mirror", *args], stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
-        terminal = bytearray()
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            terminal += chunk
+        terminal = drain(master)
         stdout, _ = proc.communicate(timeout=60)
     finally:
         os.close(master)
-    return proc.returncode, stdout.decode(), bytes(terminal)
+    return proc.returncode, stdout.decode(), terminal
 
 
 def test_du_and_evict_show_progress_on_a_terminal_only(tmp_path: Path) -> None:

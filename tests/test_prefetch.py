@@ -31,6 +31,7 @@ from mirror.prefetch import (
     prefetch_in_process,
 )
 from tests.scripted_upstream import ScriptedUpstream, digest
+from tests.support.terminal import drain
 from tests.test_cache import image as cache_image
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -246,20 +247,6 @@ async def test_command_unreachable_server_exits_1() -> None:
     assert "cannot reach http://127.0.0.1:9" in err.decode()
 
 
-def _drain(fd: int) -> bytes:
-    """Everything written to a pty until its other side closes."""
-    out = bytearray()
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
 async def test_progress_bars_on_a_terminal_only(upstream: Any, mirror: Any) -> None:
     """Bars go to stderr when it is a terminal, never with --json; stdout stays the result."""
     script, _ = upstream
@@ -275,7 +262,7 @@ async def test_progress_bars_on_a_terminal_only(upstream: Any, mirror: Any) -> N
                 sys.executable, "-m", "mirror", "prefetch", "solo", "--server", base, *extra,
                 stdout=subprocess.PIPE, stderr=slave)
             os.close(slave)
-            drained = asyncio.create_task(asyncio.to_thread(_drain, master))
+            drained = asyncio.create_task(asyncio.to_thread(drain, master))
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
             err = (await asyncio.wait_for(drained, 10)).decode(errors="replace")
         finally:
