@@ -25,7 +25,7 @@ from tests.support.clients import Dockerd, skopeo, skopeo_copy
 from tests.support.images import Layout, inspect_raw, sha256_digest
 from tests.support.ossserver import OssServer
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, http, run, wait_for
-from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy
+from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, manifest_digest
 from tests.test_archive import HEADER, TRAILER, member_name, members, snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -54,12 +54,6 @@ def config_with(default_url: str, quay_url: str | None = None, private: bool = F
         del config["private"]
     config["upstreams"][0]["tag_ttl"] = TAG_TTL
     return config
-
-
-def manifest_digest(mirror: Mirror, repo: str, ref: str) -> str:
-    r = http("GET", f"{mirror.url}/v2/{repo}/manifests/{ref}", {"Accept": MANIFEST_ACCEPT})
-    assert r.status == 200, (repo, ref, r.status, r.body[:300])
-    return sha256_digest(r.body)
 
 
 # --- prefetch --------------------------------------------------------------------------------------
@@ -189,10 +183,10 @@ def test_export_wipe_import_docker_pull(docker: Dockerd, docker_mirror: Callable
     ref = f"{mirror.host}/team/app:v1"  # pushed
     docker.cli("tag", "small", ref)
     docker.cli("push", ref)
-    pushed = manifest_digest(mirror, "team/app", "v1")
+    pushed = manifest_digest(mirror.url, "team/app", "v1")
     skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", "--dest-no-creds", "--retry-times", "0",
            multi.oci_ref(), f"docker://{mirror.host}/team/multi:latest")  # pushed, an index
-    before = {(repo, tag): manifest_digest(mirror, repo, tag) for repo, tag in (
+    before = {(repo, tag): manifest_digest(mirror.url, repo, tag) for repo, tag in (
         ("library/small", "latest"), ("library/big", "latest"), ("team/app", "v1"), ("team/multi", "latest"))}
 
     # Export while the server runs and a push is going on next to it.
@@ -234,7 +228,7 @@ def test_export_wipe_import_docker_pull(docker: Dockerd, docker_mirror: Callable
     # The upstream is gone: everything comes from what was imported, with the same digests.
     up.stop()
     time.sleep(1.5)
-    after = {key: manifest_digest(mirror, *key) for key in before}
+    after = {key: manifest_digest(mirror.url, *key) for key in before}
     assert after == before
     docker.clean()
     docker.pull("small")  # a cached tag, revalidation fails: served stale
@@ -248,7 +242,7 @@ def test_export_wipe_import_docker_pull(docker: Dockerd, docker_mirror: Callable
     check_oci_copy(out_dir, big)
     # A restarted server knows the imported private repositories from their markers.
     mirror.restart()
-    assert manifest_digest(mirror, "team/app", "v1") == pushed
+    assert manifest_digest(mirror.url, "team/app", "v1") == pushed
     catalog = http("GET", f"{mirror.url}/v2/_catalog").json()["repositories"]
     assert {"library/small", "library/big", "team/app", "team/multi"} <= set(catalog)
 
@@ -328,9 +322,9 @@ def test_damaged_archives_fail_and_leave_storage_unchanged(mirror_factory: Calla
     r = mirror_cli("import", archive, "--config", target.config_path)
     assert r.returncode == 0, r.stderr
     target.start()
-    assert manifest_digest(target, "team/app", "v1") == small.digest
-    assert manifest_digest(target, "team/multi", "latest") == multi.digest
-    assert manifest_digest(target, "library/small", small.digest) == small.digest
+    assert manifest_digest(target.url, "team/app", "v1") == small.digest
+    assert manifest_digest(target.url, "team/multi", "latest") == multi.digest
+    assert manifest_digest(target.url, "library/small", small.digest) == small.digest
 
 
 def test_export_import_on_oss(mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer,
@@ -357,7 +351,7 @@ def test_export_import_on_oss(mirror_factory: Callable[..., Mirror], upstream: D
     r = mirror_cli("import", archive, "--config", b.config_path, "--json")
     assert r.returncode == 0, r.stderr
     assert json_out(r)["new_blobs"] == 4  # the manifest, the config, two layers
-    assert manifest_digest(b, "team/app", "v1") == small.digest
+    assert manifest_digest(b.url, "team/app", "v1") == small.digest
     out = tmp_path / "from-b"
     skopeo_copy(f"docker://{b.host}/team/app:v1", f"oci:{out}:latest")
     check_oci_copy(out, small)

@@ -32,7 +32,7 @@ from tests.e2e.push_helpers import (
 from tests.support.clients import Dockerd, Podman, skopeo, skopeo_copy
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, Layout, inspect_raw, seed
 from tests.support.procs import Distribution, Mirror, http, wait_for
-from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, oci_error
+from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, manifest_digest, oci_error
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -41,13 +41,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 def push_mirror(mirror_factory: Callable[..., Mirror], upstream: Distribution) -> Mirror:
     """A mirror on its own port: upstream `hub` for Docker Hub names, `team/**` private."""
     return mirror_factory(push_config(upstream.url), name="push-mirror")
-
-
-def manifest_digest(mirror: Mirror, repo: str, ref: str) -> str:
-    r = http("GET", f"{mirror.url}/v2/{repo}/manifests/{ref}", {"Accept": MANIFEST_ACCEPT})
-    assert r.status == 200, (repo, ref, r.status, r.body[:300])
-    assert r.headers["Docker-Content-Digest"] == sha(r.body)
-    return sha(r.body)
 
 
 def denied_requests(mirror: Mirror, repo: str) -> list[dict[str, object]]:
@@ -75,7 +68,7 @@ def test_docker_push_then_pull_back(docker: Dockerd, docker_mirror: Callable[...
     assert m, out
     pushed = m.group(1)
     # what the mirror serves for the tag is exactly what dockerd pushed
-    assert manifest_digest(mirror, "team/app", "v1") == pushed
+    assert manifest_digest(mirror.url, "team/app", "v1") == pushed
     assert sha(inspect_raw(f"docker://{ref}")) == pushed
     assert f"{mirror.host}/team/app@{pushed}" in docker.repo_digests(ref)
 
@@ -161,7 +154,7 @@ def test_podman_push_then_pull_back(push_mirror: Mirror, podman_factory: Callabl
     digestfile = tmp_path / "pushed.digest"
     first.podman("push", "--tls-verify=false", "--digestfile", str(digestfile), loaded, ref)
     pushed = digestfile.read_text().strip()
-    assert manifest_digest(push_mirror, "team/pod", "v1") == pushed
+    assert manifest_digest(push_mirror.url, "team/pod", "v1") == pushed
 
     second = podman_factory(push_mirror.host)  # fresh storage: everything comes from the mirror
     second.podman("pull", "--tls-verify=false", ref)
@@ -238,7 +231,7 @@ def test_oras_artifact_with_subject_and_referrers(push_mirror: Mirror, layouts: 
     assert r.status == 200 and r.json()["manifests"] == []
 
     # the subject itself is untouched, and a digest nothing refers to has no referrers
-    assert manifest_digest(push_mirror, "team/app", "v1") == small.digest
+    assert manifest_digest(push_mirror.url, "team/app", "v1") == small.digest
     r = http("GET", f"{push_mirror.url}/v2/team/app/referrers/{sha(b'nothing')}")
     assert r.status == 200 and r.json()["manifests"] == []
     content_types.add(r.headers["Content-Type"])

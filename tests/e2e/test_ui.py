@@ -27,15 +27,13 @@ from tests.e2e.push_helpers import push_config
 from tests.support.clients import Dockerd
 from tests.support.images import Layout, seed
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, htpasswd_config, http
+from tests.support.registry import get_manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
-MANIFEST_ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-                             "application/vnd.docker.distribution.manifest.list.v2+json",
-                             "application/vnd.docker.distribution.manifest.v2+json"])
 
 
 class Browser:
@@ -101,9 +99,8 @@ def browser(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Browser]
 
 
 def manifest_of(mirror: Mirror, repo: str, ref: str) -> tuple[str, dict[str, Any]]:
-    r = http("GET", f"{mirror.url}/v2/{repo}/manifests/{ref}", {"Accept": MANIFEST_ACCEPT})
-    assert r.status == 200, (r.status, r.body[:300])
-    return str(r.headers["Docker-Content-Digest"]), json.loads(r.body)
+    digest, body = get_manifest(mirror.url, repo, ref)
+    return digest, json.loads(body)
 
 
 def tags_of(mirror: Mirror, repo: str) -> list[str]:

@@ -14,13 +14,27 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.images import OCI_INDEX, OCI_MANIFEST, Layout
+from tests.support.images import OCI_INDEX, OCI_MANIFEST, Layout, sha256_digest
+from tests.support.procs import http as request
 
 MANIFEST_ACCEPT = ", ".join([
     OCI_INDEX, OCI_MANIFEST,
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ])
+
+
+def get_manifest(base_url: str, repo: str, ref: str) -> tuple[str, bytes]:
+    """(digest, body) of a manifest a registry serves, the digest it names checked against the bytes."""
+    r = request("GET", f"{base_url}/v2/{repo}/manifests/{ref}", {"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200, (repo, ref, r.status, r.body[:300])
+    digest = sha256_digest(r.body)
+    assert r.headers["Docker-Content-Digest"] == digest
+    return digest, r.body
+
+
+def manifest_digest(base_url: str, repo: str, ref: str) -> str:
+    return get_manifest(base_url, repo, ref)[0]
 
 
 @dataclass
