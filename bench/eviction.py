@@ -61,7 +61,7 @@ import aiohttp
 from bench import measure
 from bench.measure import MANIFEST_ACCEPT, BenchError, CpuMeter
 from mirror.names import Digest
-from mirror.storage import paths
+from mirror.storage import layout
 from tests.support import procs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ class _Writer:
 
     def blob(self, data: bytes, mtime: float) -> str:
         d = Digest("sha256", hashlib.sha256(data).hexdigest())
-        self.file(paths.blob(d), data, mtime)
+        self.file(layout.blob(d), data, mtime)
         self.s.sizes[str(d)] = len(data)
         self.s.mtimes[str(d)] = mtime
         return str(d)
@@ -169,10 +169,10 @@ class _Writer:
         }, indent=2).encode()
         digest = self.blob(body, mtime)
         d = Digest(*digest.split(":", 1))
-        self.file(paths.revision(repo, d), digest.encode())
-        self.file(paths.tag(repo, "latest"), digest.encode())
+        self.file(layout.revision(repo, d), digest.encode())
+        self.file(layout.tag(repo, "latest"), digest.encode())
         for blob in (config, *layers):
-            self.file(paths.layer(repo, Digest(*blob.split(":", 1))), blob.encode())
+            self.file(layout.layer(repo, Digest(*blob.split(":", 1))), blob.encode())
         self.s.manifests[repo] = digest
         return digest
 
@@ -214,7 +214,7 @@ def seed_storage(root: Path, p: Params, now: float) -> Seeded:
     count = max(10, p.blobs // 200)
     blobs = [w.random_blob(size(), old) for _ in range(count)]
     digest = w.image(PRIVATE_REPO, blobs[0], [*blobs[1:], *shared], old)
-    w.file(paths.private_marker(PRIVATE_REPO), b"")
+    w.file(layout.private_marker(PRIVATE_REPO), b"")
     s.private = {digest, *blobs, *shared}
     s.seconds = round(time.perf_counter() - t0, 1)
     return s
@@ -238,7 +238,7 @@ def files_under(root: Path, key: str) -> set[str]:
 def dangling(root: Path, present: set[str]) -> dict[str, int]:
     """Links and tags under repositories/ naming a blob that is gone (eviction removes links first)."""
     counts = {"layer_links": 0, "revisions": 0, "tags": 0}
-    for dirpath, _, files in os.walk(root / paths.REPOSITORIES):
+    for dirpath, _, files in os.walk(root / layout.REPOSITORIES):
         rel = Path(dirpath).relative_to(root).as_posix()
         for name in files:
             if "/_layers/" in f"{rel}/":
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"work directory {work}; seeding {p.blobs} blobs over {p.repos} repositories")
         seeded = seed_storage(work / "data", p, time.time())
         before = stored_blobs(seeded.root)
-        private_files = files_under(seeded.root, paths.repository(PRIVATE_REPO))
+        private_files = files_under(seeded.root, layout.repository(PRIVATE_REPO))
         if before.keys() != seeded.sizes.keys():
             raise BenchError("the seeded root does not hold what was written")
         cap = int(seeded.total * p.cap_share)
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             max(seeded.mtimes[d] for d in gone) <= min(seeded.mtimes[d] for d in proxied_kept)
         checks = {
             "private_kept": len(seeded.private & after.keys()), "private_total": len(seeded.private),
-            "private_files_kept": len(private_files & files_under(seeded.root, paths.repository(PRIVATE_REPO))),
+            "private_files_kept": len(private_files & files_under(seeded.root, layout.repository(PRIVATE_REPO))),
             "private_files_total": len(private_files),
             "hot_kept": len(seeded.hot & after.keys()), "hot_total": len(seeded.hot),
             "lru_order": lru_ok, "dangling": dangling(seeded.root, set(after)),

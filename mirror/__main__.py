@@ -1,3 +1,3 @@
-from mirror.cli import main
+from mirror.commands.main import main
 
 raise SystemExit(main())

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.app import create_app
 from mirror.config import parse
+from mirror.server.app import create_app
 from tests.scripted_upstream import ScriptedUpstream
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.archive import (
+from mirror.commands.archive import (
     HEADER,
     TRAILER,
     ArchiveError,

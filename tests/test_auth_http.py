@@ -16,8 +16,8 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.app import create_app
 from mirror.config import parse
+from mirror.server.app import create_app
 from tests.auth_keys import ISSUER, SERVICE, make_pki, mint, repo
 from tests.scripted_upstream import ScriptedUpstream
 

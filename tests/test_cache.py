@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror.app import create_app
 from mirror.config import parse
+from mirror.server.app import create_app
 from tests.scripted_upstream import ScriptedUpstream, digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

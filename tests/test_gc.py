@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mirror.gc import collect
+from mirror.commands.gc import collect
 from mirror.storage.filesystem import FilesystemStorage
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
 

@@ -3,7 +3,7 @@ import hashlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror.hashstate import ResumableHash
+from mirror.registry.hashstate import ResumableHash
 
 
 @given(st.binary(max_size=5000), st.binary(max_size=5000), st.sampled_from(["sha256", "sha512"]))

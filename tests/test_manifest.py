@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror import mediatypes as mt
 from mirror.errors import RegistryError
-from mirror.manifest import parse
+from mirror.registry import mediatypes as mt
+from mirror.registry.manifest_schema import parse
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "abc")
 

@@ -1,6 +1,6 @@
 import json
 
-from mirror import mediatypes as mt
+from mirror.registry import mediatypes as mt
 
 
 def test_detect() -> None:

@@ -19,8 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mirror.config import parse
-from mirror.prefetch import (
+from mirror.commands.prefetch import (
     BadReference,
     ImageRef,
     Platform,
@@ -30,6 +29,7 @@ from mirror.prefetch import (
     prefetch,
     prefetch_in_process,
 )
+from mirror.config import parse
 from tests.scripted_upstream import ScriptedUpstream, digest
 from tests.support.terminal import drain
 from tests.test_cache import image as cache_image

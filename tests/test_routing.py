@@ -5,8 +5,8 @@ import pytest
 
 from mirror.config import parse
 from mirror.errors import RegistryError
-from mirror.routing import Router, Upstream
-from mirror.upstream import UpstreamClient
+from mirror.registry.namespace import Router, Upstream
+from mirror.registry.upstream import UpstreamClient
 
 
 @pytest.fixture

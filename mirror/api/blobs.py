@@ -3,11 +3,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from aiohttp import web
 
-from mirror.api.context import route
-from mirror.cache.blobs import Flight, FlightFailed
+from mirror.api.request import route
+from mirror.cache.blob_cache import Flight, FlightFailed
 from mirror.errors import RegistryError
-from mirror.logs import CACHE, SERVED_BYTES
 from mirror.names import Digest, parse_digest, parse_range
+from mirror.server.logs import CACHE, SERVED_BYTES
 from mirror.storage import NotFound, StorageUnavailable
 
 log = logging.getLogger("mirror.api")

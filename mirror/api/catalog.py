@@ -1,7 +1,7 @@
 from aiohttp import web
 
-from mirror.api.context import REGISTRY
 from mirror.api.pages import paginate
+from mirror.api.request import REGISTRY
 from mirror.auth import visible
 
 

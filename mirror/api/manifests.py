@@ -1,11 +1,11 @@
 from aiohttp import web
 
-from mirror import mediatypes
-from mirror.api.context import LIMITS, push_route, route
+from mirror.api.request import LIMITS, push_route, route
 from mirror.errors import RegistryError
-from mirror.logs import CACHE, PUSHED_BYTES, SERVED_BYTES
-from mirror.manifest import read_manifest
 from mirror.names import parse_reference
+from mirror.registry import mediatypes
+from mirror.registry.manifest_schema import read_manifest
+from mirror.server.logs import CACHE, PUSHED_BYTES, SERVED_BYTES
 
 
 async def get_manifest(request: web.Request) -> web.Response:

@@ -2,9 +2,9 @@ import json
 
 from aiohttp import web
 
-from mirror import mediatypes
-from mirror.api.context import route
+from mirror.api.request import route
 from mirror.names import parse_digest
+from mirror.registry import mediatypes
 
 
 async def list_referrers(request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 from aiohttp import web
 
-from mirror.api.context import route
 from mirror.api.pages import paginate
+from mirror.api.request import route
 
 
 async def list_tags(request: web.Request) -> web.Response:

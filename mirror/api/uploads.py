@@ -2,12 +2,12 @@
 
 from aiohttp import web
 
-from mirror.api.context import body, push_route
+from mirror.api.request import body, push_route
 from mirror.auth import may_pull
 from mirror.errors import RegistryError
-from mirror.logs import PUSHED_BYTES
 from mirror.names import Digest, parse_content_range, parse_digest, parse_name, parse_upload_id
-from mirror.uploads import range_headers
+from mirror.registry.upload_sessions import range_headers
+from mirror.server.logs import PUSHED_BYTES
 
 
 def _session_headers(name: str, upload_id: str, size: int) -> dict[str, str]:

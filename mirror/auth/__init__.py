@@ -21,8 +21,8 @@ from mirror.auth.htpasswd import Htpasswd
 from mirror.auth.token import Grants, InvalidToken, TokenVerifier
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.logs import USER
-from mirror.registry import REGISTRY
+from mirror.server.logs import USER
+from mirror.service import REGISTRY
 
 log = logging.getLogger("mirror.auth")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from mirror.config import ANONYMOUS, ANY_USER, AccessConfig, AccessRule
-from mirror.routing import glob_to_regex
+from mirror.registry.namespace import glob_to_regex
 
 
 class AccessRules:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mirror.cache.index import Index
-from mirror.gc import manifest_refs
+from mirror.commands.gc import manifest_refs
 from mirror.names import Digest, parse_digest
-from mirror.storage import NotFound, Storage, paths
-from mirror.store import BlobStore, ManifestStore
+from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.storage import NotFound, Storage, layout
 
 log = logging.getLogger("mirror.cache")
 YIELD_EVERY = 32  # evictions between turns of the event loop
@@ -72,7 +72,7 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool], links
         if len(parts) == 4:
             census.blobs[f"{parts[1]}:{parts[3]}"] = (st.size, st.mtime)
     links: list[tuple[str, str, str]] = []  # (repository, kind, rest of the key)
-    async for key, _ in storage.scan(paths.REPOSITORIES):
+    async for key, _ in storage.scan(layout.REPOSITORIES):
         if progress is not None:
             progress.update()
         parts = key.split("/")[1:]
@@ -107,7 +107,7 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool], links
                 continue
             tag = rest.removeprefix("tags/")
             try:
-                digest = (await storage.get_bytes(paths.tag(name, tag))).decode()
+                digest = (await storage.get_bytes(layout.tag(name, tag))).decode()
             except NotFound:
                 continue
             census.tags[digest].append((name, tag))
@@ -254,7 +254,7 @@ class Evictor:
         for repository in census.layer_links.get(digest, ()):
             await self.blobs.unlink(repository, d)
         self.manifests.forget(digest)
-        await self.storage.delete(paths.blob(d))
+        await self.storage.delete(layout.blob(d))
         self.index.pending.pop(digest, None)
         self.blobs.metrics.blob_removed(size)
         self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()

@@ -20,14 +20,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api import blobs, manifests
+from mirror.commands.maintenance import upstream_of
 from mirror.config import Config
-from mirror.logs import REPOSITORY
-from mirror.maintenance import upstream_of
-from mirror.metrics import Metrics
-from mirror.registry import REGISTRY
+from mirror.server.logs import REPOSITORY
+from mirror.server.metrics import Metrics
+from mirror.service import REGISTRY
 from mirror.ui import guard, views
-from mirror.ui.catalog import Catalog
 from mirror.ui.images import Images
+from mirror.ui.snapshot import Catalog
 
 NAME = "/ui/repo/{name:.+}"
 ROUTES = [

@@ -19,7 +19,7 @@ from aiohttp import web
 from yarl import URL
 
 from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, may_pull
-from mirror.registry import REGISTRY
+from mirror.service import REGISTRY
 
 SECRET = web.AppKey("ui_secret", bytes)
 

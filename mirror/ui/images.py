@@ -11,11 +11,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror import mediatypes
 from mirror.errors import RegistryError
 from mirror.names import parse_digest
-from mirror.storage import NotFound, Storage, paths
-from mirror.store import ManifestStore
+from mirror.registry import mediatypes
+from mirror.registry.stores import ManifestStore
+from mirror.storage import NotFound, Storage, layout
 
 CONFIG_LIMIT = 4 << 20  # a config bigger than this is not read for display
 SUMMARIES_KEPT = 20_000
@@ -160,7 +160,7 @@ class Images:
         if "json" not in config.media_type:  # an artifact's config (or the empty one) is no image config
             return None
         try:
-            key = paths.blob(parse_digest(config.digest))
+            key = layout.blob(parse_digest(config.digest))
         except RegistryError:
             return None
         st = await self.storage.stat(key)

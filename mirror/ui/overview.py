@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client.metrics import MetricWrapperBase
 
 from mirror.config import Config
-from mirror.metrics import CACHE_RESULTS, Metrics
+from mirror.server.metrics import CACHE_RESULTS, Metrics
 
 HIT_RESULTS = ("hit", "revalidated", "stale")  # answered from the cache (stale: upstream failed)
 

@@ -18,14 +18,14 @@ from aiohttp import web
 from mirror.auth import GATE, Need, visible
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.metrics import Metrics
 from mirror.names import parse_digest, parse_name, parse_reference
-from mirror.registry import REGISTRY
-from mirror.storage import paths
+from mirror.server.metrics import Metrics
+from mirror.service import REGISTRY
+from mirror.storage import layout
 from mirror.ui import guard
-from mirror.ui.catalog import Catalog, Repository
 from mirror.ui.images import Images, config_section
 from mirror.ui.overview import overview as read_overview
+from mirror.ui.snapshot import Catalog, Repository
 
 CATALOG = web.AppKey("ui_catalog", Catalog)
 IMAGES = web.AppKey("ui_images", Images)
@@ -180,7 +180,7 @@ async def repository(request: web.Request) -> web.StreamResponse:
     name = _name(request)
     registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
     tags = sorted(await registry.manifests.tags(name))
-    revisions = await registry.storage.list(f"{paths.repository(name)}/_manifests/revisions/sha256")
+    revisions = await registry.storage.list(f"{layout.repository(name)}/_manifests/revisions/sha256")
     if not tags and not revisions:
         raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
     size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)

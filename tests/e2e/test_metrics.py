@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.metrics import Metrics
+from mirror.server.metrics import Metrics
 from tests.e2e.conftest import require
 from tests.support.clients import skopeo_copy
 from tests.support.images import Layout

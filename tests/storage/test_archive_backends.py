@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mirror.archive import ArchiveError, export, import_archive
+from mirror.commands.archive import ArchiveError, export, import_archive
 from mirror.names import Digest, parse_digest
-from mirror.storage import NotFound, Storage, paths
+from mirror.storage import NotFound, Storage, layout
 
 MiB = 1 << 20
 
@@ -35,7 +35,7 @@ async def listing(storage: Storage, prefix: str = "") -> dict[str, str]:
 
 async def put_blob(storage: Storage, data: bytes) -> Digest:
     digest = Digest.of(data)
-    await storage.put_bytes(paths.blob(digest), data)
+    await storage.put_bytes(layout.blob(digest), data)
     return digest
 
 
@@ -51,11 +51,11 @@ async def populate(storage: Storage) -> None:
                                            "digest": str(layer), "size": size}]}).encode()
         m = await put_blob(storage, manifest)
         for d in (config, layer):
-            await storage.put_bytes(paths.layer(name, d), str(d).encode())
-        await storage.put_bytes(paths.revision(name, m), str(m).encode())
-        await storage.put_bytes(paths.tag(name, "v1" if private else "latest"), str(m).encode())
+            await storage.put_bytes(layout.layer(name, d), str(d).encode())
+        await storage.put_bytes(layout.revision(name, m), str(m).encode())
+        await storage.put_bytes(layout.tag(name, "v1" if private else "latest"), str(m).encode())
         if private:
-            await storage.put_bytes(paths.private_marker(name), b"")
+            await storage.put_bytes(layout.private_marker(name), b"")
 
 
 async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> 
 
     # A damaged copy: one byte of the big layer flipped. It fails and storage stays as it is.
     big = max(result.header.blobs, key=lambda d: result.header.blobs[d])
-    await storage.delete(paths.blob(parse_digest(big)))
+    await storage.delete(layout.blob(parse_digest(big)))
     await storage.delete("repositories/team")
     damaged = bytearray(archive.read_bytes())
     damaged[damaged.index(b"blobs/sha256/" + big.split(":")[1].encode()) + 2048] ^= 1  # inside its data

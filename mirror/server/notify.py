@@ -26,11 +26,11 @@ import diskcache
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror import mediatypes
 from mirror.api import area
 from mirror.config import Config, EndpointConfig
-from mirror.logs import CACHE, PUSHED_BYTES, REPOSITORY, REQUEST_ID, SERVED_BYTES, USER
-from mirror.metrics import Metrics
+from mirror.registry import mediatypes
+from mirror.server.logs import CACHE, PUSHED_BYTES, REPOSITORY, REQUEST_ID, SERVED_BYTES, USER
+from mirror.server.metrics import Metrics
 
 log = logging.getLogger("mirror.notify")
 ENVELOPE = "application/vnd.docker.distribution.events.v1+json"

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mirror.errors import RegistryError
-from mirror.hashstate import ResumableHash
 from mirror.names import Digest
-from mirror.storage import NotFound, Storage, paths
-from mirror.store import BlobStore, walk_repositories
+from mirror.registry.hashstate import ResumableHash
+from mirror.registry.stores import BlobStore, walk_repositories
+from mirror.storage import NotFound, Storage, layout
 
 log = logging.getLogger("mirror.uploads")
 
@@ -36,14 +36,14 @@ class Uploads:
 
     async def start(self, repository: str) -> str:
         upload_id = uuid.uuid4().hex
-        await self.storage.put_bytes(paths.upload_started(repository, upload_id), str(time.time()).encode())
+        await self.storage.put_bytes(layout.upload_started(repository, upload_id), str(time.time()).encode())
         return upload_id
 
     async def size(self, repository: str, upload_id: str) -> int:
         """Bytes received so far; BLOB_UPLOAD_UNKNOWN for an unknown (or finished) upload."""
-        if await self.storage.stat(paths.upload_started(repository, upload_id)) is None:
+        if await self.storage.stat(layout.upload_started(repository, upload_id)) is None:
             raise RegistryError("BLOB_UPLOAD_UNKNOWN", f"blob upload {upload_id} unknown to registry")
-        st = await self.storage.stat(paths.upload_data(repository, upload_id))
+        st = await self.storage.stat(layout.upload_data(repository, upload_id))
         return st.size if st else 0
 
     async def append(self, repository: str, upload_id: str, chunks: AsyncIterator[bytes],
@@ -58,7 +58,7 @@ class Uploads:
 
     async def _append(self, repository: str, upload_id: str, size: int, chunks: AsyncIterator[bytes]) -> int:
         hasher = await self._hasher(repository, upload_id, size)
-        writer = await self.storage.writer(paths.upload_data(repository, upload_id), append=True)
+        writer = await self.storage.writer(layout.upload_data(repository, upload_id), append=True)
         try:
             async for chunk in chunks:
                 await writer.write(chunk)
@@ -70,7 +70,7 @@ class Uploads:
                 self._hashes[upload_id] = hasher
                 saved = hasher.saved()
                 if saved is not None:
-                    await self.storage.put_bytes(paths.upload_hashstate(repository, upload_id), saved)
+                    await self.storage.put_bytes(layout.upload_hashstate(repository, upload_id), saved)
             else:
                 self._hashes.pop(upload_id, None)
         return writer.size
@@ -88,9 +88,9 @@ class Uploads:
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             if await self.blobs.stat(digest) is None:
                 if size == 0:
-                    await self.storage.put_bytes(paths.blob(digest), b"")
+                    await self.storage.put_bytes(layout.blob(digest), b"")
                 else:
-                    await self.storage.move(paths.upload_data(repository, upload_id), paths.blob(digest))
+                    await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
                 self.blobs.added(size)
             await self.blobs.link(repository, digest)
             await self._delete(repository, upload_id)
@@ -99,7 +99,7 @@ class Uploads:
     async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
         """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
         hasher = digest.hasher()
-        writer = await self.storage.writer(paths.blob(digest))
+        writer = await self.storage.writer(layout.blob(digest))
         async with writer:
             async for chunk in chunks:
                 hasher.update(chunk)
@@ -132,21 +132,21 @@ class Uploads:
         if h is not None and h.size == size and h.algorithm == algorithm:
             return h
         try:
-            h = ResumableHash.restore(await self.storage.get_bytes(paths.upload_hashstate(repository, upload_id)))
+            h = ResumableHash.restore(await self.storage.get_bytes(layout.upload_hashstate(repository, upload_id)))
         except NotFound:
             h = None
         if h is not None and h.size == size and h.algorithm == algorithm:
             return h
         h = ResumableHash(algorithm)
         if size:
-            async for chunk in self.storage.reader(paths.upload_data(repository, upload_id), 0, size):
+            async for chunk in self.storage.reader(layout.upload_data(repository, upload_id), 0, size):
                 h.update(chunk)
         return h
 
     async def _delete(self, repository: str, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)
         self._locks.pop(upload_id, None)  # a holder keeps its object; later callers find the upload gone
-        await self.storage.delete(paths.upload(repository, upload_id))
+        await self.storage.delete(layout.upload(repository, upload_id))
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
         if len(self._locks) > 10_000:  # ids of uploads abandoned or never started
@@ -165,9 +165,9 @@ async def live_uploads(storage: Storage) -> list[UploadInfo]:
     for repository, marks in await walk_repositories(storage):
         if "_uploads" not in marks:
             continue
-        for upload_id in await storage.list(paths.uploads(repository)):
+        for upload_id in await storage.list(layout.uploads(repository)):
             try:
-                started = float(await storage.get_bytes(paths.upload_started(repository, upload_id)))
+                started = float(await storage.get_bytes(layout.upload_started(repository, upload_id)))
             except (NotFound, ValueError):
                 started = 0.0  # half-created: as old as can be
             found.append(UploadInfo(repository, upload_id, started))

@@ -26,8 +26,8 @@ from yarl import URL
 
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
-from mirror.manifest import MAX_MANIFEST, read_manifest
-from mirror.metrics import Metrics, status_class
+from mirror.registry.manifest_schema import MAX_MANIFEST, read_manifest
+from mirror.server.metrics import Metrics, status_class
 
 log = logging.getLogger("mirror.upstream")
 

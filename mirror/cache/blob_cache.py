@@ -17,12 +17,12 @@ from typing import Any
 import aiohttp
 
 from mirror.errors import RegistryError
-from mirror.metrics import Metrics
 from mirror.names import Digest
-from mirror.routing import Route
-from mirror.storage import paths
-from mirror.store import BlobStore, StoredBlob
-from mirror.upstream import answering_as
+from mirror.registry.namespace import Route
+from mirror.registry.stores import BlobStore, StoredBlob
+from mirror.registry.upstream import answering_as
+from mirror.server.metrics import Metrics
+from mirror.storage import layout
 
 log = logging.getLogger("mirror.cache")
 
@@ -279,7 +279,7 @@ class BlobCache:
             return resp
 
         async def commit(spool: Path) -> None:
-            await self.store.storage.put_file(paths.blob(digest), spool)
+            await self.store.storage.put_file(layout.blob(digest), spool)
             self.store.added(flight.received)
             await self.store.link(route.local, digest)
             self.store.index.touch_blob(key)

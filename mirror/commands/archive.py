@@ -43,14 +43,14 @@ from typing import IO, Any, TypeVar
 
 from tqdm import tqdm
 
-from mirror import logs
-from mirror import manifest as manifests_
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
-from mirror.routing import glob_to_regex
-from mirror.storage import NotFound, Storage, StorageUnavailable, open_storage, paths, without_hot_tier
-from mirror.store import walk_repositories
+from mirror.registry import manifest_schema
+from mirror.registry.namespace import glob_to_regex
+from mirror.registry.stores import walk_repositories
+from mirror.server import logs
+from mirror.storage import NotFound, Storage, StorageUnavailable, layout, open_storage, without_hot_tier
 
 FORMAT = "mirror-export"
 VERSION = 1
@@ -252,17 +252,17 @@ async def _links(storage: Storage, prefix: str) -> list[str]:
 async def _read_repository(storage: Storage, name: str, marks: list[str], notes: list[str]) -> Repository:
     """Tags first, then manifest links, then blob links: a concurrent push writes them the other way round."""
     repo = Repository(name, "private" if "_private" in marks else "proxied")
-    for tag in await storage.list(paths.tags(name)):
+    for tag in await storage.list(layout.tags(name)):
         try:
-            value = (await storage.get_bytes(paths.tag(name, tag))).decode(errors="replace").strip()
+            value = (await storage.get_bytes(layout.tag(name, tag))).decode(errors="replace").strip()
             repo.tags[tag] = str(parse_digest(value))
         except NotFound:
             continue  # deleted meanwhile
         except RegistryError:
             notes.append(f"{name}: tag {tag} holds no digest; left out")
-    repo.manifests = await _links(storage, paths.revisions(name))
-    repo.layers = await _links(storage, paths.layers(name))
-    root = paths.all_referrers(name)
+    repo.manifests = await _links(storage, layout.revisions(name))
+    repo.layers = await _links(storage, layout.layers(name))
+    root = layout.all_referrers(name)
     for algorithm in await storage.list(root):
         for subject in await storage.list(f"{root}/{algorithm}"):
             for entry in await storage.list(f"{root}/{algorithm}/{subject}"):
@@ -270,7 +270,7 @@ async def _read_repository(storage: Storage, name: str, marks: list[str], notes:
                     descriptor = json.loads(await storage.get_bytes(f"{root}/{algorithm}/{subject}/{entry}"))
                 except (NotFound, ValueError):
                     continue
-                if isinstance(descriptor, dict) and descriptor.get("digest") == paths.referrer_manifest(entry):
+                if isinstance(descriptor, dict) and descriptor.get("digest") == layout.referrer_manifest(entry):
                     repo.referrers.append({"subject": f"{algorithm}:{subject}", "descriptor": descriptor})
     return repo
 
@@ -299,13 +299,13 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
     # Sizes of everything linked; a link whose blob is gone (a dangling link gc has not dropped yet)
     # serves nothing today and is left out.
     digests = list(dict.fromkeys(d for r in repositories for d in [*r.manifests, *r.layers]))
-    stats = await _bounded(digests, lambda d: storage.stat(paths.blob(parse_digest(d))))
+    stats = await _bounded(digests, lambda d: storage.stat(layout.blob(parse_digest(d))))
     sizes = {d: st.size for d, st in zip(digests, stats, strict=True) if st is not None}
     bodies: dict[str, bytes] = {}
 
     async def body(digest: str) -> None:
         with contextlib.suppress(NotFound):
-            bodies[digest] = await storage.get_bytes(paths.blob(parse_digest(digest)))
+            bodies[digest] = await storage.get_bytes(layout.blob(parse_digest(digest)))
 
     await _bounded([d for d in dict.fromkeys(d for r in repositories for d in r.manifests) if d in sizes], body)
     blobs: dict[str, int] = {}
@@ -339,7 +339,7 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
 
 
 def _refs(body: bytes) -> list[str]:
-    return [str(d) for d in manifests_.references(body)]
+    return [str(d) for d in manifest_schema.references(body)]
 
 
 def _tar_header(name: str, size: int, mtime: int) -> bytes:
@@ -390,7 +390,7 @@ async def _copy_blob(storage: Storage, f: IO[bytes], digest: Digest, size: int,
     hasher = digest.hasher()
     written = 0
     try:
-        async for chunk in storage.reader(paths.blob(digest)):
+        async for chunk in storage.reader(layout.blob(digest)):
             written += len(chunk)
             if written > size:
                 raise ArchiveError(f"blob {digest} in storage is larger than the {size} bytes it had moments ago")
@@ -532,8 +532,8 @@ def verify(path: Path, header_bytes: bytes, header: Header, present: set[str], s
 
 def _verify_blob(tar: tarfile.TarFile, member: tarfile.TarInfo, digest: str, staging: Path | None,
                  advance: Callable[[int], object], keep: bool) -> bytes | None:
-    if keep and member.size > manifests_.MAX_MANIFEST:
-        raise ArchiveError(f"{member.name}: a manifest larger than {manifests_.MAX_MANIFEST} bytes")
+    if keep and member.size > manifest_schema.MAX_MANIFEST:
+        raise ArchiveError(f"{member.name}: a manifest larger than {manifest_schema.MAX_MANIFEST} bytes")
     d = parse_digest(digest)
     hasher = d.hasher()
     source = tar.extractfile(member)
@@ -578,11 +578,11 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
         d = parse_digest(digest)
         staged = staging / f"{d.algorithm}-{d.hex}"
         os.utime(staged)  # mtime = now: gc's grace period counts from the commit, not from the staging
-        await storage.put_file(paths.blob(d), staged)
+        await storage.put_file(layout.blob(d), staged)
         bar.update(header.blobs[digest])
 
     async def still_there(digest: str) -> None:
-        if await storage.stat(paths.blob(parse_digest(digest))) is None:
+        if await storage.stat(layout.blob(parse_digest(digest))) is None:
             raise ArchiveError(f"blob {digest} was deleted from storage during the import (mirror gc?); "
                                f"run the import again")
 
@@ -592,15 +592,15 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
     await _bounded([d for d in header.blobs if d in present], still_there)
     for repo in header.repositories:
         writes: list[tuple[str, bytes]] = []
-        writes += [(paths.layer(repo.name, parse_digest(d)), d.encode()) for d in repo.layers]
-        writes += [(paths.revision(repo.name, parse_digest(d)), d.encode()) for d in repo.manifests]
-        writes += [(paths.referrer(repo.name, parse_digest(r["subject"]), parse_digest(r["descriptor"]["digest"])),
+        writes += [(layout.layer(repo.name, parse_digest(d)), d.encode()) for d in repo.layers]
+        writes += [(layout.revision(repo.name, parse_digest(d)), d.encode()) for d in repo.manifests]
+        writes += [(layout.referrer(repo.name, parse_digest(r["subject"]), parse_digest(r["descriptor"]["digest"])),
                     json.dumps(r["descriptor"]).encode()) for r in repo.referrers]
         await _bounded(writes, lambda w: storage.put_bytes(*w))
-        tags = [(paths.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
+        tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
         if repo.kind == "private":
-            await storage.put_bytes(paths.private_marker(repo.name), b"")
+            await storage.put_bytes(layout.private_marker(repo.name), b"")
     return len(new), sum(header.blobs[d] for d in new)
 
 
@@ -612,7 +612,7 @@ async def import_archive(storage: Storage, path: Path, progress: bool = False) -
         header = Header.from_bytes(header_bytes)
     except ArchiveError as e:
         raise ArchiveError(f"{e}; nothing was written to storage") from None
-    stats = await _bounded(list(header.blobs), lambda d: storage.stat(paths.blob(parse_digest(d))))
+    stats = await _bounded(list(header.blobs), lambda d: storage.stat(layout.blob(parse_digest(d))))
     present = {d for d, st in zip(header.blobs, stats, strict=True) if st is not None}
     # Beside the storage root's own staging directory: same filesystem, so a commit is a rename;
     # not inside it, where the server clears files idle for an hour.

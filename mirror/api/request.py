@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from mirror.config import LimitsConfig
-from mirror.logs import REPOSITORY
-from mirror.registry import REGISTRY, Registry
-from mirror.routing import Route
+from mirror.registry.namespace import Route
+from mirror.server.logs import REPOSITORY
+from mirror.service import REGISTRY, Registry
 
 __all__ = ["LIMITS", "REGISTRY", "ClientStalled", "body", "push_route", "route"]
 

@@ -15,15 +15,16 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from mirror import logs, maintenance
-from mirror.app import create_app
 from mirror.auth import Gate
 from mirror.auth.htpasswd import HtpasswdError
 from mirror.auth.token import TokenSetupError
+from mirror.commands import maintenance
+from mirror.commands.gc import GcResult, collect
 from mirror.config import Config, ConfigError, load, parse_duration, parse_size
-from mirror.gc import GcResult, collect
+from mirror.server import logs
+from mirror.server.app import create_app
+from mirror.server.tls import server_context
 from mirror.storage import StorageUnavailable, open_storage, without_hot_tier
-from mirror.tls import server_context
 
 T = TypeVar("T")
 
@@ -199,20 +200,20 @@ def _bytes(value: str) -> int:
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 def prefetch(args: argparse.Namespace) -> int:
-    from mirror.prefetch import command
+    from mirror.commands.prefetch import command
 
     return command(args.images, args.platform, args.server, None if args.server else _load(args.config), args.json)
 
 
 def export(args: argparse.Namespace) -> int:
-    from mirror.archive import export_command
+    from mirror.commands.archive import export_command
 
     kind = "private" if args.private_only else "proxied" if args.cached_only else None
     return export_command(_load(args.config), Path(args.output), args.repos, kind, args.json)
 
 
 def import_(args: argparse.Namespace) -> int:
-    from mirror.archive import import_command
+    from mirror.commands.archive import import_command
 
     return import_command(_load(args.config), Path(args.archive), args.json)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from mirror.cache.eviction import take_census
 from mirror.cache.index import Index
+from mirror.commands.maintenance import usage_report
 from mirror.config import Config
-from mirror.maintenance import usage_report
 from mirror.names import parse_digest
-from mirror.storage import Storage, paths
+from mirror.storage import Storage, layout
 
 log = logging.getLogger("mirror.ui")
 
@@ -139,11 +139,11 @@ class Catalog:
 
     async def refresh(self, name: str) -> None:
         """Read one repository again (after a push or delete)."""
-        prefix = f"{paths.repository(name)}/"
+        prefix = f"{layout.repository(name)}/"
         linked: set[str] = set()
         manifests = tags = 0
         private = self.is_private(name)
-        async for key, _ in self.storage.scan(paths.repository(name)):
+        async for key, _ in self.storage.scan(layout.repository(name)):
             rest = key[len(prefix):].split("/") if key.startswith(prefix) else []
             if not rest or not rest[0].startswith("_"):
                 continue  # a nested repository's keys
@@ -166,7 +166,7 @@ class Catalog:
             known = self.blob_sizes.get(digest)
             if known is None:
                 with contextlib.suppress(ValueError):
-                    st = await self.storage.stat(paths.blob(parse_digest(digest)))
+                    st = await self.storage.stat(layout.blob(parse_digest(digest)))
                     if st is not None:
                         known = self.blob_sizes[digest] = st.size
             size += known or 0

@@ -9,7 +9,7 @@ from aiohttp.typedefs import Handler
 
 from mirror.auth import is_upload_route
 from mirror.errors import RegistryError
-from mirror.logs import USER
+from mirror.server.logs import USER
 
 UPLOAD_METHODS = frozenset({"POST", "PATCH", "PUT"})
 

@@ -16,25 +16,25 @@ from aiohttp.typedefs import Handler
 
 from mirror import ui
 from mirror.api import ROUTES, area
-from mirror.api.context import LIMITS, REGISTRY, ClientStalled
+from mirror.api.request import LIMITS, REGISTRY, ClientStalled
 from mirror.auth import GATE, Gate, authorize
-from mirror.cache.blobs import BlobCache
+from mirror.cache.blob_cache import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.index import Index
-from mirror.cache.manifests import ManifestCache
+from mirror.cache.manifest_cache import ManifestCache
 from mirror.config import Config
 from mirror.errors import RegistryError
-from mirror.limits import UploadLimiter
-from mirror.logs import CACHE, REQUEST_ID, SERVED_BYTES
-from mirror.metrics import Metrics
-from mirror.notify import NOTIFIER, Notifier, events
-from mirror.registry import Registry
-from mirror.routing import Router, Upstream
+from mirror.registry.namespace import Router, Upstream
+from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.registry.upload_sessions import live_uploads
+from mirror.registry.upstream import UpstreamClient
+from mirror.server.limits import UploadLimiter
+from mirror.server.logs import CACHE, REQUEST_ID, SERVED_BYTES
+from mirror.server.metrics import Metrics
+from mirror.server.notify import NOTIFIER, Notifier, events
+from mirror.service import Registry
 from mirror.storage import StorageUnavailable, open_storage
 from mirror.storage.tier import HotTier
-from mirror.store import BlobStore, ManifestStore
-from mirror.uploads import live_uploads
-from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror")
 CONFIG = web.AppKey("config", Config)

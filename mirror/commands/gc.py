@@ -11,11 +11,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from mirror import manifest as manifests_
 from mirror.names import ALGORITHMS, Digest
-from mirror.storage import NotFound, Storage, paths
-from mirror.store import walk_repositories
-from mirror.uploads import live_uploads
+from mirror.registry import manifest_schema
+from mirror.registry.stores import walk_repositories
+from mirror.registry.upload_sessions import live_uploads
+from mirror.storage import NotFound, Storage, layout
 
 log = logging.getLogger("mirror.gc")
 
@@ -32,10 +32,10 @@ class GcResult:
 async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
     """What a manifest references (config, layers, an index's children); [] for other blobs."""
     try:
-        body = await storage.get_bytes(paths.blob(digest))
+        body = await storage.get_bytes(layout.blob(digest))
     except NotFound:
         return []
-    return manifests_.references(body)
+    return manifest_schema.references(body)
 
 
 async def mark(storage: Storage) -> set[str]:
@@ -45,8 +45,8 @@ async def mark(storage: Storage) -> set[str]:
     for name, marks in await walk_repositories(storage):
         if "_manifests" not in marks:
             continue
-        for algorithm in await storage.list(f"{paths.repository(name)}/_manifests/revisions"):
-            for hexpart in await storage.list(f"{paths.repository(name)}/_manifests/revisions/{algorithm}"):
+        for algorithm in await storage.list(f"{layout.repository(name)}/_manifests/revisions"):
+            for hexpart in await storage.list(f"{layout.repository(name)}/_manifests/revisions/{algorithm}"):
                 pending.append(Digest(algorithm, hexpart))
     while pending:
         digest = pending.pop()
@@ -72,7 +72,7 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
                 digest = Digest(algorithm, hexpart)
                 if str(digest) in marked:
                     continue
-                st = await storage.stat(paths.blob(digest))
+                st = await storage.stat(layout.blob(digest))
                 if st is None:
                     continue
                 if st.mtime > cutoff:
@@ -82,19 +82,19 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
                 result.swept_bytes += st.size
                 swept.add(str(digest))
                 if not dry_run:
-                    await storage.delete(paths.blob(digest))
+                    await storage.delete(layout.blob(digest))
     # Layer links to blobs that are gone would only cost a stat each: drop them too.
     for name, marks in await walk_repositories(storage):
         if "_layers" not in marks:
             continue
-        for algorithm in await storage.list(f"{paths.repository(name)}/_layers"):
-            for hexpart in await storage.list(f"{paths.repository(name)}/_layers/{algorithm}"):
+        for algorithm in await storage.list(f"{layout.repository(name)}/_layers"):
+            for hexpart in await storage.list(f"{layout.repository(name)}/_layers/{algorithm}"):
                 digest = Digest(algorithm, hexpart)
-                gone = str(digest) in swept or await storage.stat(paths.blob(digest)) is None
+                gone = str(digest) in swept or await storage.stat(layout.blob(digest)) is None
                 if gone:
                     result.dangling_links += 1
                     if not dry_run:
-                        await storage.delete(paths.layer(name, digest))
+                        await storage.delete(layout.layer(name, digest))
     log.info("gc: %d marked, %d blobs (%d bytes) %s, %d young kept", result.marked, len(result.swept),
              result.swept_bytes, "would be swept" if dry_run else "swept", result.kept_young)
     return result

@@ -14,10 +14,10 @@ from tqdm import tqdm
 from mirror.cache.eviction import Census, EvictionResult, Evictor, take_census
 from mirror.cache.index import Index
 from mirror.config import Config
-from mirror.metrics import Metrics
-from mirror.routing import Router, glob_to_regex
+from mirror.registry.namespace import Router, glob_to_regex
+from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.server.metrics import Metrics
 from mirror.storage import Storage, open_storage
-from mirror.store import BlobStore, ManifestStore
 
 
 @dataclass

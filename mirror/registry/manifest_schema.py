@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import StreamReader
 
-from mirror import mediatypes
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
+from mirror.registry import mediatypes
 
 MAX_MANIFEST = 4 << 20
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from mirror import mediatypes
 from mirror.cache.index import Index
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import Digest
-from mirror.routing import Route
-from mirror.store import Manifest, ManifestStore
-from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+from mirror.registry import mediatypes
+from mirror.registry.namespace import Route
+from mirror.registry.stores import Manifest, ManifestStore
+from mirror.registry.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger("mirror.cache")
 

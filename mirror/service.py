@@ -8,18 +8,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from mirror import manifest as manifests_
-from mirror import mediatypes
-from mirror.cache.blobs import BlobCache, Flight
+from mirror.cache.blob_cache import BlobCache, Flight
 from mirror.cache.index import Index
-from mirror.cache.manifests import ManifestCache, Served
+from mirror.cache.manifest_cache import ManifestCache, Served
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
-from mirror.routing import Route, Router
-from mirror.storage import NotFound, Storage, paths
-from mirror.store import BlobStore, Manifest, ManifestStore, StoredBlob, walk_repositories
-from mirror.uploads import Uploads
-from mirror.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+from mirror.registry import manifest_schema, mediatypes
+from mirror.registry.namespace import Route, Router
+from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob, walk_repositories
+from mirror.registry.upload_sessions import Uploads
+from mirror.registry.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+from mirror.storage import NotFound, Storage, layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +61,7 @@ class Registry:
         know the name, so the hot path pays nothing."""
         if ns or self.router.route(name, ns).private:
             return False
-        if await self.storage.stat(paths.private_marker(name)) is None:
+        if await self.storage.stat(layout.private_marker(name)) is None:
             return False
         self.router.add_private(name)
         return True
@@ -78,7 +77,7 @@ class Registry:
                                               f"(config private.patterns)")
             route = Route(None, name, name)
         if name not in self.router.known_private:
-            await self.storage.put_bytes(paths.private_marker(name), b"")
+            await self.storage.put_bytes(layout.private_marker(name), b"")
             self.router.add_private(name)
         return route
 
@@ -154,7 +153,7 @@ class Registry:
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
         """Descriptors of the manifests whose subject is `subject` (pushed here)."""
         found = []
-        prefix = paths.referrers(route.local, subject)
+        prefix = layout.referrers(route.local, subject)
         for entry in await self.storage.list(prefix):
             try:
                 descriptor = json.loads(await self.storage.get_bytes(f"{prefix}/{entry}"))
@@ -168,7 +167,7 @@ class Registry:
 
     async def put_manifest(self, route: Route, reference: str | Digest, body: bytes,
                            content_type: str | None) -> Pushed:
-        parsed = manifests_.parse(body, content_type)
+        parsed = manifest_schema.parse(body, content_type)
         algorithm = reference.algorithm if isinstance(reference, Digest) else "sha256"
         digest = Digest.of(body, algorithm)
         if isinstance(reference, Digest) and digest != reference:
@@ -182,9 +181,9 @@ class Registry:
                                     detail=str(child))
         await self.manifests.put(route.local, Manifest(str(digest), parsed.media_type, body))
         if parsed.subject is not None:
-            descriptor = manifests_.Descriptor(parsed.media_type, digest, len(body), parsed.artifact_type,
+            descriptor = manifest_schema.Descriptor(parsed.media_type, digest, len(body), parsed.artifact_type,
                                                parsed.annotations)
-            await self.storage.put_bytes(paths.referrer(route.local, parsed.subject.digest, digest),
+            await self.storage.put_bytes(layout.referrer(route.local, parsed.subject.digest, digest),
                                          json.dumps(descriptor.to_json()).encode())
         if isinstance(reference, str):
             await self.manifests.set_tag(route.local, reference, str(digest))
@@ -206,11 +205,11 @@ class Registry:
                 await self.manifests.delete_tag(route.local, tag)
                 self.index.drop_tag(route.local, tag)
         try:
-            subject = manifests_.parse(manifest.body, manifest.media_type).subject
+            subject = manifest_schema.parse(manifest.body, manifest.media_type).subject
         except RegistryError:
             subject = None
         if subject is not None:
-            await self.storage.delete(paths.referrer(route.local, subject.digest, reference))
+            await self.storage.delete(layout.referrer(route.local, subject.digest, reference))
         await self.manifests.unlink(route.local, reference)
 
     async def delete_blob(self, route: Route, digest: Digest) -> None:

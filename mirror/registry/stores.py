@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror import mediatypes
 from mirror.cache.index import Index
-from mirror.metrics import Metrics
 from mirror.names import Digest, parse_digest
-from mirror.storage import NotFound, Stat, Storage, paths
+from mirror.registry import mediatypes
+from mirror.server.metrics import Metrics
+from mirror.storage import NotFound, Stat, Storage, layout
 
 LINKS_REMEMBERED = 200_000
 
@@ -67,11 +67,11 @@ class ManifestStore:
             self._memory.move_to_end(digest)
             return manifest
         d = parse_digest(digest)
-        if await self.storage.stat(paths.revision(repository, d)) is None:
+        if await self.storage.stat(layout.revision(repository, d)) is None:
             return None
         if manifest is None:
             try:
-                body = await self.storage.get_bytes(paths.blob(d))
+                body = await self.storage.get_bytes(layout.blob(d))
             except NotFound:
                 return None
             manifest = Manifest(digest, mediatypes.detect(body), body)
@@ -81,32 +81,32 @@ class ManifestStore:
 
     async def put(self, repository: str, manifest: Manifest) -> None:
         d = parse_digest(manifest.digest)
-        if await self.storage.stat(paths.blob(d)) is None:
-            await self.storage.put_bytes(paths.blob(d), manifest.body)
+        if await self.storage.stat(layout.blob(d)) is None:
+            await self.storage.put_bytes(layout.blob(d), manifest.body)
             self.added(len(manifest.body))
-        await self.storage.put_bytes(paths.revision(repository, d), manifest.digest.encode())
+        await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
-        return await _remove(self.storage, paths.revision(repository, digest))
+        return await _remove(self.storage, layout.revision(repository, digest))
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
-            return (await self.storage.get_bytes(paths.tag(repository, tag))).decode()
+            return (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
         except NotFound:
             return None
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
-        await self.storage.put_bytes(paths.tag(repository, tag), digest.encode())
+        await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        return await _remove(self.storage, paths.tag(repository, tag))
+        return await _remove(self.storage, layout.tag(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
-        return await self.storage.list(paths.tags(repository))
+        return await self.storage.list(layout.tags(repository))
 
     def forget_memory(self) -> None:
         """Storage changed behind our back (another process evicted): read it again."""
@@ -153,16 +153,16 @@ class BlobStore:
             self.on_growth(size, False)
 
     async def stat(self, digest: Digest) -> Stat | None:
-        return await self.storage.stat(paths.blob(digest))
+        return await self.storage.stat(layout.blob(digest))
 
     async def find(self, repository: str, digest: Digest) -> StoredBlob | None:
         """The blob in storage if `repository` may serve it."""
         key = str(digest)
         if (repository, key) not in self._links:
-            if await self.storage.stat(paths.layer(repository, digest)) is None:
+            if await self.storage.stat(layout.layer(repository, digest)) is None:
                 return None
             self._links.add(repository, key)
-        blob = paths.blob(digest)
+        blob = layout.blob(digest)
         st = await self.storage.stat(blob)
         if st is None:
             self._links.discard(repository, key)
@@ -171,12 +171,12 @@ class BlobStore:
         return StoredBlob(blob, st.size, self.storage.local_path(blob))
 
     async def link(self, repository: str, digest: Digest) -> None:
-        await self.storage.put_bytes(paths.layer(repository, digest), str(digest).encode())
+        await self.storage.put_bytes(layout.layer(repository, digest), str(digest).encode())
         self._links.add(repository, str(digest))
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         self._links.discard(repository, str(digest))
-        return await _remove(self.storage, paths.layer(repository, digest))
+        return await _remove(self.storage, layout.layer(repository, digest))
 
 
 async def _remove(storage: Storage, key: str) -> bool:
@@ -200,5 +200,5 @@ async def walk_repositories(storage: Storage) -> list[tuple[str, list[str]]]:
             if not child.startswith("_"):
                 await walk(f"{prefix}/{child}", f"{name}/{child}" if name else child)
 
-    await walk(paths.REPOSITORIES, "")
+    await walk(layout.REPOSITORIES, "")
     return sorted(found)

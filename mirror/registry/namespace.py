@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mirror.config import PrivateConfig, UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import parse_name
-from mirror.upstream import UpstreamClient
+from mirror.registry.upstream import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)

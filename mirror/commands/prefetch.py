@@ -25,11 +25,11 @@ import aiohttp
 from aiohttp import web
 from tqdm import tqdm
 
-from mirror import logs, mediatypes
-from mirror import manifest as manifests_  # MAX_MANIFEST
 from mirror.config import Config, MetricsConfig
 from mirror.errors import RegistryError
 from mirror.names import DIGEST_RE, NAME_RE, TAG_RE, parse_digest
+from mirror.registry import manifest_schema, mediatypes
+from mirror.server import logs
 from mirror.storage import StorageUnavailable, without_hot_tier
 
 DOCKER_HUB = "docker.io"
@@ -296,12 +296,12 @@ class Prefetcher:
 
     async def _get_manifest(self, image: ImageRef, reference: str) -> tuple[bytes, str]:
         async with self.session.get(self._url(image, "manifests", reference), headers={"Accept": ACCEPT}) as r:
-            body = await r.content.read(manifests_.MAX_MANIFEST + 1)
+            body = await r.content.read(manifest_schema.MAX_MANIFEST + 1)
             if r.status != 200:
                 raise PrefetchError(f"{image}: manifest {reference}: {_oci_error(r.status, body)}")
             declared = r.headers.get("Content-Type")
-        if len(body) > manifests_.MAX_MANIFEST:
-            raise PrefetchError(f"{image}: manifest {reference} is larger than {manifests_.MAX_MANIFEST} bytes")
+        if len(body) > manifest_schema.MAX_MANIFEST:
+            raise PrefetchError(f"{image}: manifest {reference} is larger than {manifest_schema.MAX_MANIFEST} bytes")
         if reference.startswith(("sha256:", "sha512:")):
             algorithm = reference.split(":", 1)[0]
             if f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" != reference:
@@ -382,8 +382,8 @@ async def prefetch_in_process(config: Config, images: list[ImageRef], platform: 
                               progress: bool = False) -> Report:
     """Start the mirror app from `config` on an ephemeral loopback port, prefetch through it, stop it.
     Storage may be shared with a running server, as replicas share a bucket."""
-    from mirror.api.context import REGISTRY  # the whole server: only needed on this path
-    from mirror.app import create_app
+    from mirror.api.request import REGISTRY  # the whole server: only needed on this path
+    from mirror.server.app import create_app
 
     # Its own metrics listener would collide with the running server's, its own hot tier fight the server's.
     config = dataclasses.replace(without_hot_tier(config), metrics=MetricsConfig(enabled=False))
