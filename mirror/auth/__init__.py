@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from mirror.api.endpoints import endpoint
 from mirror.auth.access import AccessRules
 from mirror.auth.htpasswd import Htpasswd
 from mirror.auth.token import Grants, InvalidToken, TokenVerifier
@@ -28,7 +29,6 @@ log = logging.getLogger("mirror.auth")
 
 # What the token must grant for each of our actions (distribution asks pull and push for pushes).
 TOKEN_ACTIONS = {"pull": ("pull",), "push": ("pull", "push"), "delete": ("delete",)}
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 EMPTY_BASIC = "Og=="  # base64(":"): skopeo and podman send it after a Basic challenge when they have no credentials
 
 
@@ -59,33 +59,14 @@ class Need:
         return ""
 
 
-def is_upload_route(request: web.Request) -> bool:
-    """The request matched a route of mirror/api/uploads.py (the module name: importing the
-    handlers here would be an import cycle)."""
-    return getattr(request.match_info.handler, "__module__", "") == "mirror.api.uploads"
-
-
-def need(request: web.Request, metrics_path: str | None) -> Need | None:
-    """The resource and action of a request, from the route it matched (None: no route, 404)."""
-    info = request.match_info
-    if info.http_exception is not None:
+def need(request: web.Request) -> Need | None:
+    """The resource and action of a request, from the endpoint it matched (None: no route, 404)."""
+    found = endpoint(request)
+    if found is None:
         return None
-    if getattr(info.handler, "__module__", "").startswith("mirror.ui"):
-        return Need("ui")  # credentials are checked if sent; anonymous callers see what they may pull
-    name = info.get("name")
-    if name is not None:
-        if is_upload_route(request):
-            action = "push"  # every step of an upload, its status and cancel too
-        elif request.method in WRITE_METHODS:
-            action = "push"
-        else:
-            action = "delete" if request.method == "DELETE" else "pull"
-        return Need("repository", name, action)
-    if request.path == "/v2/_catalog":
-        return Need("catalog")
-    if request.path == "/v2/" or request.path == metrics_path:
-        return Need("base")
-    return None
+    if found.action in ("pull", "push", "delete"):
+        return Need("repository", request.match_info["name"], found.action)
+    return Need(found.action)
 
 
 def _quote(value: str) -> str:
@@ -102,8 +83,6 @@ class Gate:
         self.token_config = config.auth.token
         self.tokens = TokenVerifier(config.auth.token) if config.auth.token else None
         self.rules = AccessRules(config.access)
-        metrics = config.metrics
-        self.metrics_path = metrics.path if metrics.enabled and metrics.addr is None else None
 
     # --- who ----------------------------------------------------------------------------------
 
@@ -214,7 +193,7 @@ GATE = web.AppKey("gate", Gate)
 async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate and authorize every request before its handler runs."""
     gate = request.app[GATE]
-    required = need(request, gate.metrics_path)
+    required = need(request)
     if required is None:
         return await handler(request)
     caller = await gate.authenticate(request, required)

@@ -15,8 +15,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror import ui
-from mirror.api import ROUTES, area
+from mirror.api import endpoints
 from mirror.api.request import LIMITS, REGISTRY, ClientStalled
+from mirror.api.table import ROUTES
 from mirror.auth import GATE, Gate, authorize
 from mirror.cache.blob_cache import BlobCache
 from mirror.cache.eviction import Evictor
@@ -52,9 +53,7 @@ UPSTREAM_READ_BUFFER = 4 << 20
 
 def _route_label(request: web.Request) -> str:
     """The API area that answered: a bounded label, never a name."""
-    if request.match_info.http_exception is not None:
-        return "other"
-    return area(request) or "metrics"
+    return endpoints.area(request) or "other"
 
 
 @web.middleware
@@ -332,9 +331,9 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Metrics([u.name for u in config.upstreams], backend="oss" if config.storage.oss else "filesystem")
     if notify:
         app[NOTIFIER] = Notifier(config, config.cache.local_dir(config.storage) / "_events", app[METRICS])
-    app.router.add_routes(ROUTES)
+    endpoints.add(app, ROUTES)
     if config.metrics.enabled and config.metrics.addr is None:
-        app.router.add_get(config.metrics.path, metrics_endpoint)
+        endpoints.add(app, endpoints.get(config.metrics.path, metrics_endpoint, "metrics", "base"))
     app.on_response_prepare.append(_on_prepare(config))
     app.cleanup_ctx.append(_state)
     if config.ui.enabled:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.auth import is_upload_route
+from mirror.api.endpoints import area
 from mirror.errors import RegistryError
 from mirror.server.logs import USER
 
@@ -23,7 +23,7 @@ class UploadLimiter:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method not in UPLOAD_METHODS or not is_upload_route(request):
+        if request.method not in UPLOAD_METHODS or area(request) != "uploads":
             return await handler(request)
         client = request.get(USER) or request.remote or "?"
         count = self.active.get(client, 0)

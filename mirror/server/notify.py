@@ -26,7 +26,7 @@ import diskcache
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api import area
+from mirror.api.endpoints import area
 from mirror.config import Config, EndpointConfig
 from mirror.registry import mediatypes
 from mirror.server.logs import CACHE, PUSHED_BYTES, REPOSITORY, REQUEST_ID, SERVED_BYTES, USER

@@ -19,7 +19,8 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api import blobs, manifests
+from mirror.api import endpoints
+from mirror.api.endpoints import Endpoint, get
 from mirror.commands.maintenance import upstream_of
 from mirror.config import Config
 from mirror.server.logs import REPOSITORY
@@ -30,20 +31,19 @@ from mirror.ui.images import Images
 from mirror.ui.snapshot import Catalog
 
 NAME = "/ui/repo/{name:.+}"
-ROUTES = [
-    web.get("/ui", views.root),
-    web.get("/ui/", views.repositories, name="ui_repositories"),
-    web.get("/ui/overview", views.overview, name="ui_overview"),
-    web.get("/ui/login", views.login, name="ui_login"),
-    web.get("/ui/static/{file}", views.static, name="ui_static"),
-    web.get("/ui/api/repositories", views.api_repositories),
-    web.get("/ui/api/overview", views.api_overview),
-    web.get(f"{NAME}/-/manifest/{{digest}}", views.manifest, name="ui_manifest"),
-    web.get(f"{NAME}/-/delete", views.confirm_delete, name="ui_confirm_delete"),
-    web.post(f"{NAME}/-/delete", views.delete, name="ui_delete"),
-    web.get(NAME, views.repository, name="ui_repository"),
+ROUTES: list[Endpoint] = [
+    *get("/ui", views.root, "ui", "ui"),
+    *get("/ui/", views.repositories, "ui", "ui", name="ui_repositories"),
+    *get("/ui/overview", views.overview, "ui", "ui", name="ui_overview"),
+    *get("/ui/login", views.login, "ui", "ui", name="ui_login"),
+    *get("/ui/static/{file}", views.static, "ui", "ui", name="ui_static"),
+    *get("/ui/api/repositories", views.api_repositories, "ui", "ui"),
+    *get("/ui/api/overview", views.api_overview, "ui", "ui"),
+    *get(f"{NAME}/-/manifest/{{digest}}", views.manifest, "ui", "ui", name="ui_manifest"),
+    *get(f"{NAME}/-/delete", views.confirm_delete, "ui", "ui", name="ui_confirm_delete"),
+    Endpoint("POST", f"{NAME}/-/delete", views.delete, "ui", "ui", name="ui_delete"),
+    *get(NAME, views.repository, "ui", "ui", name="ui_repository"),
 ]
-_WRITES = frozenset({manifests.put_manifest, manifests.delete_manifest, blobs.delete_blob})
 
 
 def human_size(value: float | None) -> str:
@@ -105,7 +105,7 @@ def setup(app: web.Application, config: Config, metrics: Metrics) -> None:
     app[guard.SECRET] = guard.secret(config.http.secret)
     app[views.CONFIG] = config
     app[views.METRICS] = metrics
-    app.router.add_routes(ROUTES)
+    endpoints.add(app, ROUTES)
     app.cleanup_ctx.append(_catalog)
 
 
@@ -129,10 +129,13 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
 async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The catalog hears of every manifest GET (last pulled) and every push or delete."""
     response = await handler(request)
-    fn = request.match_info.handler
-    if fn is manifests.get_manifest:
-        if request.method == "GET" and response.status == 200:
+    found = endpoints.endpoint(request)
+    if found is None:
+        return response
+    if found.area == "manifests" and request.method == "GET":
+        if response.status == 200:
             request.app[views.CATALOG].pull(request[REPOSITORY], response.headers.get("Docker-Content-Digest", ""))
-    elif fn in _WRITES and response.status in (201, 202):
+    elif found.area in ("manifests", "blobs") and found.action in ("push", "delete") \
+            and response.status in (201, 202):
         request.app[views.CATALOG].changed(request[REPOSITORY])
     return response

@@ -79,7 +79,6 @@ def page(handler: Handler) -> Handler:
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
-    wrapped.__module__ = handler.__module__
     return wrapped
 
 
