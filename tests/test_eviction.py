@@ -174,7 +174,7 @@ async def test_du_evict_and_index_rebuild_from_the_command_line(
     assert r.returncode == 0 and "evicted 3 objects" in r.stdout, r.stdout
     assert set(stored(tmp_path / "data")) == {private.split(":")[1]}
 
-    # The running server notices within mirror.app.EPOCH_CHECK_SECONDS, re-reads storage and fetches again.
+    # The running server notices within mirror.service.EPOCH_CHECK_SECONDS, re-reads storage and fetches again.
     for _ in range(40):
         await pull(client, script, "a")
         if manifest.split(":")[1] in stored(tmp_path / "data"):

@@ -16,7 +16,7 @@ import bcrypt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.server.app import CONFIG
+from mirror.server.state import CONFIG
 from tests.auth_keys import ISSUER, SERVICE, make_pki
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream

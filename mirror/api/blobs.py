@@ -4,7 +4,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from aiohttp import web
 
 from mirror.api.request import route
-from mirror.cache.blob_cache import Flight, FlightFailed
+from mirror.cache.flight import Flight, FlightFailed
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest, parse_range
 from mirror.server.logs import CACHE, SERVED_BYTES
@@ -44,10 +44,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     url = registry.redirect_url(source)
     if url is not None:
         return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)})
-    storage, key, size = registry.storage, source.key, source.size
-    # Reading to the end is a whole read from 0: the one a hot tier keeps a copy of.
-    return await _send(request, digest, size, range_header,
-                       lambda start, end: storage.reader(key, start, None if end in (None, size) else end - start))
+    stored = source
+    return await _send(request, digest, stored.size, range_header,
+                       lambda start, end: registry.read_blob(stored, start, end))
 
 
 async def _send(request: web.Request, digest: Digest, size: int | None, range_header: str | None,

@@ -28,7 +28,7 @@ class ClientStalled(ConnectionResetError):
 def route(request: web.Request) -> tuple[Registry, Route]:
     """The registry and the route for `{name}` (validated) with containerd's `?ns=`."""
     registry = request.app[REGISTRY]
-    r = registry.route(request.match_info["name"], request.query.get("ns"))
+    r = registry.resolve(request.match_info["name"], request.query.get("ns"))
     request[REPOSITORY] = r.local
     return registry, r
 
@@ -36,7 +36,7 @@ def route(request: web.Request) -> tuple[Registry, Route]:
 async def push_route(request: web.Request) -> tuple[Registry, Route]:
     """As `route`, for requests that write: DENIED for names that are pull-through caches."""
     registry = request.app[REGISTRY]
-    r = await registry.route_for_push(request.match_info["name"], request.query.get("ns"))
+    r = await registry.resolve_for_push(request.match_info["name"], request.query.get("ns"))
     request[REPOSITORY] = r.local
     return registry, r
 

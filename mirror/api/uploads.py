@@ -40,9 +40,9 @@ async def start_upload(request: web.Request) -> web.Response:
         # Not mountable: a plain upload session, as the spec asks.
     elif "digest" in request.query:
         digest = _digest_param(request)
-        request[PUSHED_BYTES] = await registry.uploads.monolithic(r.local, digest, body(request))
+        request[PUSHED_BYTES] = await registry.monolithic_upload(r, digest, body(request))
         return _created(r.local, digest)
-    upload_id = await registry.uploads.start(r.local)
+    upload_id = await registry.start_upload(r)
     return web.Response(status=202, headers=_session_headers(r.local, upload_id, 0))
 
 
@@ -50,7 +50,7 @@ async def upload_status(request: web.Request) -> web.Response:
     """GET /v2/<name>/blobs/uploads/<id>: where to resume."""
     registry, r = await push_route(request)
     upload_id = parse_upload_id(request.match_info["upload_id"])
-    size = await registry.uploads.size(r.local, upload_id)
+    size = await registry.upload_size(r, upload_id)
     return web.Response(status=204, headers=_session_headers(r.local, upload_id, size))
 
 
@@ -63,7 +63,7 @@ async def upload_chunk(request: web.Request) -> web.Response:
         start, end = parse_content_range(request.headers["Content-Range"])
         if request.content_length is not None and request.content_length != end - start:
             raise RegistryError("RANGE_INVALID", "Content-Range does not match Content-Length")
-    size = await registry.uploads.append(r.local, upload_id, body(request), start)
+    size = await registry.append_upload(r, upload_id, body(request), start)
     return web.Response(status=202, headers=_session_headers(r.local, upload_id, size))
 
 
@@ -73,13 +73,12 @@ async def finish_upload(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request.match_info["upload_id"])
     digest = _digest_param(request)
     has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding") == "chunked"
-    request[PUSHED_BYTES] = await registry.uploads.finish(r.local, upload_id, digest,
-                                                          body(request) if has_body else None)
+    request[PUSHED_BYTES] = await registry.finish_upload(r, upload_id, digest, body(request) if has_body else None)
     return _created(r.local, digest)
 
 
 async def cancel_upload(request: web.Request) -> web.Response:
     """DELETE /v2/<name>/blobs/uploads/<id>."""
     registry, r = await push_route(request)
-    await registry.uploads.cancel(r.local, parse_upload_id(request.match_info["upload_id"]))
+    await registry.cancel_upload(r, parse_upload_id(request.match_info["upload_id"]))
     return web.Response(status=204)

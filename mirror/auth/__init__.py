@@ -141,7 +141,7 @@ class Gate:
     def rules_allow(self, request: web.Request, caller: Caller, name: str, action: str) -> bool:
         if caller.user is not None and not self.rules.config.rules:
             return True  # registry:2: an authenticated user may do anything
-        route = request.app[REGISTRY].route(name, request.query.get("ns"))
+        route = request.app[REGISTRY].resolve(name, request.query.get("ns"))
         return self.rules.allows(caller.user, route.local, action, proxied=not route.private)
 
     def may(self, request: web.Request, name: str, action: str) -> bool:
@@ -154,8 +154,8 @@ class Gate:
         caller = request.get(CALLER, ANONYMOUS)
         if caller.user is not None and not self.rules.config.rules:
             return names
-        router = request.app[REGISTRY].router
-        return [n for n in names if self.rules.allows(caller.user, n, "pull", proxied=not router.is_private(n))]
+        registry = request.app[REGISTRY]
+        return [n for n in names if self.rules.allows(caller.user, n, "pull", proxied=not registry.is_private(n))]
 
     # --- answers ------------------------------------------------------------------------------
 

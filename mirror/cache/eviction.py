@@ -12,6 +12,7 @@ takes usage past the high watermark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from mirror.registry.stores import BlobStore, ManifestStore
 from mirror.storage import NotFound, Storage, layout
 
 log = logging.getLogger("mirror.cache")
+EVICTION_SECONDS = 600.0
 YIELD_EVERY = 32  # evictions between turns of the event loop
 
 
@@ -162,6 +164,16 @@ class Evictor:
             self.usage += size
         if self.max_size is not None and self.usage + (0 if committed else size) > self.max_size * self.high:
             self.wake.set()
+
+    async def run_forever(self) -> None:
+        """A pass at start, then every EVICTION_SECONDS or as soon as a new blob passes the high watermark."""
+        while True:
+            try:
+                await self.run()
+            except Exception:
+                log.exception("eviction pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), EVICTION_SECONDS)
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
                   now: float | None = None, progress: Progress | None = None) -> EvictionResult:

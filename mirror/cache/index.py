@@ -8,11 +8,14 @@ are batched in memory and flushed in the background instead of one sqlite write 
 
 from __future__ import annotations
 
-import time
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import diskcache
+
+from mirror.background import every
+from mirror.clock import SYSTEM, Clock
 
 
 @dataclass(slots=True)
@@ -21,9 +24,14 @@ class TagEntry:
     fetched_at: float  # when upstream last confirmed this digest (0 = never: revalidate)
 
 
+FLUSH_SECONDS = 30.0
+
+
 class Index:
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, clock: Clock = SYSTEM) -> None:
         self.db = diskcache.Cache(directory, eviction_policy="none", size_limit=2**62)
+        self.clock = clock
+        self._epoch = self.epoch()
         self._tags: dict[tuple[str, str], TagEntry | None] = {}
         self._access: dict[str, float] = {}
         self._pulled: dict[tuple[str, ...], float] = {}  # (repository,) or (repository, digest) -> time
@@ -50,7 +58,7 @@ class Index:
         self.db.delete(("tag", repository, tag))
 
     def touch_blob(self, digest: str) -> None:
-        self._access[digest] = time.time()
+        self._access[digest] = self.clock.time()
 
     def last_access(self, digest: str) -> float | None:
         """When a blob (or manifest) was last served: pending in memory, else flushed."""
@@ -80,7 +88,7 @@ class Index:
 
     def pulled(self, repository: str, digest: str, at: float | None = None) -> None:
         """A client pulled `digest` from `repository` (a manifest GET): batched like blob access."""
-        now = time.time() if at is None else at
+        now = self.clock.time() if at is None else at
         self._pulled[(repository,)] = now
         self._pulled[(repository, digest)] = now
 
@@ -106,6 +114,12 @@ class Index:
     def bump_epoch(self) -> None:
         self.db.incr("epoch")
 
+    def epoch_moved(self) -> bool:
+        """Whether a command bumped the epoch since we last looked (then memory may name gone objects)."""
+        epoch = self.epoch()
+        moved, self._epoch = epoch != self._epoch, epoch
+        return moved
+
     def clear(self) -> None:
         """Forget everything (`mirror index rebuild` refills it from storage)."""
         self._tags.clear()
@@ -118,9 +132,13 @@ class Index:
     def forget_memory(self) -> None:
         self._tags.clear()
 
-    def flush(self) -> None:
+    def _take_pending(self) -> tuple[dict[str, float], dict[tuple[str, ...], float]]:
+        """The batches to write, swapped out on the loop (requests keep adding to new ones)."""
         pending, self._access = self._access, {}
         pulled, self._pulled = self._pulled, {}
+        return pending, pulled
+
+    def _write(self, pending: dict[str, float], pulled: dict[tuple[str, ...], float]) -> None:
         if pending or pulled:
             with self.db.transact():
                 for digest, at in pending.items():
@@ -128,6 +146,13 @@ class Index:
                 for key, at in pulled.items():
                     self.db.set(("pulled", *key), at)
 
+    async def flush(self) -> None:
+        """Write the batched access and pull times, in a thread (an SQLite transaction)."""
+        await asyncio.to_thread(self._write, *self._take_pending())
+
+    async def flush_forever(self) -> None:
+        await every(FLUSH_SECONDS, self.flush, first=False)
+
     def close(self) -> None:
-        self.flush()
+        self._write(*self._take_pending())
         self.db.close()

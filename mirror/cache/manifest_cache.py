@@ -12,18 +12,18 @@ import functools
 import logging
 import math
 import re
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from mirror.cache.index import Index
+from mirror.clock import SYSTEM, Clock
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import Digest
 from mirror.registry import mediatypes
 from mirror.registry.namespace import Route
 from mirror.registry.stores import Manifest, ManifestStore
-from mirror.registry.upstream import UpstreamDenied, UpstreamError, UpstreamNotFound
+from mirror.registry.upstream import UpstreamAnswer, UpstreamNotFound, answering_as, translate
 
 log = logging.getLogger("mirror.cache")
 
@@ -53,9 +53,10 @@ def tag_ttl(config: UpstreamConfig, tag: str) -> float:
 
 
 class ManifestCache:
-    def __init__(self, store: ManifestStore, index: Index) -> None:
+    def __init__(self, store: ManifestStore, index: Index, clock: Clock = SYSTEM) -> None:
         self.store = store
         self.index = index
+        self.clock = clock
         self._flights: dict[tuple[str, str], asyncio.Task[Served]] = {}
 
     # --- public --------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class ManifestCache:
 
     async def by_tag(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
-        if entry is not None and time.time() - entry.fetched_at < tag_ttl(route.proxy.config, tag):
+        if entry is not None and self.clock.time() - entry.fetched_at < tag_ttl(route.proxy.config, tag):
             manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
                 return Served(manifest, "hit")
@@ -103,43 +104,37 @@ class ManifestCache:
             if cached is not None:
                 digest = await up.head_manifest(route.remote, tag)
                 if digest == cached.digest:
-                    self.index.set_tag(route.local, tag, cached.digest, time.time())
+                    self.index.set_tag(route.local, tag, cached.digest, self.clock.time())
                     return Served(cached, "revalidated")
             else:
                 digest = None
             # Fetch by the digest HEAD named, so a tag moving between HEAD and GET can't mix them.
             served = await self._fetch(route, digest, tag)
-        except UpstreamError as e:
-            if cached is None:
-                raise e.to_registry_error() from None
-            log.warning("serving stale %s:%s: %s", route.local, tag, e)
-            return Served(cached, "stale", '110 - "Response is Stale"')
-        except UpstreamNotFound:
+        except UpstreamNotFound as e:
             if entry is not None:  # the tag is gone upstream: forget it, keep the content by digest
                 self.index.drop_tag(route.local, tag)
                 await self.store.delete_tag(route.local, tag)
-            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{tag}") from None
-        self.index.set_tag(route.local, tag, served.manifest.digest, time.time())
+            raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
+        except UpstreamAnswer as e:  # failed, rate limited, or refusing us now: the cached copy stands in
+            if cached is None:
+                raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
+            log.warning("serving stale %s:%s: %s", route.local, tag, e)
+            return Served(cached, "stale", '110 - "Response is Stale"')
+        self.index.set_tag(route.local, tag, served.manifest.digest, self.clock.time())
         await self.store.set_tag(route.local, tag, served.manifest.digest)
         return served
 
     async def _fetch_digest(self, route: Route, digest: str) -> Served:
-        try:
+        with answering_as("MANIFEST_UNKNOWN", f"{route.local}@{digest}"):
             return await self._fetch(route, digest, None)
-        except UpstreamError as e:
-            raise e.to_registry_error() from None
 
     async def _fetch(self, route: Route, digest: str | None, tag: str | None) -> Served:
-        """GET by digest (or by tag when the digest is unknown), verify, store."""
+        """GET by digest (or by tag when the digest is unknown), verify, store; the upstream's
+        answers are the caller's to translate."""
         up = route.proxy.client
         reference = digest or tag
         assert reference is not None
-        try:
-            fetched = await up.fetch_manifest(route.remote, reference)
-        except UpstreamNotFound:
-            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}@{reference}") from None
-        except UpstreamDenied as e:
-            raise RegistryError("DENIED", str(e)) from None
+        fetched = await up.fetch_manifest(route.remote, reference)
         expected = digest or fetched.digest
         algorithm = expected.split(":")[0] if expected and ":" in expected else "sha256"
         if algorithm not in ("sha256", "sha512"):

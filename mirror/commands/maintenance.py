@@ -14,7 +14,8 @@ from tqdm import tqdm
 from mirror.cache.eviction import Census, EvictionResult, Evictor, take_census
 from mirror.cache.index import Index
 from mirror.config import Config
-from mirror.registry.namespace import Router, glob_to_regex
+from mirror.registry import namespace
+from mirror.registry.namespace import glob_to_regex
 from mirror.registry.stores import BlobStore, ManifestStore
 from mirror.server.metrics import Metrics
 from mirror.storage import Storage, open_storage
@@ -58,12 +59,7 @@ async def _opened(config: Config) -> AsyncIterator[tuple[Storage, Index, Callabl
 
 
 def upstream_of(config: Config, name: str) -> str | None:
-    """Which configured upstream a cached repository's local name comes from."""
-    for i, up in enumerate(config.upstreams):
-        prefix = Router.local_prefix(up, i == 0)
-        if prefix and name.startswith(prefix + "/"):
-            return up.name
-    return config.upstreams[0].name if config.upstreams else None
+    return namespace.upstream_of(config.upstreams, name)
 
 
 def usage_report(config: Config, census: Census) -> UsageReport:

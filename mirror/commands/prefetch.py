@@ -399,7 +399,7 @@ async def prefetch_in_process(config: Config, images: list[ImageRef], platform: 
         # A client has a blob's last bytes once it verified; its commit to storage may still run.
         try:
             async with asyncio.timeout(SETTLE_SECONDS):
-                await app[REGISTRY].blob_cache.settle()
+                await app[REGISTRY].settle()
         except TimeoutError:
             for result in report.images:
                 result.error = result.error or f"{result.image}: blobs still being stored after {SETTLE_SECONDS:.0f}s"

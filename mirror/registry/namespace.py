@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mirror.config import PrivateConfig, UpstreamConfig
@@ -57,6 +58,22 @@ def _patterns(globs: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs)) if globs else None
 
 
+def local_prefix(config: UpstreamConfig, is_default: bool) -> str | None:
+    """Where a non-default upstream's content is stored: `<prefix>/<name>`."""
+    if is_default:
+        return None
+    return config.prefixes[0] if config.prefixes else config.name
+
+
+def upstream_of(upstreams: Sequence[UpstreamConfig], name: str) -> str | None:
+    """Which configured upstream a cached repository's storage name comes from."""
+    for i, up in enumerate(upstreams):
+        prefix = local_prefix(up, i == 0)
+        if prefix and name.startswith(prefix + "/"):
+            return up.name
+    return upstreams[0].name if upstreams else None
+
+
 class Router:
     def __init__(self, upstreams: list[Upstream], private: PrivateConfig | None = None,
                  known_private: set[str] | None = None) -> None:
@@ -73,13 +90,14 @@ class Router:
 
     @staticmethod
     def local_prefix(config: UpstreamConfig, is_default: bool) -> str | None:
-        if is_default:
-            return None
-        return config.prefixes[0] if config.prefixes else config.name
+        return local_prefix(config, is_default)
 
     def is_private(self, name: str) -> bool:
         return (not self.upstreams or name in self.known_private
                 or (self._private_re is not None and self._private_re.fullmatch(name) is not None))
+
+    def upstream_of(self, name: str) -> str | None:
+        return upstream_of([u.config for u in self.upstreams], name)
 
     def add_private(self, name: str) -> None:
         self.known_private.add(name)

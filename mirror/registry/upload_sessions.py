@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from mirror.background import every
 from mirror.errors import RegistryError
 from mirror.names import Digest
 from mirror.registry.hashstate import ResumableHash
@@ -116,6 +117,13 @@ class Uploads:
         async with self._lock(upload_id):
             await self.size(repository, upload_id)
             await self._delete(repository, upload_id)
+
+    async def purge_forever(self, age: float, interval: float, dry_run: bool) -> None:
+        """storage.maintenance.uploadpurging, as registry:2: at start, then every `interval`."""
+        async def purge() -> None:
+            await self.purge(time.time() - age, dry_run=dry_run)
+
+        await every(interval, purge)
 
     async def purge(self, older_than: float, dry_run: bool = False) -> list[UploadInfo]:
         """Remove uploads started before `older_than` (epoch seconds)."""

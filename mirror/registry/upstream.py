@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from mirror.clock import SYSTEM, Clock
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
 from mirror.registry.manifest_schema import MAX_MANIFEST, read_manifest
@@ -45,7 +46,11 @@ BACKOFF_FIRST = 60.0  # seconds without requests after a 429 that says nothing o
 BACKOFF_MAX = 3600.0
 
 
-class UpstreamError(Exception):
+class UpstreamAnswer(Exception):
+    """What an upstream request ended in, when it did not give us what we asked for."""
+
+
+class UpstreamError(UpstreamAnswer):
     """The upstream failed (unreachable, timeout, 5xx, 429): cached content may be served stale."""
 
     def __init__(self, upstream: str, message: str, status: int | None = None,
@@ -55,33 +60,37 @@ class UpstreamError(Exception):
         self.status = status
         self.retry_after = retry_after
 
-    def to_registry_error(self) -> RegistryError:
-        """What a client sees when nothing cached can stand in for the upstream."""
-        if self.status == 429:
-            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-            return RegistryError("TOOMANYREQUESTS", str(self), headers=headers)
-        return RegistryError("UPSTREAM_UNAVAILABLE", str(self))
 
-
-class UpstreamNotFound(Exception):
+class UpstreamNotFound(UpstreamAnswer):
     """The upstream answered 404."""
 
 
-class UpstreamDenied(Exception):
+class UpstreamDenied(UpstreamAnswer):
     """The upstream answered 401/403 even with our credentials."""
 
 
+def translate(answer: UpstreamAnswer, unknown: str, what: str) -> RegistryError:
+    """The one place an upstream's answer becomes the OCI error a client gets when nothing cached
+    stands in: `unknown` (MANIFEST_UNKNOWN, BLOB_UNKNOWN, NAME_UNKNOWN) for a 404, DENIED for a
+    401/403, TOOMANYREQUESTS with the remaining Retry-After for a 429, else UPSTREAM_UNAVAILABLE."""
+    if isinstance(answer, UpstreamNotFound):
+        return RegistryError(unknown, f"{CODES[unknown].message}: {what}")
+    if isinstance(answer, UpstreamDenied):
+        return RegistryError("DENIED", str(answer))
+    assert isinstance(answer, UpstreamError)
+    if answer.status == 429:
+        headers = {"Retry-After": answer.retry_after} if answer.retry_after else {}
+        return RegistryError("TOOMANYREQUESTS", str(answer), headers=headers)
+    return RegistryError("UPSTREAM_UNAVAILABLE", str(answer))
+
+
 @contextlib.contextmanager
-def answering_as(not_found: str, what: str) -> Iterator[None]:
-    """Turn the upstream's answer into the OCI error a client gets when nothing cached stands in."""
+def answering_as(unknown: str, what: str) -> Iterator[None]:
+    """`translate` whatever the upstream answers inside the block."""
     try:
         yield
-    except UpstreamNotFound:
-        raise RegistryError(not_found, f"{CODES[not_found].message}: {what}") from None
-    except UpstreamDenied as e:
-        raise RegistryError("DENIED", str(e)) from None
-    except UpstreamError as e:
-        raise e.to_registry_error() from None
+    except UpstreamAnswer as e:
+        raise translate(e, unknown, what) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +138,8 @@ def _kind(path: str) -> str:
 
 class UpstreamClient:
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
-                 metrics: Metrics | None = None, max_manifest: int = MAX_MANIFEST) -> None:
+                 metrics: Metrics | None = None, max_manifest: int = MAX_MANIFEST, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.config = config
         self.max_manifest = max_manifest
         self.name = config.name
@@ -151,7 +161,7 @@ class UpstreamClient:
         self.metrics.upstream_backoff.labels(self.name).set_function(self.backoff_remaining)
 
     def backoff_remaining(self) -> float:
-        return max(0.0, self.backoff_until - time.monotonic())
+        return max(0.0, self.backoff_until - self.clock.monotonic())
 
     # --- public calls ----------------------------------------------------------------------
 
@@ -263,7 +273,7 @@ class UpstreamClient:
 
     def _auth_header(self, scope: str) -> str | None:
         token = self._tokens.get(scope)
-        if token and token.expires > time.monotonic():
+        if token and token.expires > self.clock.monotonic():
             return f"Bearer {token.value}"
         return self._basic if self._uses_basic else None
 
@@ -297,7 +307,7 @@ class UpstreamClient:
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:  # one token request per scope, however many clients are waiting
             cached = self._tokens.get(scope)
-            if cached and cached.expires > time.monotonic():
+            if cached and cached.expires > self.clock.monotonic():
                 return f"Bearer {cached.value}"
             query = {"scope": params.get("scope") or scope}
             if params.get("service"):
@@ -324,7 +334,7 @@ class UpstreamClient:
             lifetime = body.get("expires_in")
             lifetime = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else 60.0
             # Renew a little early so a token never expires between our check and the upstream's.
-            self._tokens[scope] = _Token(value, time.monotonic() + max(lifetime - 10, lifetime / 2))
+            self._tokens[scope] = _Token(value, self.clock.monotonic() + max(lifetime - 10, lifetime / 2))
             return f"Bearer {value}"
 
     def _note_ratelimit(self, resp: aiohttp.ClientResponse) -> None:
@@ -344,7 +354,7 @@ class UpstreamClient:
         if seconds is None:
             seconds = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
         self._backoff = seconds
-        self.backoff_until = time.monotonic() + seconds
+        self.backoff_until = self.clock.monotonic() + seconds
         log.warning("upstream %s: rate limited (429), no requests for %.0fs", self.name, seconds)
 
     def _check(self, resp: aiohttp.ClientResponse) -> None:

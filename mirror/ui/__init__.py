@@ -21,10 +21,9 @@ from aiohttp.typedefs import Handler
 
 from mirror.api import endpoints
 from mirror.api.endpoints import Endpoint, get
-from mirror.commands.maintenance import upstream_of
 from mirror.config import Config
 from mirror.server.logs import REPOSITORY
-from mirror.server.metrics import Metrics
+from mirror.server.state import INDEX, STORAGE
 from mirror.service import REGISTRY
 from mirror.ui import guard, views
 from mirror.ui.images import Images
@@ -94,7 +93,7 @@ def percent(share: float | None) -> str:
     return "-" if share is None else f"{share * 100:.1f} %"
 
 
-def setup(app: web.Application, config: Config, metrics: Metrics) -> None:
+def setup(app: web.Application, config: Config) -> None:
     """Add the UI to `app` (call after the state's cleanup_ctx: the catalog needs the registry)."""
     filters: dict[str, Callable[..., str]] = {"size": human_size, "ago": ago, "timestamp": timestamp,
                                               "created": created, "short": short, "percent": percent}
@@ -103,19 +102,15 @@ def setup(app: web.Application, config: Config, metrics: Metrics) -> None:
     # `:` is a plain path character: digests stay readable in links (yarl quotes it)
     env.globals["url"] = lambda route, **parts: str(app.router[route].url_for(**parts)).replace("%3A", ":")
     app[guard.SECRET] = guard.secret(config.http.secret)
-    app[views.CONFIG] = config
-    app[views.METRICS] = metrics
     endpoints.add(app, ROUTES)
     app.cleanup_ctx.append(_catalog)
 
 
 async def _catalog(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
-    config = app[views.CONFIG]
-    catalog = Catalog(registry.storage, registry.index, config, registry.router.is_private,
-                      lambda name: upstream_of(config, name))
+    catalog = Catalog(app[STORAGE], app[INDEX], registry.is_private, registry.upstream_of)
     app[views.CATALOG] = catalog
-    app[views.IMAGES] = Images(registry.storage, registry.manifests)
+    app[views.IMAGES] = Images(registry)
     task = asyncio.create_task(catalog.run())
     try:
         yield

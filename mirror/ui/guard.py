@@ -37,7 +37,7 @@ def may_see(request: web.Request, name: str) -> bool:
 
 
 def may_delete(request: web.Request, name: str) -> bool:
-    if not request.app[REGISTRY].delete_enabled:
+    if not request.app[REGISTRY].deletes_enabled:
         return False
     gate = request.app.get(GATE)
     return gate is None or gate.may(request, name, "delete")

@@ -14,8 +14,7 @@ from typing import Any
 from mirror.errors import RegistryError
 from mirror.names import parse_digest
 from mirror.registry import mediatypes
-from mirror.registry.stores import ManifestStore
-from mirror.storage import NotFound, Storage, layout
+from mirror.service import Registry
 
 CONFIG_LIMIT = 4 << 20  # a config bigger than this is not read for display
 SUMMARIES_KEPT = 20_000
@@ -140,14 +139,13 @@ def parse_view(digest: str, media_type: str, body: bytes) -> ManifestView:
 class Images:
     """Reads manifests and configs from storage for display."""
 
-    def __init__(self, storage: Storage, manifests: ManifestStore) -> None:
-        self.storage = storage
-        self.manifests = manifests
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
         self._summaries: OrderedDict[tuple[str, str], Summary] = OrderedDict()
 
     async def view(self, repository: str, digest: str, with_config: bool = True) -> ManifestView:
         """The manifest `repository` links (MANIFEST_UNKNOWN otherwise), parsed, with its config."""
-        manifest = await self.manifests.get(repository, digest)
+        manifest = await self.registry.stored_manifest(repository, digest)
         if manifest is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {repository}@{digest}")
         view = parse_view(manifest.digest, manifest.media_type, manifest.body)
@@ -160,15 +158,14 @@ class Images:
         if "json" not in config.media_type:  # an artifact's config (or the empty one) is no image config
             return None
         try:
-            key = layout.blob(parse_digest(config.digest))
+            body = await self.registry.small_blob(parse_digest(config.digest), CONFIG_LIMIT)
         except RegistryError:
             return None
-        st = await self.storage.stat(key)
-        if st is None or st.size > CONFIG_LIMIT:
+        if body is None:
             return None
         try:
-            parsed = json.loads(await self.storage.get_bytes(key))
-        except (NotFound, ValueError):
+            parsed = json.loads(body)
+        except ValueError:
             return None
         return parsed if isinstance(parsed, dict) else None
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 from mirror.cache.eviction import take_census
 from mirror.cache.index import Index
-from mirror.commands.maintenance import usage_report
-from mirror.config import Config
 from mirror.names import parse_digest
 from mirror.storage import Storage, layout
 
@@ -50,11 +48,10 @@ class Repository:
 class Catalog:
     """The snapshot and its upkeep. Read by request handlers on the loop; written only on the loop."""
 
-    def __init__(self, storage: Storage, index: Index, config: Config, is_private: Callable[[str], bool],
+    def __init__(self, storage: Storage, index: Index, is_private: Callable[[str], bool],
                  upstream_of: Callable[[str], str | None]) -> None:
         self.storage = storage
         self.index = index
-        self.config = config
         self.is_private = is_private
         self.upstream_of = upstream_of
         self.refresh_seconds = REFRESH_SECONDS * (1 if storage.name == "filesystem" else 10)
@@ -109,8 +106,6 @@ class Catalog:
         """One walk of storage into a new snapshot (the old one serves until it is ready)."""
         start = time.perf_counter()
         census = await take_census(self.storage, self.is_private, links_only=True)
-        report = usage_report(self.config, census)
-        upstreams = {r.name: r.upstream for r in report.repositories}
         sizes = {digest: size for digest, (size, _) in census.blobs.items()}
         found: dict[str, Repository] = {}
         for name, private in census.repositories.items():
@@ -119,7 +114,7 @@ class Catalog:
             tags = census.tag_counts.get(name, 0)
             if not count and not tags:
                 continue  # uploads only, or emptied by deletes
-            found[name] = Repository(name, private, None if private else upstreams.get(name, self.upstream_of(name)),
+            found[name] = Repository(name, private, None if private else self.upstream_of(name),
                                      sum(sizes.get(d, 0) for d in linked), count, tags)
         if not self._pulls_loaded:  # the index is this process's: after the first read, memory is newer
             pulled = await asyncio.to_thread(self.index.pulled_times)

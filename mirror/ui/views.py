@@ -16,12 +16,10 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from mirror.auth import GATE, Need, visible
-from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import parse_digest, parse_name, parse_reference
-from mirror.server.metrics import Metrics
+from mirror.server.state import CONFIG, METRICS
 from mirror.service import REGISTRY
-from mirror.storage import layout
 from mirror.ui import guard
 from mirror.ui.images import Images, config_section
 from mirror.ui.overview import overview as read_overview
@@ -29,8 +27,6 @@ from mirror.ui.snapshot import Catalog, Repository
 
 CATALOG = web.AppKey("ui_catalog", Catalog)
 IMAGES = web.AppKey("ui_images", Images)
-CONFIG = web.AppKey("ui_config", Config)
-METRICS = web.AppKey("ui_metrics", Metrics)
 STATIC = Path(__file__).with_name("static")
 STATIC_FILES = frozenset({"ui.css", "ui.js", "favicon.svg"})
 PAGE_SIZE = 50
@@ -95,7 +91,7 @@ def _refuse(request: web.Request, name: str, action: str) -> RegistryError:
 
 def _name(request: web.Request, action: str = "see") -> str:
     name = parse_name(request.match_info["name"])
-    if action == "delete" and not request.app[REGISTRY].delete_enabled:
+    if action == "delete" and not request.app[REGISTRY].deletes_enabled:
         raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
     allowed = guard.may_see(request, name) if action == "see" else guard.may_delete(request, name)
     if not allowed:
@@ -166,7 +162,7 @@ def pull_commands(request: web.Request, name: str, tag: str, repo: Repository | 
     that dockerd's `registry-mirrors` sends here."""
     commands = {"direct": f"docker pull {request.host}/{name}:{tag}"}
     registry = request.app[REGISTRY]
-    default = registry.router.default
+    default = registry.default_upstream
     if repo is not None and not repo.private and default is not None and default.config.dockerhub \
             and repo.upstream == default.config.name:
         commands["mirrors"] = f"docker pull {name.removeprefix('library/')}:{tag}"
@@ -178,8 +174,8 @@ async def repository(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>: tags (digest, size, created, platforms, last pulled), untagged manifests."""
     name = _name(request)
     registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
-    tags = sorted(await registry.manifests.tags(name))
-    revisions = await registry.storage.list(f"{layout.repository(name)}/_manifests/revisions/sha256")
+    tags = sorted(await registry.tag_names(name))
+    revisions = await registry.manifest_digests(name)
     if not tags and not revisions:
         raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
     size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
@@ -189,7 +185,7 @@ async def repository(request: web.Request) -> web.StreamResponse:
     rows = []
     tagged = set()
     for tag in tags[(number - 1) * size:number * size]:
-        digest = await registry.manifests.tag(name, tag)
+        digest = await registry.tag(name, tag)
         summary = await images.summary(name, digest) if digest else None
         if digest:
             tagged.add(digest)
@@ -198,8 +194,8 @@ async def repository(request: web.Request) -> web.StreamResponse:
                      "commands": pull_commands(request, name, tag, repo)})
     untagged: list[str] = []
     if len(tags) <= TAGS_READ:  # which manifests no tag names: a read per tag, so not for huge repositories
-        all_tagged = {await registry.manifests.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
-        untagged = [f"sha256:{h}" for h in revisions if f"sha256:{h}" not in all_tagged][:UNTAGGED_SHOWN]
+        all_tagged = {await registry.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
+        untagged = [d for d in revisions if d not in all_tagged][:UNTAGGED_SHOWN]
     return render(request, "repository.html", {
         "name": name, "repo": repo, "rows": rows, "tag_count": len(tags), "page": number, "pages": pages, "n": size,
         "untagged": [(d, catalog.last_pulled(name, d)) for d in untagged],
@@ -215,9 +211,9 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     digest = parse_digest(request.match_info["digest"])
     registry, catalog = request.app[REGISTRY], request.app[CATALOG]
     view = await request.app[IMAGES].view(name, str(digest))
-    referrers = await registry.referrers(registry.route(name, None), digest, None)
-    names = sorted(await registry.manifests.tags(name)) if not view.subject else []
-    tags = [t for t in names[:TAGS_READ] if await registry.manifests.tag(name, t) == view.digest]
+    referrers = await registry.referrers(registry.resolve(name, None), digest, None)
+    names = sorted(await registry.tag_names(name)) if not view.subject else []
+    tags = [t for t in names[:TAGS_READ] if await registry.tag(name, t) == view.digest]
     return render(request, "manifest.html", {
         "name": name, "view": view, "config": config_section(view.image_config), "referrers": referrers,
         "tags": tags, "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name, view.digest),
@@ -246,16 +242,16 @@ async def confirm_delete(request: web.Request) -> web.StreamResponse:
     kind, reference = _target(request.query)
     registry = request.app[REGISTRY]
     if kind == "tag":
-        digest = await registry.manifests.tag(name, reference)
+        digest = await registry.tag(name, reference)
         if digest is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{reference}")
         also: list[str] = []
     else:
         digest = reference
-        if await registry.manifests.get(name, digest) is None:
+        if await registry.stored_manifest(name, digest) is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}@{digest}")
-        also = [t for t in sorted(await registry.manifests.tags(name))
-                if await registry.manifests.tag(name, t) == digest]
+        also = [t for t in sorted(await registry.tag_names(name))
+                if await registry.tag(name, t) == digest]
     return render(request, "confirm.html", {"name": name, "kind": kind, "reference": reference, "digest": digest,
                                             "also": also, "token": guard.token(request, name, reference)})
 
@@ -273,7 +269,7 @@ async def delete(request: web.Request) -> web.StreamResponse:
     if form.get("confirm") != "yes":
         raise RegistryError("UNSUPPORTED", "tick the confirmation box to delete")
     registry = request.app[REGISTRY]
-    route = registry.route(name, None)
+    route = registry.resolve(name, None)
     await registry.delete_manifest(route, parse_digest(reference) if kind == "digest" else reference)
     request.app[CATALOG].changed(name)
     what = f"{name}@{reference}" if kind == "digest" else f"{name}:{reference}"

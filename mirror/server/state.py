@@ -1,0 +1,20 @@
+"""The application's shared state, by typed key: set by server/app.py's lifecycle steps, read by the
+UI and the middlewares."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from mirror.cache.index import Index
+from mirror.clock import Clock
+from mirror.config import Config
+from mirror.server.metrics import Metrics
+from mirror.storage import Storage
+
+CONFIG = web.AppKey("config", Config)
+CLOCK = web.AppKey("clock", Clock)
+METRICS = web.AppKey("metrics", Metrics)
+STORAGE = web.AppKey("storage", Storage)
+INDEX = web.AppKey("index", Index)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
