@@ -12,10 +12,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirror.config import parse
 from mirror.server.app import create_app
 from tests.scripted_upstream import ScriptedUpstream
+from tests.support.clock import ManualClock
 
 
 @pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+def clock() -> ManualClock:
+    """The mirror's clock in the in-process suites: `clock.advance(s)` instead of sleeping."""
+    return ManualClock()
+
+
+@pytest.fixture
+async def registry(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Callable[..., Any]]:
     """`start(**config)` -> a client of a mirror app (config: parse()'s raw dict) on loopback."""
     clients: list[TestClient] = []
 
@@ -23,7 +30,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         # A test's own storage keys (delete, redirect, ...) join the root, never replace it.
         storage = {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}, **config.pop("storage", {})}
         raw = {"storage": storage, **config}
-        client = TestClient(TestServer(create_app(parse(raw))))
+        client = TestClient(TestServer(create_app(parse(raw), clock)))
         await client.start_server()
         clients.append(client)
         return client

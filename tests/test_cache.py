@@ -66,12 +66,12 @@ async def test_tag_is_served_from_cache_within_ttl(upstream, mirror) -> None:
     assert script.calls["HEAD /v2/library/app/manifests/latest"] == 0
 
 
-async def test_stale_tag_is_revalidated_with_one_head(upstream, mirror) -> None:
+async def test_stale_tag_is_revalidated_with_one_head(upstream, mirror, clock) -> None:
     script, _ = upstream
     m, _ = image(script)
-    client = await mirror(tag_ttl="200ms")
+    client = await mirror(tag_ttl="5m")
     assert (await client.get("/v2/app/manifests/latest")).status == 200
-    await asyncio.sleep(0.3)
+    clock.advance(301)
     r = await client.get("/v2/app/manifests/latest")
     assert r.status == 200 and r.headers["Docker-Content-Digest"] == m
     assert script.calls["HEAD /v2/library/app/manifests/latest"] == 1
@@ -79,7 +79,7 @@ async def test_stale_tag_is_revalidated_with_one_head(upstream, mirror) -> None:
 
     # The tag moves upstream: after the TTL one HEAD sees it, one GET by digest fetches it.
     new = script.add_manifest("library/app", "latest", {"schemaVersion": 2, "layers": []})
-    await asyncio.sleep(0.3)
+    clock.advance(301)
     r = await client.get("/v2/app/manifests/latest")
     assert r.headers["Docker-Content-Digest"] == new
     assert script.calls[f"GET /v2/library/app/manifests/{new}"] == 1
@@ -96,12 +96,12 @@ async def test_digest_manifests_are_immutable(upstream, mirror) -> None:
 
 
 @pytest.mark.parametrize(("status", "retry_after"), [(503, None), (429, "30")])
-async def test_stale_if_error(upstream, mirror, status: int, retry_after: str | None) -> None:
+async def test_stale_if_error(upstream, mirror, clock, status: int, retry_after: str | None) -> None:
     script, _ = upstream
     m, _ = image(script)
-    client = await mirror(tag_ttl="100ms")
+    client = await mirror(tag_ttl="5m")
     assert (await client.get("/v2/app/manifests/latest")).status == 200
-    await asyncio.sleep(0.2)
+    clock.advance(301)
     script.status, script.retry_after = status, retry_after
     r = await client.get("/v2/app/manifests/latest")
     assert r.status == 200 and r.headers["Docker-Content-Digest"] == m
@@ -114,6 +114,24 @@ async def test_stale_if_error(upstream, mirror, status: int, retry_after: str | 
         assert r.headers["Retry-After"] == "30"
     else:
         assert r.status == 502 and body["errors"][0]["code"] == "UPSTREAM_UNAVAILABLE"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_refusing_a_revalidation_serves_stale(upstream, mirror, clock, status: int) -> None:
+    """Credentials revoked or the repository made private upstream: what is cached still serves,
+    and what is not is DENIED, never a 500."""
+    script, _ = upstream
+    m, _ = image(script)
+    client = await mirror(tag_ttl="5m")
+    assert (await client.get("/v2/app/manifests/latest")).status == 200
+    clock.advance(301)
+    script.status = status
+    r = await client.get("/v2/app/manifests/latest")
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == m and "110" in r.headers["Warning"]
+    r = await client.get("/v2/other/manifests/latest")
+    assert r.status == 403 and (await r.json())["errors"][0]["code"] == "DENIED"
+    r = await client.get("/v2/app/tags/list")  # what is cached still lists
+    assert r.status == 200 and (await r.json())["tags"] == ["latest"]
 
 
 async def test_upstream_down_serves_cache_and_fails_fast_otherwise(upstream, mirror) -> None:
@@ -131,15 +149,15 @@ async def test_upstream_down_serves_cache_and_fails_fast_otherwise(upstream, mir
     assert r.status == 502 and (await r.json())["errors"][0]["code"] == "UPSTREAM_UNAVAILABLE"
 
 
-async def test_unknown_manifest_and_tag_gone_upstream(upstream, mirror) -> None:
+async def test_unknown_manifest_and_tag_gone_upstream(upstream, mirror, clock) -> None:
     script, _ = upstream
     m, _ = image(script)
-    client = await mirror(tag_ttl="100ms")
+    client = await mirror(tag_ttl="5m")
     r = await client.get("/v2/app/manifests/nope")
     assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     assert (await client.get("/v2/app/manifests/latest")).status == 200
     del script.manifests[("library/app", "latest")]
-    await asyncio.sleep(0.2)
+    clock.advance(301)
     assert (await client.get("/v2/app/manifests/latest")).status == 404
     assert (await client.get(f"/v2/app/manifests/{m}")).status == 200  # content stays by digest
 
@@ -439,19 +457,19 @@ async def test_oversized_upstream_manifest_is_refused(upstream, mirror, tmp_path
     assert not (tmp_path / "data" / "blobs").exists() or not stored_blobs(tmp_path)
 
 
-async def test_tag_policies_and_allowed_repositories(upstream, mirror) -> None:
+async def test_tag_policies_and_allowed_repositories(upstream, mirror, clock) -> None:
     script, _ = upstream
     for tag in ("latest", "v1.2.3", "stable"):
         image(script, tag=tag)
     image(script, repo="someone/app")
-    client = await mirror(tag_ttl="100ms", mutable_tags=["latest"], immutable_tags=["v*.*.*"],
+    client = await mirror(tag_ttl="5m", mutable_tags=["latest"], immutable_tags=["v*.*.*"],
                           repositories=["library/*"])
     for tag in ("latest", "v1.2.3", "stable"):
         assert (await client.get(f"/v2/app/manifests/{tag}")).status == 200
     before = sum(script.calls.values())
     assert (await client.get("/v2/app/manifests/latest")).status == 200  # mutable: asked every time
     assert sum(script.calls.values()) == before + 1
-    await asyncio.sleep(0.2)
+    clock.advance(301)
     before = sum(script.calls.values())
     assert (await client.get("/v2/app/manifests/v1.2.3")).status == 200  # immutable: never again
     assert sum(script.calls.values()) == before

@@ -22,6 +22,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.scripted_upstream import ScriptedUpstream
+from tests.support.clock import ManualClock
 from tests.support.terminal import drain
 
 MiB = 1 << 20
@@ -98,14 +99,14 @@ async def test_lru_within_max_size_keeps_private_and_refetches(
 
 
 async def test_429_serves_stale_passes_retry_after_and_backs_off(
-        upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any]) -> None:
+        upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any], clock: ManualClock) -> None:
     script, server = upstream
     add_image(script, "library/cached", size=1024)
     _, uncached_layer = add_image(script, "library/uncached", size=1024)
     client = await registry(upstreams=[{"name": "hub", "url": str(server.make_url("")), "dockerhub": True,
-                                        "tag_ttl": "0.2s", "retries": 1}])
+                                        "tag_ttl": "5m", "retries": 1}])
     await pull(client, script, "cached")
-    await asyncio.sleep(0.3)  # the cached tag is due for revalidation
+    clock.advance(301)  # the cached tag is due for revalidation
 
     script.status, script.retry_after = 429, "30"
     script.headers = {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600"}
@@ -127,6 +128,10 @@ async def test_429_serves_stale_passes_retry_after_and_backs_off(
     assert 'mirror_upstream_ratelimit_remaining{upstream="hub"} 0.0' in metrics
     backoff = next(line for line in metrics.splitlines() if line.startswith("mirror_upstream_backoff_seconds{"))
     assert 0 < float(backoff.split()[-1]) <= 30
+
+    script.status = None  # the back-off over, the upstream is asked again
+    clock.advance(31)
+    assert (await client.get("/v2/library/uncached/manifests/latest", headers=ACCEPT)).status == 200
 
 
 def mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,8 +7,10 @@ import platform
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror import __version__
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream
+from tests.support.clock import ManualClock
 from tests.test_cache import BLOB, image
 
 
@@ -50,21 +52,21 @@ async def test_cold_then_warm_pull_counts(upstream: tuple[ScriptedUpstream, Test
     assert s["mirror_upstream_received_bytes_total" + labels(upstream="hub")] == blob_bytes
     assert s["mirror_http_requests_total" + labels(route="blobs", method="GET", status="2xx")] == 4
     assert s["mirror_http_requests_in_flight"] == 1  # this scrape
-    assert s[f'mirror_build_info{{python="{platform.python_version()}",version="0.1.0"}}'] == 1
+    assert s[f'mirror_build_info{{python="{platform.python_version()}",version="{__version__}"}}'] == 1
 
 
 async def test_single_flight_joiners_and_stale(upstream: tuple[ScriptedUpstream, TestServer],
-                                               mirror: MirrorFactory) -> None:
+                                               mirror: MirrorFactory, clock: ManualClock) -> None:
     script, _ = upstream
     _, blob = image(script)
     script.slow = 0.002
-    client = await mirror(tag_ttl="100ms")
+    client = await mirror(tag_ttl="5m")
     bodies = await asyncio.gather(*(client.get(f"/v2/app/blobs/{blob}") for _ in range(4)))
     assert all(r.status == 200 for r in bodies)
     for r in bodies:
         await r.read()
     assert (await client.get("/v2/app/manifests/latest")).status == 200
-    await asyncio.sleep(0.2)
+    clock.advance(301)
     script.status = 503
     assert (await client.get("/v2/app/manifests/latest")).status == 200
     s = await scrape(client)
