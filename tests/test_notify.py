@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror.config import ConfigError, parse
+from mirror.config import ConfigError, EndpointConfig, parse
+from mirror.server.metrics import Metrics
+from mirror.server.notify import Sink
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -118,3 +120,18 @@ def test_registry_2_endpoint_config_is_read() -> None:
                                                                   1.0, 10, 1.0)
     assert e.ignored_mediatypes == ("application/octet-stream", "application/x") and e.ignored_actions == ("pull",)
     assert "Bearer" not in repr(e)
+
+
+def test_an_overflow_while_sending_keeps_the_unsent_events(tmp_path: Path) -> None:
+    """The sender peeks a batch; before its 2xx comes back, an overflow drops the oldest events (that
+    very batch). Removing what was delivered must not take the newer, unsent events with it."""
+    sink = Sink(EndpointConfig(name="e", url="http://127.0.0.1:9/", queue_size=3), tmp_path, Metrics())
+    try:
+        sink.store([{"id": str(i)} for i in range(3)])
+        batch = sink.peek()
+        assert [e["id"] for e in batch] == ["0", "1", "2"]
+        assert sink.store([{"id": str(i)} for i in range(3, 5)]) == 2  # "0" and "1" dropped
+        sink.remove(batch)
+        assert [e["id"] for e in sink.peek()] == ["3", "4"]
+    finally:
+        sink.queue.cache.close()

@@ -644,7 +644,7 @@ def _mb_per_s(n: int, seconds: float) -> str:
 def _run(config: Config, as_json: bool, job: Callable[[Storage], Awaitable[T]]) -> tuple[int, T | None]:
     """Open storage from `config`, run `job`; exit code 2 when storage cannot be used at all, 1 when
     the job failed (the message printed, and as JSON with --json)."""
-    logs.setup("warning", config.log.fields, sys.stderr)
+    logs.setup(config.log, sys.stderr, "warning")
 
     async def run() -> T:
         storage = open_storage(without_hot_tier(config))

@@ -42,7 +42,7 @@ def _load(path: str | None) -> Config:
 
 def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup(config.log.level, config.log.fields)
+    logs.setup(config.log)
     log = logging.getLogger("mirror")
     for warning in config.warnings:
         log.warning(warning)
@@ -95,7 +95,7 @@ def _duration(value: str) -> float:
 
 def gc(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logs.setup("warning", config.log.fields, sys.stderr)  # stdout is the result
+    logs.setup(config.log, sys.stderr, "warning")  # stdout is the result
     try:
         result = asyncio.run(_gc(config, args.dry_run, args.grace))
     except StorageUnavailable as e:
@@ -127,7 +127,7 @@ def _on_storage(args: argparse.Namespace, work: Callable[[Config], Coroutine[Any
     """Run a command's work on the configured storage, logging to stderr (stdout is the result);
     a storage failure is a message (and exit 2), not a trace."""
     config = _load(args.config)
-    logs.setup("warning", config.log.fields, sys.stderr)
+    logs.setup(config.log, sys.stderr, "warning")
     try:
         return asyncio.run(work(config))
     except StorageUnavailable as e:

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from tqdm import tqdm
 
+from mirror import __version__
 from mirror.config import Config, MetricsConfig
 from mirror.errors import RegistryError
 from mirror.names import DIGEST_RE, NAME_RE, TAG_RE, parse_digest
@@ -360,7 +361,8 @@ class Prefetcher:
 
 def session() -> aiohttp.ClientSession:
     # auto_decompress off: layer bytes are counted as the server sends them.
-    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False, headers={"User-Agent": "mirror-prefetch/0.1"})
+    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
+                                 headers={"User-Agent": f"mirror-prefetch/{__version__}"})
 
 
 async def prefetch(base: str, images: list[ImageRef], platform: Platform | None, progress: bool = False) -> Report:
@@ -445,7 +447,7 @@ def command(images: list[str], platform: str | None, server: str | None, config:
         report = asyncio.run(prefetch(base, refs, wanted, progress))
     else:
         assert config is not None
-        logs.setup("warning", config.log.fields, sys.stderr)
+        logs.setup(config.log, sys.stderr, "warning")
         try:
             report = asyncio.run(prefetch_in_process(config, refs, wanted, progress))
         except StorageUnavailable as e:

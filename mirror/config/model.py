@@ -33,6 +33,7 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    formatter: str = "json"  # json | text | logstash
     fields: Mapping[str, Any] = field(default_factory=dict)
     accesslog: bool = True
 

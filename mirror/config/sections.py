@@ -55,7 +55,8 @@ def _log(s: Section) -> LogConfig:
     access.done()
     s.ignore("hooks", "reportcaller")
     s.done()
-    return LogConfig(level="warning" if level == "warn" else level, fields=fields, accesslog=not disabled)
+    return LogConfig(level="warning" if level == "warn" else level, formatter=formatter or "json",
+                     fields=fields, accesslog=not disabled)
 
 
 def _headers(s: Section) -> dict[str, tuple[str, ...]]:
@@ -463,9 +464,10 @@ def _share(s: Section, name: str, default: float) -> float:
 def _tag_policy(s: Section, up: UpstreamConfig) -> UpstreamConfig:
     """Our per-upstream extensions: tag globs always/never revalidated, allowed repositories."""
     policy = {name: s.strings(name) for name in ("mutable_tags", "immutable_tags", "repositories")}
-    for pattern in policy["mutable_tags"] + policy["immutable_tags"]:
-        if not re.fullmatch(r"[\w.*-]+", pattern):
-            raise ConfigError(f"{s.key('mutable_tags')}: {pattern!r} is not a tag pattern")
+    for key in ("mutable_tags", "immutable_tags"):
+        for pattern in policy[key]:
+            if not re.fullmatch(r"[\w.*-]+", pattern):
+                raise ConfigError(f"{s.key(key)}: {pattern!r} is not a tag pattern")
     for pattern in policy["repositories"]:
         if not re.fullmatch(r"[a-z0-9._*/-]+", pattern):
             raise ConfigError(f"{s.key('repositories')}: {pattern!r} is not a repository name pattern")
@@ -474,13 +476,15 @@ def _tag_policy(s: Section, up: UpstreamConfig) -> UpstreamConfig:
 
 
 def _check_unique(upstreams: list[UpstreamConfig]) -> None:
-    seen: dict[str, str] = {}
-    for up in upstreams:
+    """Names label metrics and logs, hosts and prefixes route requests: each belongs to one upstream."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, up in enumerate(upstreams):
         for kind, values in (("name", (up.name,)), ("host", up.hosts), ("prefix", up.prefixes)):
             for v in values:
                 if v == "*":
                     continue
-                other = seen.setdefault(f"{kind}:{v}", up.name)
-                if other != up.name:
-                    raise ConfigError(f"upstreams: {kind} {v!r} is used by both {other!r} and {up.name!r}")
+                first = seen.setdefault((kind, v), i)
+                if first != i:
+                    raise ConfigError(f"upstreams: {kind} {v!r} is used by two upstreams "
+                                      f"({upstreams[first].name!r} and {up.name!r})")
 

@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, the access log among them."""
+"""Structured logs: one JSON object (or logfmt line) per line, the access log among them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any, TextIO
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from mirror.config import LogConfig
+
 access = logging.getLogger("mirror.access")
 
 # What a request learned on its way, for its access-log line.
@@ -24,11 +26,13 @@ PUSHED_BYTES = web.RequestKey("pushed_bytes", int)  # size of the blob or manife
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line (`log.formatter: json`, our default)."""
+
     def __init__(self, fields: Mapping[str, Any]) -> None:
         super().__init__()
         self.fields = dict(fields)
 
-    def format(self, record: logging.LogRecord) -> str:
+    def entry(self, record: logging.LogRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -43,16 +47,44 @@ class JsonFormatter(logging.Formatter):
             entry["msg"] = record.getMessage()
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
+        return entry
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(self.entry(record), default=str)
+
+
+class LogstashFormatter(JsonFormatter):
+    """`log.formatter: logstash`, as registry:2's: JSON with logstash's `@timestamp`, `@version`, `message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = self.entry(record)
+        entry = {"@timestamp": entry.pop("time"), "@version": "1", "message": entry.pop("msg", ""), **entry}
         return json.dumps(entry, default=str)
 
 
-def setup(level: str, fields: Mapping[str, Any], stream: TextIO | None = None) -> None:
-    """JSON lines on stdout (or `stream`: stderr for commands whose stdout is their result)."""
+class TextFormatter(JsonFormatter):
+    """`log.formatter: text`, registry:2's default: logfmt lines (`time=… level=info msg="…" key=value`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{key}={_logfmt(value)}" for key, value in self.entry(record).items() if value is not None)
+
+
+def _logfmt(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if text and all(c.isalnum() or c in "-._:/@" for c in text) else json.dumps(text)
+
+
+FORMATTERS = {"json": JsonFormatter, "text": TextFormatter, "logstash": LogstashFormatter}
+
+
+def setup(config: LogConfig, stream: TextIO | None = None, level: str | None = None) -> None:
+    """Log lines on stdout in `log.formatter`'s format (or to `stream` at `level`: stderr for commands
+    whose stdout is their result)."""
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter(fields))
+    handler.setFormatter(FORMATTERS[config.formatter](config.fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel((level or config.level).upper())
     logging.getLogger("aiohttp.access").disabled = True  # ours is richer
 
 

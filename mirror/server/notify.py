@@ -76,9 +76,12 @@ class Sink:
                 break
         return batch
 
-    def remove(self, count: int) -> None:
+    def remove(self, sent: list[dict[str, Any]]) -> None:
+        """Drop the events just delivered from the head of the queue. By id: an overflow may have dropped
+        some of them meanwhile, and what follows them is not sent yet."""
+        ids = {event["id"] for event in sent}
         with self.queue.transact():
-            for _ in range(count):
+            while self.queue and self.queue[0]["id"] in ids:
                 self.queue.popleft()
 
     async def send_forever(self, session: aiohttp.ClientSession) -> None:
@@ -100,7 +103,7 @@ class Sink:
             except (aiohttp.ClientError, TimeoutError) as e:
                 ok, why = False, f"{type(e).__name__}: {e}"
             if ok:
-                await asyncio.to_thread(self.remove, len(batch))
+                await asyncio.to_thread(self.remove, batch)
                 self.metrics.notifications_sent.labels(name).inc(len(batch))
                 failures = 0
                 continue
@@ -130,7 +133,7 @@ class Notifier:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._flush)  # what requests left in memory is on disk before we go
+        await asyncio.to_thread(self._store, self._take())  # what requests left in memory is on disk before we go
         for sink in self.sinks:
             sink.queue.cache.close()
 
@@ -138,10 +141,14 @@ class Notifier:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             if self.pending:
-                await asyncio.to_thread(self._flush)
+                await asyncio.to_thread(self._store, self._take())
 
-    def _flush(self) -> None:
+    def _take(self) -> list[dict[str, Any]]:
+        """The events requests added, swapped out on the loop (the thread only writes them)."""
         events, self.pending = self.pending, []
+        return events
+
+    def _store(self, events: list[dict[str, Any]]) -> None:
         if not events:
             return
         for sink in self.sinks:
