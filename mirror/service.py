@@ -24,7 +24,7 @@ from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
 from mirror.registry import manifest_schema, mediatypes
-from mirror.registry.namespace import Route, Router, Upstream
+from mirror.registry.namespace import Route, Router, Upstream, local_prefix
 from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob, walk_repositories
 from mirror.registry.upload_sessions import Uploads, live_uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
@@ -55,7 +55,7 @@ class Registry:
         self._metrics = metrics
         upstreams = [
             Upstream(up, UpstreamClient(up, session, metrics, config.limits.manifest_size, clock),
-                     Router.local_prefix(up, i == 0))
+                     local_prefix(up, i == 0))
             for i, up in enumerate(config.upstreams)
         ]
         self._router = Router(upstreams, config.private)

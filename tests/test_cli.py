@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mirror import __version__
 from tests.test_config import SEED
 
 
@@ -123,3 +124,49 @@ def test_access_log_line_per_request(tmp_path: Path) -> None:
     missing = next(e for e in requests if e["path"].endswith("/manifests/v1"))
     assert missing["status"] == 404 and missing["repository"] == "team/app" and missing["duration_ms"] >= 0
     assert {"time", "level", "cache", "user_agent"} <= missing.keys()
+
+
+def test_version_and_check_config_takes_config_like_every_command(tmp_path: Path) -> None:
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mirror {__version__}"
+    seed = tmp_path / "config.yml"
+    seed.write_text(SEED)
+    r = run("check-config", "--config", str(seed))
+    assert r.returncode == 0 and f"{seed}: ok" in r.stdout, r.stderr
+
+
+def _serve_fails(config: Path, *, drop_root: bool = False) -> subprocess.CompletedProcess[str]:
+    # Without CAP_DAC_OVERRIDE root is held to file permissions, as the image's non-root user is.
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"] \
+        if drop_root else []
+    return subprocess.run([*prefix, sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_start_up_failures_are_one_line_with_the_fix_and_never_say_listening(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.yml"
+        config.write_text(f"version: 0.1\nhttp: {{addr: '127.0.0.1:{port}'}}\n"
+                          f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n")
+        r = _serve_fails(config)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "already in use" in r.stderr and "http.addr" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout
+
+    # A volume (or index) owned by someone else: say whose, and what to run.
+    for what, key in (("data", "storage.filesystem.rootdirectory"), ("index", "cache.index")):
+        root, index = tmp_path / f"{what}-root", tmp_path / f"{what}-index"
+        root.mkdir()
+        index.mkdir()
+        os.chown(root if what == "data" else index, 12345, 12345)
+        config = tmp_path / f"{what}.yml"
+        config.write_text(f"version: 0.1\nhttp: {{addr: '127.0.0.1:{free_port()}'}}\n"
+                          f"storage: {{filesystem: {{rootdirectory: {root}}}}}\ncache: {{index: {index}}}\n")
+        r = _serve_fails(config, drop_root=True)
+        assert r.returncode == 2, r.stderr
+        line = r.stderr.strip()
+        assert "\n" not in line and key in line and "owned by uid 12345" in line and "chown -R 0" in line, line
+        assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout

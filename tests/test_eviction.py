@@ -161,10 +161,11 @@ async def test_du_evict_and_index_rebuild_from_the_command_line(
     repos = {x["name"]: x for x in report["repositories"]}
     assert repos["library/a"]["kind"] == "cached" and repos["library/a"]["upstream"] == "hub"
     assert repos["library/a"]["bytes"] >= MiB and repos["library/a"]["objects"] == 3
+    assert repos["team/app"] == {"name": "team/app", "kind": "private", "upstream": None, "objects": 1, "bytes": MiB}
     assert report["private_bytes"] == MiB and report["by_upstream"]["hub"] == repos["library/a"]["bytes"]
     assert report["total_bytes"] == report["private_bytes"] + report["cached_bytes"] + report["unreferenced_bytes"]
     r = await asyncio.to_thread(mirror_cli, "du", "--config", str(config))
-    assert "library/a" in r.stdout and "private 1.0 MiB" in r.stdout
+    assert "library/a" in r.stdout and "team/app" in r.stdout and "private 1.0 MiB" in r.stdout
 
     r = await asyncio.to_thread(mirror_cli, "evict", "--config", str(config), "--older-than", "30d", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["evicted"] == []  # all used just now

@@ -5,7 +5,7 @@ import pytest
 
 from mirror.config import parse
 from mirror.errors import RegistryError
-from mirror.registry.namespace import Router, Upstream
+from mirror.registry.namespace import Router, Upstream, local_prefix
 from mirror.registry.upstream import UpstreamClient
 
 
@@ -17,7 +17,7 @@ async def router() -> AsyncIterator[Router]:
         {"name": "ghcr", "url": "https://ghcr.io", "hosts": ["ghcr.io"]},
     ]})
     async with aiohttp.ClientSession() as session:
-        yield Router([Upstream(u, UpstreamClient(u, session), Router.local_prefix(u, i == 0))
+        yield Router([Upstream(u, UpstreamClient(u, session), local_prefix(u, i == 0))
                       for i, u in enumerate(config.upstreams)])
 
 

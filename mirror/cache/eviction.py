@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mirror.cache.index import Index
-from mirror.commands.gc import manifest_refs
 from mirror.names import Digest, parse_digest
-from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.registry.stores import BlobStore, ManifestStore, manifest_refs
 from mirror.storage import NotFound, Storage, layout
 
 log = logging.getLogger("mirror.cache")

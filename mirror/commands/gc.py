@@ -7,15 +7,18 @@ or a cache fill racing the collection keeps what it wrote.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 
+from mirror.commands import runner
 from mirror.names import ALGORITHMS, Digest
-from mirror.registry import manifest_schema
-from mirror.registry.stores import walk_repositories
+from mirror.registry.stores import manifest_refs, walk_repositories
 from mirror.registry.upload_sessions import live_uploads
-from mirror.storage import NotFound, Storage, layout
+from mirror.storage import Storage, layout
 
 log = logging.getLogger("mirror.gc")
 
@@ -27,15 +30,6 @@ class GcResult:
     swept_bytes: int = 0
     kept_young: int = 0
     dangling_links: int = 0
-
-
-async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
-    """What a manifest references (config, layers, an index's children); [] for other blobs."""
-    try:
-        body = await storage.get_bytes(layout.blob(digest))
-    except NotFound:
-        return []
-    return manifest_schema.references(body)
 
 
 async def mark(storage: Storage) -> set[str]:
@@ -98,3 +92,18 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
     log.info("gc: %d marked, %d blobs (%d bytes) %s, %d young kept", result.marked, len(result.swept),
              result.swept_bytes, "would be swept" if dry_run else "swept", result.kept_young)
     return result
+
+
+def command(args: argparse.Namespace) -> int:
+    """`mirror gc [--dry-run] [--grace] [--json]`."""
+    config = runner.load_config(args.config)
+    result = runner.run(config, lambda storage: collect(storage, dry_run=args.dry_run, grace=args.grace))
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, **dataclasses.asdict(result)}))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for digest in result.swept:
+        print(f"{verb} {digest}")
+    print(f"{result.marked} blobs in use; {verb} {len(result.swept)} blobs ({result.swept_bytes} bytes); "
+          f"kept {result.kept_young} younger than the grace period")
+    return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mirror.config import PrivateConfig, UpstreamConfig
@@ -58,6 +58,17 @@ def _patterns(globs: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs)) if globs else None
 
 
+def configured_private(config: PrivateConfig, has_upstreams: bool) -> Callable[[str], bool]:
+    """Whether the configuration alone makes a name private (`private.patterns`, or no upstream at
+    all); names pushed to carry a marker in storage besides."""
+    patterns = _patterns(config.patterns)
+
+    def is_private(name: str) -> bool:
+        return not has_upstreams or (patterns is not None and patterns.fullmatch(name) is not None)
+
+    return is_private
+
+
 def local_prefix(config: UpstreamConfig, is_default: bool) -> str | None:
     """Where a non-default upstream's content is stored: `<prefix>/<name>`."""
     if is_default:
@@ -80,7 +91,7 @@ class Router:
         self.upstreams = upstreams
         config = private or PrivateConfig()
         self.claim_on_push = config.claim_on_push
-        self._private_re = _patterns(config.patterns)
+        self._configured_private = configured_private(config, bool(upstreams))
         self.known_private = known_private if known_private is not None else set()
         self._routes: dict[tuple[str, str | None], Route] = {}  # the hot path: one dict lookup
         self.default = upstreams[0] if upstreams else None
@@ -88,13 +99,8 @@ class Router:
         self.any_host = next((u for u in upstreams if "*" in u.config.hosts), None)
         self.by_prefix = {p: u for u in upstreams for p in u.config.prefixes}
 
-    @staticmethod
-    def local_prefix(config: UpstreamConfig, is_default: bool) -> str | None:
-        return local_prefix(config, is_default)
-
     def is_private(self, name: str) -> bool:
-        return (not self.upstreams or name in self.known_private
-                or (self._private_re is not None and self._private_re.fullmatch(name) is not None))
+        return name in self.known_private or self._configured_private(name)
 
     def upstream_of(self, name: str) -> str | None:
         return upstream_of([u.config for u in self.upstreams], name)

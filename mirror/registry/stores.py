@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mirror.cache.index import Index
 from mirror.names import Digest, parse_digest
-from mirror.registry import mediatypes
+from mirror.registry import manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
 from mirror.storage import NotFound, Stat, Storage, layout
 
@@ -185,6 +185,15 @@ async def _remove(storage: Storage, key: str) -> bool:
         return False
     await storage.delete(key)
     return True
+
+
+async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
+    """What a manifest references (config, layers, an index's children); [] for other blobs."""
+    try:
+        body = await storage.get_bytes(layout.blob(digest))
+    except NotFound:
+        return []
+    return manifest_schema.references(body)
 
 
 async def walk_repositories(storage: Storage) -> list[tuple[str, list[str]]]:

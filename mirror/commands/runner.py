@@ -1,0 +1,104 @@
+"""What every operator command shares: the config, logs on stderr (stdout is the result), storage
+without the hot tier (it belongs to the running server), exit codes, progress bars for people at a
+terminal, and sizes for people."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from mirror.cache.index import Index
+from mirror.config import Config, ConfigError, load
+from mirror.server import logs
+from mirror.storage import Storage, StorageUnavailable, open_storage, without_hot_tier
+
+T = TypeVar("T")
+FAILED = 1  # the command ran and failed (the message says why)
+USAGE = 2  # it could not run: bad arguments, configuration or unusable storage
+
+
+class CommandError(Exception):
+    """A command ends with `message` on stderr (and as JSON with --json) and exit `code`."""
+
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def load_config(path: str | None) -> Config:
+    try:
+        return load(path, os.environ)
+    except ConfigError as e:
+        raise CommandError(f"configuration error: {e}", USAGE) from None
+
+
+def fail(error: CommandError, as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": str(error)}))
+    print(f"mirror: {error}", file=sys.stderr)
+    return error.code
+
+
+@asynccontextmanager
+async def opened(config: Config) -> AsyncIterator[Storage]:
+    """The configured storage, straight (no hot tier: a second process filling and evicting the
+    server's tier directory would fight it, and a bulk read must not evict what is hot)."""
+    storage = open_storage(without_hot_tier(config))
+    try:
+        try:
+            await storage.check()
+        except StorageUnavailable as e:
+            raise CommandError(f"storage error: {e}", USAGE) from None
+        yield storage
+    finally:
+        await storage.close()
+
+
+def run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
+    """Run `job` on the configured storage, logging warnings to stderr: a storage failure is a
+    message and an exit code, not a traceback."""
+    logs.setup(config.log, sys.stderr, "warning")
+
+    async def main() -> T:
+        async with opened(config) as storage:
+            return await job(storage)
+
+    try:
+        return asyncio.run(main())
+    except StorageUnavailable as e:
+        raise CommandError(f"storage error: {e}") from None
+    except OSError as e:
+        raise CommandError(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+
+
+def open_index(config: Config) -> Index:
+    return Index(config.cache.index_dir(config.storage))
+
+
+def show_progress(as_json: bool) -> bool:
+    """Bars for people at a terminal; never with --json (scripts read stdout, and stderr stays clean)."""
+    return not as_json and sys.stderr.isatty()
+
+
+def bar(show: bool, desc: str, unit: str = " objects", total: int | None = None, **kwargs: Any) -> tqdm:
+    return tqdm(desc=desc, unit=unit, total=total, disable=not show, file=sys.stderr, leave=False, **kwargs)
+
+
+def human_size(n: float) -> str:
+    """1536 -> `1.5 KiB`: what people read in tables and summaries."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def mb_per_s(n: int, seconds: float) -> str:
+    return f"{n / 1e6 / seconds:.0f} MB/s" if seconds > 0 else "-"
