@@ -41,16 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from tqdm import tqdm
-
+from mirror.commands import runner
+from mirror.commands.runner import USAGE, CommandError
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
 from mirror.registry import manifest_schema
 from mirror.registry.namespace import glob_to_regex
 from mirror.registry.stores import walk_repositories
-from mirror.server import logs
-from mirror.storage import NotFound, Storage, StorageUnavailable, layout, open_storage, without_hot_tier
+from mirror.storage import NotFound, Storage, StorageUnavailable, layout
 
 FORMAT = "mirror-export"
 VERSION = 1
@@ -360,8 +359,7 @@ async def write_archive(storage: Storage, header: Header, output: Path, progress
     total = 0
     try:
         f = await asyncio.to_thread(open, partial, "wb")
-        with f, tqdm(total=sum(header.blobs.values()), unit="B", unit_scale=True, unit_divisor=1024,
-                     desc="export", disable=not progress) as bar:
+        with f, runner.byte_bar(progress, "export", sum(header.blobs.values())) as bar:
             f.write(_tar_header(HEADER, len(header_bytes), now) + header_bytes + _padding(len(header_bytes)))
             for digest, size in header.blobs.items():
                 f.write(_tar_header(member_name(digest), size, now))
@@ -586,8 +584,7 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
             raise ArchiveError(f"blob {digest} was deleted from storage during the import (mirror gc?); "
                                f"run the import again")
 
-    with tqdm(total=sum(header.blobs[d] for d in new), unit="B", unit_scale=True, unit_divisor=1024,
-              desc="commit", disable=not progress) as bar:
+    with runner.byte_bar(progress, "commit", sum(header.blobs[d] for d in new)) as bar:
         await _bounded(new, put, 4)
     await _bounded([d for d in header.blobs if d in present], still_there)
     for repo in header.repositories:
@@ -619,8 +616,7 @@ async def import_archive(storage: Storage, path: Path, progress: bool = False) -
     staging = Path(tempfile.mkdtemp(prefix="_import-", dir=storage.staging_dir().parent))
     try:
         try:
-            with tqdm(total=sum(header.blobs.values()), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc="verify", disable=not progress) as bar:
+            with runner.byte_bar(progress, "verify", sum(header.blobs.values())) as bar:
                 bodies = await asyncio.to_thread(verify, path, header_bytes, header, present, staging, bar.update)
             check_references(header, bodies)
         except ArchiveError as e:
@@ -637,57 +633,23 @@ async def import_archive(storage: Storage, path: Path, progress: bool = False) -
 
 # --- the commands --------------------------------------------------------------------------------
 
-def _mb_per_s(n: int, seconds: float) -> str:
-    return f"{n / 1e6 / seconds:.0f} MB/s" if seconds > 0 else "-"
-
-
-def _run(config: Config, as_json: bool, job: Callable[[Storage], Awaitable[T]]) -> tuple[int, T | None]:
-    """Open storage from `config`, run `job`; exit code 2 when storage cannot be used at all, 1 when
-    the job failed (the message printed, and as JSON with --json)."""
-    logs.setup(config.log, sys.stderr, "warning")
-
-    async def run() -> T:
-        storage = open_storage(without_hot_tier(config))
-        try:
-            try:
-                await storage.check()
-            except StorageUnavailable as e:
-                raise _Unusable(str(e)) from None
-            return await job(storage)
-        finally:
-            await storage.close()
-
+def _run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
+    """`runner.run`, with a failed export or import a message and exit 1."""
     try:
-        return 0, asyncio.run(run())
-    except _Unusable as e:
-        message, code = f"storage error: {e}", 2
-    except (ArchiveError, StorageUnavailable) as e:
-        message, code = str(e), 1
-    except OSError as e:
-        message, code = f"{e.filename or 'I/O'}: {e.strerror or e}", 1
-    if as_json:
-        print(json.dumps({"ok": False, "error": message}))
-    print(f"mirror: {message}", file=sys.stderr)
-    return code, None
-
-
-class _Unusable(Exception):
-    """Storage failed its start check: a configuration problem."""
+        return runner.run(config, job)
+    except ArchiveError as e:
+        raise CommandError(str(e)) from None
 
 
 def export_command(config: Config, output: Path, patterns: list[str], kind: str | None, as_json: bool) -> int:
     """`mirror export`: 0 written, 1 failed (nothing left at `output`), 2 bad usage or storage config."""
     if not output.parent.is_dir():
-        print(f"mirror: --output {output}: no directory {output.parent}", file=sys.stderr)
-        return 2
+        raise CommandError(f"--output {output}: no directory {output.parent}", USAGE)
     for pattern in patterns:
         if not re.fullmatch(r"[a-z0-9._/*-]+", pattern):
-            print(f"mirror: {pattern!r} is not a repository name or pattern", file=sys.stderr)
-            return 2
-    progress = not as_json and sys.stderr.isatty()
-    code, result = _run(config, as_json, lambda s: export(s, output, patterns, kind, progress))
-    if result is None:
-        return code
+            raise CommandError(f"{pattern!r} is not a repository name or pattern", USAGE)
+    progress = runner.show_progress(as_json)
+    result = _run(config, lambda s: export(s, output, patterns, kind, progress))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     if as_json:
@@ -697,7 +659,7 @@ def export_command(config: Config, output: Path, patterns: list[str], kind: str 
         private = sum(1 for r in repos if r.kind == "private")
         print(f"exported {len(repos)} repositories ({private} private, {len(repos) - private} proxied), "
               f"{len(result.header.blobs)} blobs, {result.bytes} bytes to {output} in {result.seconds:.1f}s "
-              f"({_mb_per_s(result.bytes, result.seconds)})")
+              f"({runner.mb_per_s(result.bytes, result.seconds)})")
     return 0
 
 
@@ -705,17 +667,15 @@ def import_command(config: Config, archive: Path, as_json: bool) -> int:
     """`mirror import`: 0 imported, 1 failed (storage unchanged unless it failed while committing),
     2 bad usage or storage config."""
     if not archive.is_file():
-        print(f"mirror: {archive}: no such file", file=sys.stderr)
-        return 2
-    progress = not as_json and sys.stderr.isatty()
-    code, result = _run(config, as_json, lambda s: import_archive(s, archive, progress))
-    if result is None:
-        return code
+        raise CommandError(f"{archive}: no such file", USAGE)
+    progress = runner.show_progress(as_json)
+    result = _run(config, lambda s: import_archive(s, archive, progress))
     if as_json:
         print(json.dumps(result.to_json()))
     else:
         repos = result.header.repositories
         total = sum(result.header.blobs.values())
         print(f"imported {len(repos)} repositories, {len(result.header.blobs)} blobs ({result.new_blobs} new, "
-              f"{result.new_bytes} bytes) from {archive} in {result.seconds:.1f}s ({_mb_per_s(total, result.seconds)})")
+              f"{result.new_bytes} bytes) from {archive} in {result.seconds:.1f}s "
+              f"({runner.mb_per_s(total, result.seconds)})")
     return 0

@@ -26,6 +26,7 @@ from aiohttp import web
 from tqdm import tqdm
 
 from mirror import __version__
+from mirror.commands import runner
 from mirror.config import Config, MetricsConfig
 from mirror.errors import RegistryError
 from mirror.names import DIGEST_RE, NAME_RE, TAG_RE, parse_digest
@@ -419,14 +420,6 @@ def _server_url(text: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def command(images: list[str], platform: str | None, server: str | None, config: Config | None,
             as_json: bool) -> int:
     """`mirror prefetch`: 0 when every image was fetched, 1 when one failed, 2 for bad usage."""
@@ -459,6 +452,6 @@ def command(images: list[str], platform: str | None, server: str | None, config:
         if r.error is not None:
             print(f"mirror: prefetch of {r.image.original} failed: {r.error}", file=sys.stderr)
         elif not as_json:
-            print(f"{r.image} {r.digest} {len(r.manifests)} manifests, {len(r.blobs)} blobs, {_size(r.bytes)} "
-                  f"in {r.seconds:.1f}s")
+            print(f"{r.image} {r.digest} {len(r.manifests)} manifests, {len(r.blobs)} blobs, "
+                  f"{runner.human_size(r.bytes)} in {r.seconds:.1f}s")
     return 1 if report.failures else 0

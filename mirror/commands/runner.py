@@ -91,6 +91,10 @@ def bar(show: bool, desc: str, unit: str = " objects", total: int | None = None,
     return tqdm(desc=desc, unit=unit, total=total, disable=not show, file=sys.stderr, leave=False, **kwargs)
 
 
+def byte_bar(show: bool, desc: str, total: int) -> tqdm:
+    return bar(show, desc, "B", total, unit_scale=True, unit_divisor=1024)
+
+
 def human_size(n: float) -> str:
     """1536 -> `1.5 KiB`: what people read in tables and summaries."""
     for unit in ("B", "KiB", "MiB", "GiB"):
