@@ -25,11 +25,11 @@ from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
 from mirror.registry import manifest_schema, mediatypes
 from mirror.registry.namespace import Route, Router, Upstream, local_prefix
-from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob, walk_repositories
+from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob
 from mirror.registry.upload_sessions import Uploads, live_uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Storage, layout
+from mirror.storage import NotFound, Storage, inventory, layout
 
 log = logging.getLogger("mirror")
 EPOCH_CHECK_SECONDS = 2.0
@@ -103,7 +103,7 @@ class Registry:
     async def _count_storage(self) -> None:
         """The storage gauges. Listing a whole bucket costs a request per 1,000 blobs: remote storage is
         counted less often."""
-        blobs, size = await self._storage.usage("blobs")
+        blobs, size = await inventory.blob_usage(self._storage)
         self._metrics.storage_blobs.labels(self._storage.name).set(blobs)
         self._metrics.storage_bytes.labels(self._storage.name).set(size)
         self._metrics.uploads_in_progress.set(len(await live_uploads(self._storage)))
@@ -135,7 +135,7 @@ class Registry:
 
     async def load_private_names(self) -> None:
         """Repositories pushed to before are private whatever the patterns say now."""
-        for name, marks in await walk_repositories(self._storage):
+        for name, marks in await inventory.repository_names(self._storage):
             if "_private" in marks:
                 self._router.add_private(name)
 
@@ -234,7 +234,7 @@ class Registry:
 
     async def repositories(self) -> list[str]:
         """Every repository with manifests here, private and cached, sorted."""
-        return [name for name, marks in await walk_repositories(self._storage) if "_manifests" in marks]
+        return [name for name, marks in await inventory.repository_names(self._storage) if "_manifests" in marks]
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
         """Descriptors of the manifests whose subject is `subject` (pushed here)."""
@@ -260,7 +260,7 @@ class Registry:
 
     async def manifest_digests(self, name: str) -> list[str]:
         """Every manifest repository `name` links (sha256 ones: what pushes and pulls make)."""
-        return [f"sha256:{h}" for h in await self._storage.list(f"{layout.revisions(name)}/sha256")]
+        return [str(d) for d in await inventory.manifests(self._storage, name)]
 
     async def stored_manifest(self, name: str, digest: str) -> Manifest | None:
         """The manifest if repository `name` has it here (never asks an upstream)."""

@@ -18,12 +18,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from mirror.cache.index import Index
 from mirror.names import Digest, parse_digest
 from mirror.registry.stores import BlobStore, ManifestStore, manifest_refs
-from mirror.storage import NotFound, Storage, layout
+from mirror.storage import Storage, inventory, layout
+from mirror.storage.base import Stat
+from mirror.storage.inventory import Inventory, Progress
 
 log = logging.getLogger("mirror.cache")
 EVICTION_SECONDS = 600.0
@@ -32,88 +33,45 @@ YIELD_EVERY = 32  # evictions between turns of the event loop
 
 @dataclass
 class Census:
-    """What storage holds and who links it, from one walk."""
+    """Eviction's view of one inventory walk: which content is private (linked by a private
+    repository, or referenced by a private manifest) and who links the rest."""
 
-    blobs: dict[str, tuple[int, float]] = field(default_factory=dict)  # digest -> (size, mtime)
-    private: set[str] = field(default_factory=set)  # digests a private repository links
+    inventory: Inventory
+    private: set[str] = field(default_factory=set)  # digests private content needs
+    repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
     layer_links: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
     revisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
     tags: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))  # -> (repo, tag)
-    repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
-    # Per repository, private ones too (the web UI's catalog): digests it links, manifests and tags it has.
-    linked: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    manifest_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    tag_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def blobs(self) -> dict[str, Stat]:
+        return self.inventory.blobs
 
     @property
     def total(self) -> int:
-        return sum(size for size, _ in self.blobs.values())
+        return self.inventory.total
 
 
-class Progress(Protocol):
-    """What a command's progress bar offers (tqdm's): counts, and a new total for a new phase."""
-
-    def update(self, n: int = 1) -> object: ...
-
-    def reset(self, total: int | None = None) -> object: ...
-
-    def set_description(self, desc: str) -> object: ...
-
-
-async def take_census(storage: Storage, is_private: Callable[[str], bool], links_only: bool = False,
+async def take_census(storage: Storage, is_private: Callable[[str], bool],
                       progress: Progress | None = None) -> Census:
-    """One walk of storage. `links_only` (the web UI's catalog) skips what costs a read per object:
-    the digests cached tags point to (`tags`) and what private manifests reference (`private`
-    then holds only what private repositories link directly)."""
-    census = Census()
-    async for key, st in storage.scan("blobs"):
-        if progress is not None:
-            progress.update()
-        parts = key.split("/")  # blobs/<algorithm>/<2 hex>/<hex>
-        if len(parts) == 4:
-            census.blobs[f"{parts[1]}:{parts[3]}"] = (st.size, st.mtime)
-    links: list[tuple[str, str, str]] = []  # (repository, kind, rest of the key)
-    async for key, _ in storage.scan(layout.REPOSITORIES):
-        if progress is not None:
-            progress.update()
-        parts = key.split("/")[1:]
-        mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
-        if not mark:
+    """One walk of storage, then the digests cached tags point to (a read per proxied tag) and the
+    closure of what private manifests reference."""
+    census = Census(await inventory.take(storage, progress=progress))
+    for name, repo in census.inventory.repositories.items():
+        private = census.repositories[name] = repo.marked_private or is_private(name)
+        if private:
+            census.private |= repo.linked
             continue
-        name, kind = "/".join(parts[:mark]), parts[mark]
-        census.repositories.setdefault(name, is_private(name))
-        if kind == "_private":
-            census.repositories[name] = True
-        links.append((name, kind, "/".join(parts[mark + 1:])))
-    for name, kind, rest in links:
-        private = census.repositories[name]
-        if kind == "_layers" and rest.count("/") == 1:
-            digest = rest.replace("/", ":")
-            census.linked[name].add(digest)
-            if private:
-                census.private.add(digest)
-            else:
-                census.layer_links[digest].append(name)
-        elif kind == "_manifests" and rest.startswith("revisions/") and rest.count("/") == 2:
-            digest = rest.removeprefix("revisions/").replace("/", ":")
-            census.linked[name].add(digest)
-            census.manifest_counts[name] += 1
-            if private:
-                census.private.add(digest)
-            else:
-                census.revisions[digest].append(name)
-        elif kind == "_manifests" and rest.startswith("tags/") and rest.count("/") == 1:
-            census.tag_counts[name] += 1
-            if private or links_only:
-                continue
-            tag = rest.removeprefix("tags/")
-            try:
-                digest = (await storage.get_bytes(layout.tag(name, tag))).decode()
-            except NotFound:
-                continue
-            census.tags[digest].append((name, tag))
+        for digest in repo.layers:
+            census.layer_links[digest].append(name)
+        for digest in repo.manifests:
+            census.revisions[digest].append(name)
+        for tag in repo.tags:
+            target = await inventory.tag_target(storage, name, tag)
+            if target is not None:
+                census.tags[target].append((name, tag))
     # What a private manifest references is private too (an index's children, shared layers).
-    pending = [] if links_only else [parse_digest(d) for d in census.private if d in census.blobs]
+    pending = [parse_digest(d) for d in census.private if d in census.blobs]
     while pending:
         for ref in await manifest_refs(storage, pending.pop()):
             if str(ref) not in census.private:
@@ -199,7 +157,7 @@ class Evictor:
                 if not expired and (target is None or usage <= target):
                     break  # everything after this was used more recently still
                 victims.append(digest)
-                usage -= census.blobs[digest][0]
+                usage -= census.blobs[digest].size
                 result.expired += expired
             if progress is not None:
                 progress.set_description("evicting")
@@ -225,7 +183,7 @@ class Evictor:
             return result
 
     def _last_use(self, digest: str, census: Census) -> float:
-        return self._times.get(digest) or census.blobs[digest][1]
+        return self._times.get(digest) or census.blobs[digest].mtime
 
     def _protected(self, census: Census, now: float, result: EvictionResult) -> set[str]:
         protected = set(census.private) | set(self.in_use())
@@ -247,7 +205,7 @@ class Evictor:
         return kept
 
     async def _evict(self, digest: str, census: Census, result: EvictionResult, dry_run: bool) -> None:
-        size = census.blobs[digest][0]
+        size = census.blobs[digest].size
         result.evicted.append(digest)
         result.evicted_bytes += size
         is_manifest = digest in census.revisions

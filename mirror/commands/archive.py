@@ -48,8 +48,7 @@ from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
 from mirror.registry import manifest_schema
 from mirror.registry.namespace import glob_to_regex
-from mirror.registry.stores import walk_repositories
-from mirror.storage import NotFound, Storage, StorageUnavailable, layout
+from mirror.storage import NotFound, Storage, StorageUnavailable, inventory, layout
 
 FORMAT = "mirror-export"
 VERSION = 1
@@ -236,41 +235,26 @@ class ExportResult:
                 "notes": self.notes}
 
 
-async def _links(storage: Storage, prefix: str) -> list[str]:
-    """Digests linked under `prefix` (`<algorithm>/<hex>` entries); anything else is skipped."""
-    found = []
-    for algorithm in await storage.list(prefix):
-        if algorithm not in ALGORITHMS:
-            continue
-        for hexpart in await storage.list(f"{prefix}/{algorithm}"):
-            with contextlib.suppress(RegistryError):
-                found.append(str(parse_digest(f"{algorithm}:{hexpart}")))
-    return found
-
-
 async def _read_repository(storage: Storage, name: str, marks: list[str], notes: list[str]) -> Repository:
     """Tags first, then manifest links, then blob links: a concurrent push writes them the other way round."""
     repo = Repository(name, "private" if "_private" in marks else "proxied")
-    for tag in await storage.list(layout.tags(name)):
-        try:
-            value = (await storage.get_bytes(layout.tag(name, tag))).decode(errors="replace").strip()
-            repo.tags[tag] = str(parse_digest(value))
-        except NotFound:
+    for tag in await inventory.tag_names(storage, name):
+        target = await inventory.tag_target(storage, name, tag)
+        if target is None:
             continue  # deleted meanwhile
+        try:
+            repo.tags[tag] = str(parse_digest(target))
         except RegistryError:
             notes.append(f"{name}: tag {tag} holds no digest; left out")
-    repo.manifests = await _links(storage, layout.revisions(name))
-    repo.layers = await _links(storage, layout.layers(name))
-    root = layout.all_referrers(name)
-    for algorithm in await storage.list(root):
-        for subject in await storage.list(f"{root}/{algorithm}"):
-            for entry in await storage.list(f"{root}/{algorithm}/{subject}"):
-                try:
-                    descriptor = json.loads(await storage.get_bytes(f"{root}/{algorithm}/{subject}/{entry}"))
-                except (NotFound, ValueError):
-                    continue
-                if isinstance(descriptor, dict) and descriptor.get("digest") == layout.referrer_manifest(entry):
-                    repo.referrers.append({"subject": f"{algorithm}:{subject}", "descriptor": descriptor})
+    repo.manifests = [str(d) for d in await inventory.manifests(storage, name)]
+    repo.layers = [str(d) for d in await inventory.layers(storage, name)]
+    for subject, manifest, key in await inventory.referrer_records(storage, name):
+        try:
+            descriptor = json.loads(await storage.get_bytes(key))
+        except (NotFound, ValueError):
+            continue
+        if isinstance(descriptor, dict) and descriptor.get("digest") == str(manifest):
+            repo.referrers.append({"subject": str(subject), "descriptor": descriptor})
     return repo
 
 
@@ -280,7 +264,7 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
     wanted = [(p, re.compile(glob_to_regex(p))) for p in patterns]
     matched: set[str] = set()
     selected = []
-    for name, marks in await walk_repositories(storage):
+    for name, marks in await inventory.repository_names(storage):
         if not {"_manifests", "_layers", "_private"} & set(marks):
             continue  # only uploads in progress
         hits = [p for p, regex in wanted if regex.fullmatch(name)]

@@ -35,12 +35,14 @@ class UsageReport:
 
 def usage_report(config: Config, census: Census) -> UsageReport:
     report = UsageReport(total_bytes=census.total)
+    sizes = {digest: st.size for digest, st in census.blobs.items()}
     cached: set[str] = set()
-    for name, private in census.repositories.items():
-        present = [d for d in census.linked.get(name, ()) if d in census.blobs]
-        if not present and not census.manifest_counts.get(name):
+    for name, repo in census.inventory.repositories.items():
+        if repo.empty and not repo.layers:
             continue  # uploads only, or emptied by deletes
-        size = sum(census.blobs[d][0] for d in present)
+        private = census.repositories[name]
+        present = [d for d in repo.linked if d in sizes]
+        size = sum(sizes[d] for d in present)
         upstream = None if private else namespace.upstream_of(config.upstreams, name)
         report.repositories.append(RepositoryUsage(name, "private" if private else "cached", upstream,
                                                    len(present), size))
@@ -48,8 +50,8 @@ def usage_report(config: Config, census: Census) -> UsageReport:
             report.by_upstream[upstream] = report.by_upstream.get(upstream, 0) + size
         if not private:
             cached.update(d for d in present if d not in census.private)
-    report.cached_bytes = sum(census.blobs[d][0] for d in cached)
-    report.private_bytes = sum(census.blobs[d][0] for d in census.private if d in census.blobs)
+    report.cached_bytes = sum(sizes[d] for d in cached)
+    report.private_bytes = sum(sizes[d] for d in census.private if d in sizes)
     report.unreferenced_bytes = report.total_bytes - report.cached_bytes - report.private_bytes
     return report
 

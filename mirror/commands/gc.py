@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 from mirror.commands import runner
-from mirror.names import ALGORITHMS, Digest
-from mirror.registry.stores import manifest_refs, walk_repositories
+from mirror.registry.stores import manifest_refs
 from mirror.registry.upload_sessions import live_uploads
-from mirror.storage import Storage, layout
+from mirror.storage import Storage, inventory, layout
+from mirror.storage.inventory import Inventory
 
 log = logging.getLogger("mirror.gc")
 
@@ -32,16 +32,10 @@ class GcResult:
     dangling_links: int = 0
 
 
-async def mark(storage: Storage) -> set[str]:
+async def mark(repositories: Inventory, storage: Storage) -> set[str]:
     """Every blob reachable from a manifest revision of any repository (tags point at revisions)."""
     marked: set[str] = set()
-    pending: list[Digest] = []
-    for name, marks in await walk_repositories(storage):
-        if "_manifests" not in marks:
-            continue
-        for algorithm in await storage.list(f"{layout.repository(name)}/_manifests/revisions"):
-            for hexpart in await storage.list(f"{layout.repository(name)}/_manifests/revisions/{algorithm}"):
-                pending.append(Digest(algorithm, hexpart))
+    pending = inventory.digests({d for repo in repositories.repositories.values() for d in repo.manifests})
     while pending:
         digest = pending.pop()
         if str(digest) in marked:
@@ -53,42 +47,33 @@ async def mark(storage: Storage) -> set[str]:
 
 async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
     result = GcResult()
-    marked = await mark(storage)
+    # Mark before listing blobs: a blob written after the mark is young, and kept.
+    repositories = await inventory.take(storage, blobs=False)
+    marked = await mark(repositories, storage)
     result.marked = len(marked)
     cutoff = time.time() - grace
     live = await live_uploads(storage)
     if live:
         cutoff = min(cutoff, min(u.started for u in live))
-    swept: set[str] = set()
-    for algorithm in ALGORITHMS:
-        for shard in await storage.list(f"blobs/{algorithm}"):
-            for hexpart in await storage.list(f"blobs/{algorithm}/{shard}"):
-                digest = Digest(algorithm, hexpart)
-                if str(digest) in marked:
-                    continue
-                st = await storage.stat(layout.blob(digest))
-                if st is None:
-                    continue
-                if st.mtime > cutoff:
-                    result.kept_young += 1
-                    continue
-                result.swept.append(str(digest))
-                result.swept_bytes += st.size
-                swept.add(str(digest))
-                if not dry_run:
-                    await storage.delete(layout.blob(digest))
-    # Layer links to blobs that are gone would only cost a stat each: drop them too.
-    for name, marks in await walk_repositories(storage):
-        if "_layers" not in marks:
+    blobs = (await inventory.take(storage, repositories=False)).blobs
+    for digest, st in sorted(blobs.items()):
+        if digest in marked:
             continue
-        for algorithm in await storage.list(f"{layout.repository(name)}/_layers"):
-            for hexpart in await storage.list(f"{layout.repository(name)}/_layers/{algorithm}"):
-                digest = Digest(algorithm, hexpart)
-                gone = str(digest) in swept or await storage.stat(layout.blob(digest)) is None
-                if gone:
-                    result.dangling_links += 1
-                    if not dry_run:
-                        await storage.delete(layout.layer(name, digest))
+        if st.mtime > cutoff:
+            result.kept_young += 1
+            continue
+        result.swept.append(digest)
+        result.swept_bytes += st.size
+        if not dry_run:
+            await storage.delete(layout.blob(inventory.digests([digest])[0]))
+    # Layer links to blobs that are gone would only cost a stat each: drop them too.
+    gone = set(result.swept)
+    for name, repo in repositories.repositories.items():
+        for link in inventory.digests(repo.layers):
+            if str(link) in gone or (str(link) not in blobs and await storage.stat(layout.blob(link)) is None):
+                result.dangling_links += 1
+                if not dry_run:
+                    await storage.delete(layout.layer(name, link))
     log.info("gc: %d marked, %d blobs (%d bytes) %s, %d young kept", result.marked, len(result.swept),
              result.swept_bytes, "would be swept" if dry_run else "swept", result.kept_young)
     return result

@@ -14,7 +14,7 @@ from mirror.cache.index import Index
 from mirror.names import Digest, parse_digest
 from mirror.registry import manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Stat, Storage, layout
+from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 LINKS_REMEMBERED = 200_000
 
@@ -106,7 +106,7 @@ class ManifestStore:
         return await _remove(self.storage, layout.tag(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
-        return await self.storage.list(layout.tags(repository))
+        return await inventory.tag_names(self.storage, repository)
 
     def forget_memory(self) -> None:
         """Storage changed behind our back (another process evicted): read it again."""
@@ -194,20 +194,3 @@ async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
     except NotFound:
         return []
     return manifest_schema.references(body)
-
-
-async def walk_repositories(storage: Storage) -> list[tuple[str, list[str]]]:
-    """Every repository in storage with the `_`-children it has (`_manifests`, `_uploads`, ...)."""
-    found: list[tuple[str, list[str]]] = []
-
-    async def walk(prefix: str, name: str) -> None:
-        children = await storage.list(prefix)
-        marks = [c for c in children if c.startswith("_")]
-        if marks and name:
-            found.append((name, marks))
-        for child in children:
-            if not child.startswith("_"):
-                await walk(f"{prefix}/{child}", f"{name}/{child}" if name else child)
-
-    await walk(layout.REPOSITORIES, "")
-    return sorted(found)

@@ -15,8 +15,8 @@ from mirror.background import every
 from mirror.errors import RegistryError
 from mirror.names import Digest
 from mirror.registry.hashstate import ResumableHash
-from mirror.registry.stores import BlobStore, walk_repositories
-from mirror.storage import NotFound, Storage, layout
+from mirror.registry.stores import BlobStore
+from mirror.storage import NotFound, Storage, inventory, layout
 
 log = logging.getLogger("mirror.uploads")
 
@@ -170,7 +170,7 @@ def range_headers(size: int) -> dict[str, str]:
 async def live_uploads(storage: Storage) -> list[UploadInfo]:
     """Every upload in storage with its start time."""
     found = []
-    for repository, marks in await walk_repositories(storage):
+    for repository, marks in await inventory.repository_names(storage):
         if "_uploads" not in marks:
             continue
         for upload_id in await storage.list(layout.uploads(repository)):

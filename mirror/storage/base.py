@@ -1,6 +1,6 @@
 """The storage interface every backend implements, and the path checks they share.
 
-Keys are '/'-separated relative paths made only by mirror/storage/paths.py. Blobs flow as
+Keys are '/'-separated relative paths made only by mirror/storage/layout.py. Blobs flow as
 async iterators of chunks; nothing here reads a blob whole (get_bytes is for small records).
 """
 
@@ -110,14 +110,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
         """Every object under `prefix`, at any depth, with its stat (in no particular order)."""
-
-    async def usage(self, prefix: str) -> tuple[int, int]:
-        """(objects, bytes) under `prefix`, for the storage gauges."""
-        count = size = 0
-        async for _, st in self.scan(prefix):
-            count += 1
-            size += st.size
-        return count, size
 
     def local_path(self, key: str) -> Path | None:
         """A path on local disk holding the object, so it can go out with sendfile."""

@@ -1,14 +1,29 @@
-"""The only place that turns registry objects into storage keys (layout in design.md)."""
+"""The storage layout, both ways: the only place that turns registry objects into storage keys
+(the builders) and keys back into objects (`parse`). Readers that walk storage use these through
+inventory.py.
+
+    blobs/<algorithm>/<2 hex>/<hex>                              blob (and manifest) bytes
+    repositories/<name>/_manifests/tags/<tag>                    -> digest
+    repositories/<name>/_manifests/revisions/<algorithm>/<hex>   this repository has this manifest
+    repositories/<name>/_layers/<algorithm>/<hex>                this repository may serve this blob
+    repositories/<name>/_private                                 pushed here: never proxied
+    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   a manifest naming that subject
+    repositories/<name>/_uploads/<id>/{data,startedat,hashstate} an upload in progress
+"""
 
 from __future__ import annotations
 
-from mirror.names import Digest
+from dataclasses import dataclass
 
+from mirror.errors import RegistryError
+from mirror.names import Digest, parse_digest
+
+BLOBS = "blobs"
 REPOSITORIES = "repositories"
 
 
 def blob(digest: Digest) -> str:
-    return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+    return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
 
 def repository(name: str) -> str:
@@ -62,11 +77,6 @@ def referrer(name: str, subject: Digest, manifest: Digest) -> str:
     return f"{referrers(name, subject)}/{manifest.algorithm}-{manifest.hex}"
 
 
-def referrer_manifest(entry: str) -> str:
-    """The manifest digest a referrer record's name (the last part of `referrer()`) stands for."""
-    return entry.replace("-", ":", 1)
-
-
 def uploads(name: str) -> str:
     return f"{REPOSITORIES}/{name}/_uploads"
 
@@ -85,3 +95,62 @@ def upload_started(name: str, upload_id: str) -> str:
 
 def upload_hashstate(name: str, upload_id: str) -> str:
     return f"{upload(name, upload_id)}/hashstate"
+
+
+# --- keys back into objects ---------------------------------------------------------------------
+
+BLOB, LAYER, REVISION, TAG, PRIVATE, REFERRER, UPLOAD = "blob", "layer", "revision", "tag", "private", \
+    "referrer", "upload"
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What a key stands for: `kind` (one of the constants above) and the parts it names."""
+
+    kind: str
+    repository: str = ""
+    digest: Digest | None = None  # the blob, the linked blob or manifest, the referring manifest
+    tag: str = ""
+    subject: Digest | None = None  # a referrer record's subject
+    upload_id: str = ""
+
+
+def digest_of(algorithm: str, hexpart: str) -> Digest | None:
+    """The digest a pair of key parts names, or None if they name none (a stray file)."""
+    try:
+        return parse_digest(f"{algorithm}:{hexpart}")
+    except RegistryError:
+        return None
+
+
+def parse(key: str) -> Parsed | None:
+    """The object a storage key stands for; None for anything else (staging files, strays)."""
+    parts = key.split("/")
+    if parts[0] == BLOBS:
+        if len(parts) == 4 and parts[2] == parts[3][:2]:
+            d = digest_of(parts[1], parts[3])
+            return Parsed(BLOB, digest=d) if d else None
+        return None
+    if parts[0] != REPOSITORIES:
+        return None
+    mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
+    if mark is None or mark < 2:
+        return None
+    name, kind, rest = "/".join(parts[1:mark]), parts[mark], parts[mark + 1:]
+    if kind == "_layers" and len(rest) == 2:
+        d = digest_of(*rest)
+        return Parsed(LAYER, name, d) if d else None
+    if kind == "_manifests" and len(rest) == 3 and rest[0] == "revisions":
+        d = digest_of(rest[1], rest[2])
+        return Parsed(REVISION, name, d) if d else None
+    if kind == "_manifests" and len(rest) == 2 and rest[0] == "tags":
+        return Parsed(TAG, name, tag=rest[1])
+    if kind == "_private" and not rest:
+        return Parsed(PRIVATE, name)
+    if kind == "_referrers" and len(rest) == 3:
+        subject = digest_of(rest[0], rest[1])
+        d = digest_of(*rest[2].split("-", 1)) if "-" in rest[2] else None
+        return Parsed(REFERRER, name, d, subject=subject) if subject and d else None
+    if kind == "_uploads" and len(rest) >= 1:
+        return Parsed(UPLOAD, name, upload_id=rest[0])
+    return None

@@ -2,9 +2,9 @@
 and last pull, held in memory so a page over thousands of repositories is a list filter and a
 render, never a walk of storage.
 
-Built at start from one `take_census` (the walk eviction does) and `usage_report` (which upstream
-a cached repository comes from), rebuilt in the background (every REFRESH_SECONDS, or ten times
-as long as the last build took on a large store), and patched between rebuilds: a push or delete
+Built at start from one inventory walk (storage/inventory.py), rebuilt in the background (every
+REFRESH_SECONDS, or ten times as long as the last build took on a large store), and patched between
+rebuilds: a push or delete
 marks its repository dirty and only that repository is read again, within a second. Last pulls
 are recorded per manifest GET in a dict (and batched into the diskcache index by its flush, so
 they survive a restart).
@@ -19,10 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mirror.cache.eviction import take_census
 from mirror.cache.index import Index
-from mirror.names import parse_digest
-from mirror.storage import Storage, layout
+from mirror.storage import Storage, inventory, layout
 
 log = logging.getLogger("mirror.ui")
 
@@ -105,17 +103,13 @@ class Catalog:
     async def rebuild(self) -> None:
         """One walk of storage into a new snapshot (the old one serves until it is ready)."""
         start = time.perf_counter()
-        census = await take_census(self.storage, self.is_private, links_only=True)
-        sizes = {digest: size for digest, (size, _) in census.blobs.items()}
-        found: dict[str, Repository] = {}
-        for name, private in census.repositories.items():
-            linked = census.linked.get(name, set())
-            count = census.manifest_counts.get(name, 0)
-            tags = census.tag_counts.get(name, 0)
-            if not count and not tags:
-                continue  # uploads only, or emptied by deletes
-            found[name] = Repository(name, private, None if private else self.upstream_of(name),
-                                     sum(sizes.get(d, 0) for d in linked), count, tags)
+        found = await inventory.take(self.storage)
+        sizes = {digest: st.size for digest, st in found.blobs.items()}
+        repositories: dict[str, Repository] = {}
+        for name, contents in found.repositories.items():
+            repo = self._row(contents, sizes)
+            if repo is not None:
+                repositories[name] = repo
         if not self._pulls_loaded:  # the index is this process's: after the first read, memory is newer
             pulled = await asyncio.to_thread(self.index.pulled_times)
             self._pulls_loaded = True
@@ -123,51 +117,37 @@ class Catalog:
                 if at > self.pulled.get(key, 0.0):
                     self.pulled[key] = at
         self.blob_sizes = sizes
-        self.repositories = found
-        self.names = sorted(found)
+        self.repositories = repositories
+        self.names = sorted(repositories)
         self._by_size = None
         self.built_at = time.time()
         self.build_seconds = time.perf_counter() - start
         self.error = None
         self.ready.set()
-        log.info("ui catalog: %d repositories in %.2fs", len(found), self.build_seconds)
+        log.info("ui catalog: %d repositories in %.2fs", len(repositories), self.build_seconds)
+
+    def _row(self, contents: inventory.Contents, sizes: dict[str, int]) -> Repository | None:
+        if contents.empty:
+            return None  # uploads only, or emptied by deletes
+        private = contents.marked_private or self.is_private(contents.name)
+        return Repository(contents.name, private, None if private else self.upstream_of(contents.name),
+                          sum(sizes.get(d, 0) for d in contents.linked), len(contents.manifests), len(contents.tags))
 
     async def refresh(self, name: str) -> None:
         """Read one repository again (after a push or delete)."""
-        prefix = f"{layout.repository(name)}/"
-        linked: set[str] = set()
-        manifests = tags = 0
-        private = self.is_private(name)
-        async for key, _ in self.storage.scan(layout.repository(name)):
-            rest = key[len(prefix):].split("/") if key.startswith(prefix) else []
-            if not rest or not rest[0].startswith("_"):
-                continue  # a nested repository's keys
-            if rest[0] == "_private":
-                private = True
-            elif rest[0] == "_layers" and len(rest) == 3:
-                linked.add(f"{rest[1]}:{rest[2]}")
-            elif rest[0] == "_manifests" and rest[1:2] == ["revisions"] and len(rest) == 4:
-                linked.add(f"{rest[2]}:{rest[3]}")
-                manifests += 1
-            elif rest[0] == "_manifests" and rest[1:2] == ["tags"] and len(rest) == 3:
-                tags += 1
+        contents = await inventory.repository(self.storage, name)
+        for digest in contents.linked - self.blob_sizes.keys():
+            st = await self.storage.stat(layout.blob(inventory.digests([digest])[0]))
+            if st is not None:
+                self.blob_sizes[digest] = st.size
         self._by_size = None
-        if not manifests and not tags:
+        repo = self._row(contents, self.blob_sizes)
+        if repo is None:
             if self.repositories.pop(name, None) is not None:
                 self.names = sorted(self.repositories)
             return
-        size = 0
-        for digest in linked:
-            known = self.blob_sizes.get(digest)
-            if known is None:
-                with contextlib.suppress(ValueError):
-                    st = await self.storage.stat(layout.blob(parse_digest(digest)))
-                    if st is not None:
-                        known = self.blob_sizes[digest] = st.size
-            size += known or 0
         new = name not in self.repositories
-        self.repositories[name] = Repository(name, private, None if private else self.upstream_of(name), size,
-                                             manifests, tags)
+        self.repositories[name] = repo
         if new:
             self.names = sorted(self.repositories)
 

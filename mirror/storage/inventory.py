@@ -1,0 +1,178 @@
+"""Reading the layout back: one walk of storage into what it holds (`take`), and the listings of one
+repository that the commands and the UI read. Keys are built by layout.py and parsed by
+`layout.parse`, nowhere else; gc, eviction, `du`, export, the UI's list and the storage gauges all
+read storage through here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mirror.names import ALGORITHMS, Digest
+from mirror.storage import layout
+from mirror.storage.base import NotFound, Stat, Storage
+
+
+class Progress(Protocol):
+    """What a command's progress bar offers (tqdm's): counts, and a new total for a new phase."""
+
+    def update(self, n: int = 1) -> object: ...
+
+    def reset(self, total: int | None = None) -> object: ...
+
+    def set_description(self, desc: str) -> object: ...
+
+
+@dataclass
+class Contents:
+    """One repository as storage holds it."""
+
+    name: str
+    marked_private: bool = False  # the _private marker: pushed to here
+    layers: set[str] = field(default_factory=set)  # digests of the blobs it may serve
+    manifests: set[str] = field(default_factory=set)  # digests of its manifests
+    tags: set[str] = field(default_factory=set)  # tag names (what they point to costs a read each)
+    uploads: set[str] = field(default_factory=set)  # ids of uploads in progress
+
+    @property
+    def linked(self) -> set[str]:
+        return self.layers | self.manifests
+
+    @property
+    def empty(self) -> bool:
+        """No manifest and no tag: uploads only, or emptied by deletes."""
+        return not self.manifests and not self.tags
+
+
+@dataclass
+class Inventory:
+    blobs: dict[str, Stat] = field(default_factory=dict)  # digest -> size and mtime
+    repositories: dict[str, Contents] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(st.size for st in self.blobs.values())
+
+    def add(self, parsed: layout.Parsed) -> None:
+        repo = self.repositories.get(parsed.repository)
+        if repo is None:
+            repo = self.repositories[parsed.repository] = Contents(parsed.repository)
+        if parsed.kind == layout.LAYER:
+            repo.layers.add(str(parsed.digest))
+        elif parsed.kind == layout.REVISION:
+            repo.manifests.add(str(parsed.digest))
+        elif parsed.kind == layout.TAG:
+            repo.tags.add(parsed.tag)
+        elif parsed.kind == layout.PRIVATE:
+            repo.marked_private = True
+        elif parsed.kind == layout.UPLOAD:
+            repo.uploads.add(parsed.upload_id)
+
+
+async def take(storage: Storage, *, blobs: bool = True, repositories: bool = True,
+               progress: Progress | None = None) -> Inventory:
+    """One walk of storage (off the loop: each backend's scan lists in a worker)."""
+    found = Inventory()
+    if blobs:
+        async for key, st in storage.scan(layout.BLOBS):
+            if progress is not None:
+                progress.update()
+            parsed = layout.parse(key)
+            if parsed is not None and parsed.kind == layout.BLOB:
+                found.blobs[str(parsed.digest)] = st
+    if repositories:
+        async for key, _ in storage.scan(layout.REPOSITORIES):
+            if progress is not None:
+                progress.update()
+            parsed = layout.parse(key)
+            if parsed is not None and parsed.kind != layout.BLOB:
+                found.add(parsed)
+    return found
+
+
+async def repository(storage: Storage, name: str) -> Contents:
+    """What storage holds for repository `name` (not the ones nested below it)."""
+    contents = Contents(name)
+    found = Inventory(repositories={name: contents})
+    async for key, _ in storage.scan(layout.repository(name)):
+        parsed = layout.parse(key)
+        if parsed is not None and parsed.repository == name:
+            found.add(parsed)
+    return contents
+
+
+async def blob_usage(storage: Storage) -> tuple[int, int]:
+    """(blobs, bytes) in storage, for the storage gauges."""
+    found = await take(storage, repositories=False)
+    return len(found.blobs), found.total
+
+
+async def repository_names(storage: Storage) -> list[tuple[str, list[str]]]:
+    """Every repository in storage with the `_`-children it has (`_manifests`, `_uploads`, ...), sorted."""
+    found: list[tuple[str, list[str]]] = []
+
+    async def walk(prefix: str, name: str) -> None:
+        children = await storage.list(prefix)
+        marks = [c for c in children if c.startswith("_")]
+        if marks and name:
+            found.append((name, marks))
+        for child in children:
+            if not child.startswith("_"):
+                await walk(f"{prefix}/{child}", f"{name}/{child}" if name else child)
+
+    await walk(layout.REPOSITORIES, "")
+    return sorted(found)
+
+
+async def _linked(storage: Storage, prefix: str) -> list[Digest]:
+    found = []
+    for algorithm in await storage.list(prefix):
+        if algorithm not in ALGORITHMS:
+            continue
+        for hexpart in await storage.list(f"{prefix}/{algorithm}"):
+            digest = layout.digest_of(algorithm, hexpart)
+            if digest is not None:
+                found.append(digest)
+    return found
+
+
+async def manifests(storage: Storage, name: str) -> list[Digest]:
+    """The manifests repository `name` links."""
+    return await _linked(storage, layout.revisions(name))
+
+
+async def layers(storage: Storage, name: str) -> list[Digest]:
+    """The blobs repository `name` may serve."""
+    return await _linked(storage, layout.layers(name))
+
+
+async def tag_names(storage: Storage, name: str) -> list[str]:
+    return await storage.list(layout.tags(name))
+
+
+async def tag_target(storage: Storage, name: str, tag: str) -> str | None:
+    """What tag `tag` of `name` points to as stored (a digest if it is one); None if there is no such tag."""
+    try:
+        return (await storage.get_bytes(layout.tag(name, tag))).decode(errors="replace").strip()
+    except NotFound:
+        return None
+
+
+async def referrer_records(storage: Storage, name: str) -> list[tuple[Digest, Digest, str]]:
+    """(subject, referring manifest, key of its record) for every referrer record of `name`."""
+    found = []
+    root = layout.all_referrers(name)
+    for algorithm in await storage.list(root):
+        for subject in await storage.list(f"{root}/{algorithm}"):
+            for entry in await storage.list(f"{root}/{algorithm}/{subject}"):
+                key = f"{root}/{algorithm}/{subject}/{entry}"
+                parsed = layout.parse(key)
+                if parsed is not None and parsed.subject is not None and parsed.digest is not None:
+                    found.append((parsed.subject, parsed.digest, key))
+    return found
+
+
+def digests(values: Iterable[str]) -> list[Digest]:
+    """Digest strings this module produced back into digests."""
+    return [Digest(*value.split(":", 1)) for value in values]
