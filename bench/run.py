@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from bench import measure
 from bench.measure import MANIFEST_ACCEPT, BenchError, CpuMeter
 from bench.seed import push_big_blob_image
@@ -327,7 +329,7 @@ def warm_blobs(b: Bench, proxies: list[Proxy]) -> dict:
 
 def manifests(b: Bench, proxies: list[Proxy]) -> dict:
     async def warm() -> None:
-        async with measure.aiohttp.ClientSession(timeout=measure._timeout(60)) as s:
+        async with aiohttp.ClientSession(timeout=measure._timeout(60)) as s:
             for proxy in proxies:
                 for ref in (b.big.tag, b.big.manifest_digest, b.big.tag, b.big.manifest_digest):
                     digest, _, _ = await measure.get_manifest(s, proxy.url, b.big.repo, ref)

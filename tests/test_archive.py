@@ -303,6 +303,7 @@ def mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env)
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 async def test_commands_json_and_exit_codes(exported: tuple[Path, Path], tmp_path: Path) -> None:
     archive, target = exported
     config = tmp_path / "config.yml"

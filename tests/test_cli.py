@@ -13,8 +13,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from mirror import __version__
 from tests.test_config import SEED
+
+pytestmark = pytest.mark.e2e  # every test here runs `python -m mirror` processes
 
 
 def free_port() -> int:

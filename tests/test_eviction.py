@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -138,6 +139,7 @@ def mirror_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 async def test_du_evict_and_index_rebuild_from_the_command_line(
         upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[..., Any], tmp_path: Path) -> None:
     script, server = upstream
@@ -205,6 +207,7 @@ def run_on_a_terminal(*args: str) -> tuple[int, str, bytes]:
     return proc.returncode, stdout.decode(), terminal
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 def test_du_and_evict_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(tmp_path)}},

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mirror.commands.gc import collect
 from mirror.storage.filesystem import FilesystemStorage
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
@@ -72,6 +74,7 @@ async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory,
     assert (await collect(FilesystemStorage(root))).swept == [young]
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 def test_gc_cli(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / "blobs/sha256/ab").mkdir(parents=True)

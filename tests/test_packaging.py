@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mirror.config import load
@@ -23,12 +25,28 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "exec bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
+def source_copy(tmp_path: Path) -> Path:
+    """The checkout's files as git sees them (tracked, and new ones not ignored), copied: a build
+    writes build/ and egg-info beside its sources, and must neither touch the checkout nor reuse
+    what an earlier build left there."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    src = tmp_path / "src"
+    for name in filter(None, files):
+        path = ROOT / name
+        if path.is_file():  # deleted but still tracked files are skipped
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / name, follow_symlinks=False)
+    return src
+
+
+@pytest.mark.e2e  # runs `python -m mirror` processes
 def test_wheel_ships_the_embedded_config(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, timeout=120, capture_output=True)
+                    str(tmp_path), str(source_copy(tmp_path))], check=True, timeout=120, capture_output=True)
     (wheel,) = tmp_path.glob("mirror-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        shipped = z.read("mirror/mirror.yml").decode()
+        shipped = z.read("mirror/config/mirror.yml").decode()
         names = z.namelist()
         assert "mirror/py.typed" in names
         # the web UI's templates and static files, every one of them, byte for byte

@@ -225,6 +225,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 def test_command_usage_errors_exit_2() -> None:
     r = run("prefetch", "Alpine")
     assert r.returncode == 2 and "bad image reference 'Alpine'" in r.stderr and "Traceback" not in r.stderr
@@ -236,6 +237,7 @@ def test_command_usage_errors_exit_2() -> None:
     assert r.returncode == 2 and "not allowed with" in r.stderr
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 async def test_command_unreachable_server_exits_1() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mirror", "prefetch", "alpine", "busybox", "--server", "http://127.0.0.1:9", "--json",
@@ -247,6 +249,7 @@ async def test_command_unreachable_server_exits_1() -> None:
     assert "cannot reach http://127.0.0.1:9" in err.decode()
 
 
+@pytest.mark.e2e  # runs `python -m mirror` processes
 async def test_progress_bars_on_a_terminal_only(upstream: Any, mirror: Any) -> None:
     """Bars go to stderr when it is a terminal, never with --json; stdout stays the result."""
     script, _ = upstream

@@ -1,0 +1,1 @@
+"""Operator commands (`mirror ...`), one module each, on one runner (runner.py)."""

@@ -87,11 +87,11 @@ def show_progress(as_json: bool) -> bool:
     return not as_json and sys.stderr.isatty()
 
 
-def bar(show: bool, desc: str, unit: str = " objects", total: int | None = None, **kwargs: Any) -> tqdm:
+def bar(show: bool, desc: str, unit: str = " objects", total: int | None = None, **kwargs: Any) -> tqdm[Any]:
     return tqdm(desc=desc, unit=unit, total=total, disable=not show, file=sys.stderr, leave=False, **kwargs)
 
 
-def byte_bar(show: bool, desc: str, total: int) -> tqdm:
+def byte_bar(show: bool, desc: str, total: int) -> tqdm[Any]:
     return bar(show, desc, "B", total, unit_scale=True, unit_divisor=1024)
 
 

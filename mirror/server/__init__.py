@@ -1,0 +1,1 @@
+"""Server plumbing: the app and its lifecycle, middlewares, logs, metrics, limits, TLS, notifications."""

@@ -52,7 +52,8 @@ def _drained(fn: Callable[..., T]) -> Callable[..., T]:
 
 def _transient(e: Exception) -> bool:
     if isinstance(e, oss2.exceptions.OssError):
-        return e.status < 0 or e.status >= 500 or e.status == 429  # -2: connection failed
+        status: int = e.status
+        return status < 0 or status >= 500 or status == 429  # -2: connection failed
     return isinstance(e, OSError)  # a read cut mid-stream (requests/urllib3 errors are OSErrors)
 
 

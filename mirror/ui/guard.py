@@ -25,7 +25,8 @@ SECRET = web.AppKey("ui_secret", bytes)
 
 
 def caller(request: web.Request) -> Caller:
-    return request.get(CALLER, ANONYMOUS)
+    found: Caller = request.get(CALLER, ANONYMOUS)
+    return found
 
 
 def auth_on(request: web.Request) -> bool:

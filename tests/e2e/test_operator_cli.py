@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mirror.commands.archive import HEADER, TRAILER, member_name
 from tests.e2e.push_helpers import push_config
 from tests.e2e.test_replicas import replica_config
 from tests.support.clients import Dockerd, skopeo, skopeo_copy
@@ -26,7 +27,7 @@ from tests.support.images import Layout, inspect_raw, sha256_digest
 from tests.support.ossserver import OssServer
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, http, run, wait_for
 from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, manifest_digest
-from tests.test_archive import HEADER, TRAILER, member_name, members, snapshot
+from tests.test_archive import members, snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

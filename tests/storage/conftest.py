@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mirror.config import OssConfig
-from mirror.storage import Observed, Storage
+from mirror.storage import Storage
+from mirror.storage.base import Observed
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.storage.oss import OssStorage
 from mirror.storage.tier import HotTier
