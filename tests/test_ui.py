@@ -127,6 +127,20 @@ async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory, tmp_path
     await ready(client, lambda d: d["repositories"] == [])
 
 
+async def test_a_stray_file_in_a_repository_does_not_stop_its_row(registry: Factory, tmp_path: Path) -> None:
+    """A file under _layers that names no digest (a copy gone wrong, an editor's backup) is skipped when
+    a push makes the list read the repository again: the row still appears, with the right size."""
+    client = await registry()
+    await ready(client)
+    stray = tmp_path / "data" / "repositories" / "team" / "app" / "_layers" / "sha256" / "not-a-digest~"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"")
+    await push_image(client, "team/app", "v1")
+    data = await ready(client, lambda d: "team/app" in listed(d))
+    (repo,) = data["repositories"]
+    assert repo["tags"] == 1 and repo["size"] > 0
+
+
 async def test_nested_repositories_are_counted_apart(registry: Factory) -> None:
     client = await registry()
     await ready(client)
