@@ -398,8 +398,8 @@ async def test_catalog_lists_cached_repositories(upstream, mirror) -> None:
     ("/v2/a%00b/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/app/blobs/sha256:%2e%2e", 400, "DIGEST_INVALID"),
     ("/v2/" + "a" * 256 + "/manifests/latest", 400, "NAME_INVALID"),
-    ("/v2/app/manifests/-bad", 400, "TAG_INVALID"),
-    ("/v2/app/manifests/sha256:abc", 400, "DIGEST_INVALID"),
+    ("/v2/app/manifests/-bad", 404, "MANIFEST_UNKNOWN"),  # neither tag nor digest: no such manifest
+    ("/v2/app/manifests/sha256:abc", 404, "MANIFEST_UNKNOWN"),
     ("/v2/app/blobs/sha256:abc", 400, "DIGEST_INVALID"),
     ("/v2/app/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
     ("/v2/app/nothing", 404, "NOT_FOUND"),

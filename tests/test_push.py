@@ -245,6 +245,22 @@ async def test_index_needs_its_children(registry: Factory) -> None:
     assert r.headers["Docker-Content-Digest"] == child  # index -> linux/amd64 for a client without index support
 
 
+@pytest.mark.parametrize("reference", [".INVALID_MANIFEST_NAME", "-bad", "sha256:abc", "md5:" + "a" * 32])
+async def test_a_reference_neither_tag_nor_digest_is_an_unknown_manifest(registry: Factory, tmp_path: Path,
+                                                                         reference: str) -> None:
+    """GET, HEAD and DELETE find no such manifest (404, the conformance suite's "nonexistent
+    manifest"); a PUT to it is refused as invalid, as the spec asks."""
+    client = await registry(storage={"filesystem": {"rootdirectory": str(tmp_path / "data")},
+                                     "delete": {"enabled": True}})
+    _, body = await push_image(client, "team/app", "v1")
+    for method in ("GET", "DELETE"):
+        r = await client.request(method, f"/v2/team/app/manifests/{reference}")
+        assert r.status == 404 and await error_code(r) == "MANIFEST_UNKNOWN", method
+    assert (await client.head(f"/v2/team/app/manifests/{reference}")).status == 404
+    r = await client.put(f"/v2/team/app/manifests/{reference}", data=body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status == 400 and await error_code(r) == ("DIGEST_INVALID" if ":" in reference else "TAG_INVALID")
+
+
 # --- content discovery ------------------------------------------------------------------------------
 
 async def test_tags_and_catalog_pagination(registry: Factory) -> None:

@@ -2,16 +2,26 @@ from aiohttp import web
 
 from mirror.api.request import LIMITS, push_route, route
 from mirror.errors import RegistryError
-from mirror.names import parse_reference
+from mirror.names import Digest, parse_reference
 from mirror.registry import mediatypes
 from mirror.registry.manifest_schema import read_manifest
 from mirror.server.logs import CACHE, PUSHED_BYTES, SERVED_BYTES
 
 
+def _existing_reference(value: str) -> str | Digest:
+    """The reference of a manifest to read or delete: one that is neither a tag nor a digest names
+    no manifest, so it is unknown (404), as the spec's conformance suite asks; only a PUT, which
+    would create it, answers TAG_INVALID or DIGEST_INVALID."""
+    try:
+        return parse_reference(value)
+    except RegistryError:
+        raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {value[:200]!r}") from None
+
+
 async def get_manifest(request: web.Request) -> web.Response:
     """GET/HEAD /v2/<name>/manifests/<tag|digest>."""
     registry, r = route(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = _existing_reference(request.match_info["reference"])
     accept = mediatypes.accepted(request.headers.getall("Accept", []))
     served = await registry.manifest(r, reference, accept)
     request[CACHE] = served.cache
@@ -46,5 +56,5 @@ async def put_manifest(request: web.Request) -> web.Response:
 async def delete_manifest(request: web.Request) -> web.Response:
     """DELETE /v2/<name>/manifests/<digest> (the manifest) or <tag> (the tag only)."""
     registry, r = route(request)
-    await registry.delete_manifest(r, parse_reference(request.match_info["reference"]))
+    await registry.delete_manifest(r, _existing_reference(request.match_info["reference"]))
     return web.Response(status=202)

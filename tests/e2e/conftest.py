@@ -60,7 +60,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                                                                                           pytest.TestReport]:
     rep = yield
     if rep.failed and rep.when in ("setup", "call"):
-        for handle in _STARTED.get(item.nodeid, []):
+        # What the test started, and what it got from longer-lived fixtures.
+        given = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Mirror | Distribution)]
+        for handle in [*_STARTED.get(item.nodeid, []), *given]:
             rep.sections.append((f"{handle.proc.name} log", handle.logs(40)))
     return rep
 
