@@ -46,11 +46,16 @@ def serve(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         log.warning(warning)
     local = config.cache.local_dir(config.storage)
+    key = "cache.directory" if config.storage.oss else "storage.filesystem.rootdirectory"
     try:
         os.makedirs(local, exist_ok=True)
     except OSError as e:
-        key = "cache.directory" if config.storage.oss else "storage.filesystem.rootdirectory"
         print(f"mirror: cannot create {key} {local}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not os.access(local, os.W_OK | os.X_OK):  # e.g. a root-owned volume for a non-root user
+        uid = os.getuid()
+        print(f"mirror: {key} {local} is not writable by uid {uid} (owner uid {os.stat(local).st_uid}): "
+              f"chown it to {uid} or run as a user who may write it", file=sys.stderr)
         return 2
     try:
         ssl_context = server_context(config.http.tls) if config.http.tls else None
@@ -82,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     except StorageUnavailable as e:
         print(f"mirror: storage error: {e}", file=sys.stderr)
         return 2
+    log.info("stopped")
     return 0
 
 
