@@ -24,7 +24,9 @@ def main() -> int:
     host = "127.0.0.1" if http.host in ("", "0.0.0.0", "::") else http.host
     url = f"{'https' if http.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{http.port}/v2/"
     # Only whether it answers: no proxy, and the server's certificate may name another host.
-    context = ssl._create_unverified_context() if http.tls else None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                          urllib.request.HTTPSHandler(context=context))
     try:

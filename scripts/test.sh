@@ -16,7 +16,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
 
-.venv/bin/ruff check mirror tests bench
+.venv/bin/ruff check mirror tests bench docker
 .venv/bin/mypy
-.venv/bin/mypy tests bench
+.venv/bin/mypy tests bench docker
 exec .venv/bin/python -m pytest "$@"
