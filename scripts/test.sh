@@ -9,15 +9,16 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip ca-certificates curl openssl \
-    docker-registry docker.io containerd podman skopeo prometheus chromium chromium-driver >/dev/null
+    docker-registry docker.io docker-compose containerd podman skopeo prometheus chromium chromium-driver \
+    mmdebstrap iproute2 >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
 
-.venv/bin/ruff check mirror tests bench scripts
+.venv/bin/ruff check mirror tests bench scripts docker
 .venv/bin/mypy
-.venv/bin/mypy tests bench
+.venv/bin/mypy tests bench docker
 # The lowest versions pyproject.toml allows, installed once in a venv of their own: the fast suite there.
 bash scripts/check-floors.sh 2>&1 | grep -v "^WARNING: Location" | tail -3
 exec .venv/bin/python -m pytest "$@"

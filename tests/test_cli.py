@@ -172,5 +172,5 @@ def test_start_up_failures_are_one_line_with_the_fix_and_never_say_listening(tmp
         r = _serve_fails(config, drop_root=True)
         assert r.returncode == 2, r.stderr
         line = r.stderr.strip()
-        assert "\n" not in line and key in line and "owned by uid 12345" in line and "chown -R 0" in line, line
+        assert "\n" not in line and key in line and "owned by uid 12345" in line and "`chown -R 0 " in line, line
         assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout

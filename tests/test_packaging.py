@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mirror.config import load
+from tests.support.compose import load_compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_dockerfile_and_compose_agree_with_the_default_config() -> None:
     assert f"VOLUME {data_dir}" in dockerfile and f"EXPOSE {port}" in dockerfile
     assert any(line.startswith("USER ") and line.split()[1] not in ("root", "0") for line in dockerfile)
 
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    compose = load_compose(ROOT / "compose.yaml")
     service = compose["services"]["mirror"]
     assert service["build"] == "."
     assert f"{port}:{port}" in service["ports"]

@@ -37,7 +37,7 @@ def check_writable(path: Path, key: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise CommandError(f"{key} {path} is not usable: {e.strerror}{_ownership_hint(path, e)}", USAGE) from None
+        raise CommandError(f"{key} {path} is not writable: {e.strerror}{_ownership_hint(path, e)}", USAGE) from None
 
 
 def _ownership_hint(path: Path, error: OSError) -> str:
@@ -50,8 +50,8 @@ def _ownership_hint(path: Path, error: OSError) -> str:
     me = os.geteuid()
     if owner == me:
         return " (check its permissions and that it is not mounted read-only)"
-    return (f" (owned by uid {owner}, mirror runs as uid {me}: `chown -R {me} {path}`, or run mirror as the "
-            f"owner)")
+    return (f"; it is owned by uid {owner} and mirror runs as uid {me}: `chown -R {me} {path}` (in a container, "
+            f"the host directory mounted there), or run mirror as uid {owner}")
 
 
 def _local_dirs(config: Config) -> list[tuple[Path, str]]:
@@ -101,6 +101,7 @@ def serve(config: Config) -> int:
             max_field_size=limits.header_size,
             max_headers=limits.headers,
         )
+        log.info("stopped")
     except StorageUnavailable as e:
         raise CommandError(f"storage error: {e}", USAGE) from None
     except sqlite3.Error as e:

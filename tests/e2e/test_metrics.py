@@ -20,6 +20,7 @@ import yaml
 from mirror.server.metrics import Metrics
 from tests.e2e.conftest import require
 from tests.support.clients import skopeo_copy
+from tests.support.compose import load_compose
 from tests.support.images import Layout
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, free_port, http, mirror_config, wait_for
 from tests.support.prometheus import PROMETHEUS, PROMTOOL, Prometheus, PromQLError, Samples, finite, promtool
@@ -108,7 +109,7 @@ def blob_bytes(blobs: list[Any]) -> int:
 # --- the files: compose.yaml, grafana/, prometheus.yml ------------------------------------------------
 
 def test_compose_runs_mirror_prometheus_and_grafana() -> None:
-    compose = yaml.safe_load(COMPOSE.read_text())
+    compose = load_compose(COMPOSE)
     services = compose["services"]
     assert set(services) >= {"mirror", "prometheus", "grafana"}
     named = set(compose.get("volumes") or {})

@@ -9,6 +9,7 @@ is not loopback (see procs.client_env).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from tests.support.procs import Proc, client_env, run, tail
 
 DOCKER_CLI = "/usr/bin/docker"  # dockerd 20.10's own CLI; /usr/local/bin/docker is a newer one
 DOCKERD = "/usr/sbin/dockerd"
+DOCKER_COMPOSE = "/usr/bin/docker-compose"  # Debian's 1.29 (python, docker-py)
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 PODMAN = "/usr/bin/podman"
@@ -34,13 +36,40 @@ def missing(*paths: str) -> list[str]:
 
 # --- dockerd -----------------------------------------------------------------------------------------
 
+class Bridge:
+    """A Linux bridge of our own (not docker0) on a free 10.213.N.0/24, for a private dockerd that
+    runs containers: they reach this machine at `gateway`, and `-p` works through docker-proxy."""
+
+    def __init__(self) -> None:
+        self.name = f"mre2e{os.getpid()}"  # 15 characters at most (IFNAMSIZ)
+        taken = [ipaddress.ip_network(line.split()[0], strict=False)
+                 for line in run(["ip", "-4", "route", "show", "table", "all"], timeout=10).stdout.splitlines()
+                 if line.split() and line.split()[0][0].isdigit()]
+        candidates = (ipaddress.ip_network(f"10.213.{n}.0/24") for n in range(1, 255))
+        self.network = next(net for net in candidates if not any(net.overlaps(t) for t in taken))
+        self.gateway = str(self.network.network_address + 1)
+
+    def create(self) -> Bridge:
+        run(["ip", "link", "add", self.name, "type", "bridge"], timeout=10)
+        run(["ip", "addr", "add", f"{self.gateway}/{self.network.prefixlen}", "dev", self.name], timeout=10)
+        run(["ip", "link", "set", self.name, "up"], timeout=10)
+        return self
+
+    def delete(self) -> None:
+        run(["ip", "link", "delete", self.name], timeout=10, check=False)
+
+
 class Dockerd:
     """A private dockerd whose `registry-mirrors` is fixed at start (so it is paired with a port).
 
     It runs its own managed containerd under exec-root; storage-driver vfs, no iptables, no bridge.
+    With `bridge` it runs containers: their default network is that bridge, and storage is overlay2
+    (vfs copies a whole image for every build step and container). Still no iptables, NAT or IP
+    forwarding set up by dockerd: containers are meant to reach this machine only.
     """
 
-    def __init__(self, tmp: Path, mirrors: list[str], insecure: list[str] | None = None) -> None:
+    def __init__(self, tmp: Path, mirrors: list[str], insecure: list[str] | None = None,
+                 bridge: Bridge | None = None) -> None:
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         # unix socket paths are limited to 108 bytes: keep the exec-root short-ish
@@ -62,6 +91,9 @@ class Dockerd:
             "log-level": "info",
             "max-concurrent-downloads": 3,
         }
+        self.bridge = bridge
+        if bridge is not None:
+            self.config.update({"bridge": bridge.name, "storage-driver": "overlay2", "ip-forward": False})
         (self.dir / "daemon.json").write_text(json.dumps(self.config, indent=1))
         (self.dir / "cli").mkdir(exist_ok=True)
         (self.dir / "tmp").mkdir(exist_ok=True)
@@ -81,6 +113,12 @@ class Dockerd:
 
     def pull(self, ref: str, timeout: float = 120.0, check: bool = True) -> Any:
         return self.cli("pull", ref, timeout=timeout, check=check)
+
+    def compose(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                timeout: float = 120.0, check: bool = True) -> Any:
+        """docker-compose against this daemon."""
+        return run([DOCKER_COMPOSE, *args], timeout=timeout, cwd=cwd, check=check,
+                   env=client_env({"DOCKER_HOST": f"unix://{self.sock}", **(env or {})}))
 
     def image_ids(self) -> list[str]:
         out = self.cli("images", "-a", "-q", "--no-trunc", timeout=30).stdout.split()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,19 @@ DEAD_PROXY = "http://127.0.0.1:9"
 NO_PROXY = "127.0.0.1,localhost,::1"
 
 _RUNNING: set[Proc] = set()
+
+
+def is_local_address(host: str) -> bool:
+    """An address of this machine (loopback, or one of its interfaces, e.g. a test bridge's
+    gateway): binding to it works. Tests send requests to nothing else."""
+    if host == "localhost":
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -74,8 +88,9 @@ class HttpResult:
 
 def http(method: str, url: str, headers: Mapping[str, str] | None = None, data: bytes | None = None,
          timeout: float = 10.0, context: ssl.SSLContext | None = None) -> HttpResult:
-    """One request to a loopback URL (https with `context`); HTTP errors are results, not exceptions."""
-    assert url.startswith(("http://127.0.0.1:", "http://localhost:", "https://127.0.0.1:", "https://localhost:")), url
+    """One request to a URL on this machine (https with `context`); HTTP errors are results, not exceptions."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.scheme in ("http", "https") and is_local_address(parts.hostname or ""), url
     req = urllib.request.Request(url, method=method, headers=dict(headers or {}), data=data)
     opener = _OPENER if context is None else urllib.request.build_opener(
         urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
@@ -238,14 +253,15 @@ class RegistryProc:
     port: int
     proc: Proc
     ready_statuses: tuple[int, ...] = (200,)
+    listen = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen}:{self.port}"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.listen}:{self.port}"
 
     context: ssl.SSLContext | None = None  # https: how a test client trusts the server (and who it is)
 
@@ -398,7 +414,8 @@ class Distribution(RegistryProc):
     ready_statuses = (200, 401)  # 401: with auth configured
 
     def __init__(self, tmp: Path, extra_config: dict[str, Any] | None = None, root: Path | None = None,
-                 port: int | None = None, name: str = "distribution") -> None:
+                 port: int | None = None, name: str = "distribution", listen: str = "127.0.0.1") -> None:
+        self.listen = listen  # another address of this machine for clients in containers (a bridge's gateway)
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -409,7 +426,7 @@ class Distribution(RegistryProc):
             "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
             "storage": {"filesystem": {"rootdirectory": str(self.root)}, "delete": {"enabled": True},
                         "cache": {"blobdescriptor": "inmemory"}},
-            "http": {"addr": f"127.0.0.1:{self.port}", "secret": "e2e-not-secret"},
+            "http": {"addr": f"{listen}:{self.port}", "secret": "e2e-not-secret"},
         }
         for key, value in (extra_config or {}).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
