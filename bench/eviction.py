@@ -8,7 +8,7 @@ A filesystem storage root is seeded directly, in the mirror's own layout (mirror
 --blobs proxied blobs of --min-kib..--max-kib random bytes over --repos proxied repositories
 (library/r0 ..), each with one image manifest, its revision link, a `latest` tag and a layer link
 per blob (two base layers shared by every repository), and a pushed repository `team/app` (its
-`_private` marker) whose blobs must all survive, two of them shared with the oldest proxied one.
+private marker) whose blobs must all survive, two of them shared with the oldest proxied one.
 Last use is the blob mtime (the index holds no access times yet): repository rK was used before
 r(K+1), the newest is the one hammered below, team/app is older than proxy.ttl and older than all.
 
@@ -214,7 +214,7 @@ def seed_storage(root: Path, p: Params, now: float) -> Seeded:
     count = max(10, p.blobs // 200)
     blobs = [w.random_blob(size(), old) for _ in range(count)]
     digest = w.image(PRIVATE_REPO, blobs[0], [*blobs[1:], *shared], old)
-    w.file(layout.private_marker(PRIVATE_REPO), b"")
+    w.file(layout.marker(PRIVATE_REPO, layout.PRIVATE_MARK), b"")
     s.private = {digest, *blobs, *shared}
     s.seconds = round(time.perf_counter() - t0, 1)
     return s

@@ -135,8 +135,8 @@ class Registry:
 
     async def load_private_names(self) -> None:
         """Repositories pushed to before are private whatever the patterns say now."""
-        for name, marks in await inventory.repository_names(self._storage):
-            if "_private" in marks:
+        for name, children in await inventory.repository_names(self._storage):
+            if "_mirror" in children and layout.PRIVATE_MARK in await inventory.marks(self._storage, name):
                 self._router.add_private(name)
 
     async def became_private(self, name: str, ns: str | None) -> bool:
@@ -145,7 +145,7 @@ class Registry:
         know the name, so the hot path pays nothing."""
         if ns or self._router.route(name, ns).private:
             return False
-        if await self._storage.stat(layout.private_marker(name)) is None:
+        if await self._storage.stat(layout.marker(name, layout.PRIVATE_MARK)) is None:
             return False
         self._router.add_private(name)
         return True
@@ -161,7 +161,7 @@ class Registry:
                                               f"(config private.patterns)")
             route = Route(None, name, name)
         if name not in self._router.known_private:
-            await self._storage.put_bytes(layout.private_marker(name), b"")
+            await self._storage.put_bytes(layout.marker(name, layout.PRIVATE_MARK), b"")
             self._router.add_private(name)
         return route
 

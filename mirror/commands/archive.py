@@ -235,9 +235,13 @@ class ExportResult:
                 "notes": self.notes}
 
 
+async def _is_private(storage: Storage, name: str, children: list[str]) -> bool:
+    return "_mirror" in children and layout.PRIVATE_MARK in await inventory.marks(storage, name)
+
+
 async def _read_repository(storage: Storage, name: str, marks: list[str], notes: list[str]) -> Repository:
     """Tags first, then manifest links, then blob links: a concurrent push writes them the other way round."""
-    repo = Repository(name, "private" if "_private" in marks else "proxied")
+    repo = Repository(name, "private" if await _is_private(storage, name, marks) else "proxied")
     for tag in await inventory.tag_names(storage, name):
         target = await inventory.tag_target(storage, name, tag)
         if target is None:
@@ -265,13 +269,13 @@ async def plan_export(storage: Storage, patterns: list[str], kind: str | None) -
     matched: set[str] = set()
     selected = []
     for name, marks in await inventory.repository_names(storage):
-        if not {"_manifests", "_layers", "_private"} & set(marks):
+        if not {"_manifests", "_layers", "_mirror"} & set(marks):
             continue  # only uploads in progress
         hits = [p for p, regex in wanted if regex.fullmatch(name)]
         matched.update(hits)
         if wanted and not hits:
             continue
-        if kind is not None and ("private" if "_private" in marks else "proxied") != kind:
+        if kind is not None and ("private" if await _is_private(storage, name, marks) else "proxied") != kind:
             continue
         selected.append((name, marks))
     unmatched = [p for p, _ in wanted if p not in matched]
@@ -581,7 +585,7 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
         tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
         if repo.kind == "private":
-            await storage.put_bytes(layout.private_marker(repo.name), b"")
+            await storage.put_bytes(layout.marker(repo.name, layout.PRIVATE_MARK), b"")
     return len(new), sum(header.blobs[d] for d in new)
 
 

@@ -29,11 +29,15 @@ class Contents:
     """One repository as storage holds it."""
 
     name: str
-    marked_private: bool = False  # the _private marker: pushed to here
+    marks: set[str] = field(default_factory=set)  # what this mirror decided the name is (layout.MARKS)
     layers: set[str] = field(default_factory=set)  # digests of the blobs it may serve
     manifests: set[str] = field(default_factory=set)  # digests of its manifests
     tags: set[str] = field(default_factory=set)  # tag names (what they point to costs a read each)
     uploads: set[str] = field(default_factory=set)  # ids of uploads in progress
+
+    @property
+    def marked_private(self) -> bool:
+        return layout.PRIVATE_MARK in self.marks
 
     @property
     def linked(self) -> set[str]:
@@ -64,8 +68,8 @@ class Inventory:
             repo.manifests.add(str(parsed.digest))
         elif parsed.kind == layout.TAG:
             repo.tags.add(parsed.tag)
-        elif parsed.kind == layout.PRIVATE:
-            repo.marked_private = True
+        elif parsed.kind == layout.MARKER:
+            repo.marks.add(parsed.mark)
         elif parsed.kind == layout.UPLOAD:
             repo.uploads.add(parsed.upload_id)
 
@@ -123,6 +127,11 @@ async def repository_names(storage: Storage) -> list[tuple[str, list[str]]]:
 
     await walk(layout.REPOSITORIES, "")
     return sorted(found)
+
+
+async def marks(storage: Storage, name: str) -> set[str]:
+    """What this mirror has decided repository `name` is (layout.MARKS it carries)."""
+    return {m for m in await storage.list(layout.markers(name)) if m in layout.MARKS}
 
 
 async def _linked(storage: Storage, prefix: str) -> list[Digest]:

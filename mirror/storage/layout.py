@@ -6,7 +6,7 @@ inventory.py.
     repositories/<name>/_manifests/tags/<tag>                    -> digest
     repositories/<name>/_manifests/revisions/<algorithm>/<hex>   this repository has this manifest
     repositories/<name>/_layers/<algorithm>/<hex>                this repository may serve this blob
-    repositories/<name>/_private                                 pushed here: never proxied
+    repositories/<name>/_mirror/{private,cached}                 what this name is here (registry/namespace.py)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   a manifest naming that subject
     repositories/<name>/_uploads/<id>/{data,startedat,hashstate} an upload in progress
 """
@@ -58,9 +58,19 @@ def layers(name: str) -> str:
     return f"{REPOSITORIES}/{name}/_layers"
 
 
-def private_marker(name: str) -> str:
-    """Present once something was pushed to `name`: it is hosted here, never proxied."""
-    return f"{REPOSITORIES}/{name}/_private"
+PRIVATE_MARK = "private"  # hosted here: pushed to, never proxied
+CACHED_MARK = "cached"  # holds content pulled through from an upstream
+MARKS = (PRIVATE_MARK, CACHED_MARK)
+
+
+def marker(name: str, mark: str) -> str:
+    """What this mirror has decided `name` is (`private` or `cached`). Under `_mirror/`, a directory
+    registry:2's catalog walk skips, so the same storage still serves registry:2."""
+    return f"{REPOSITORIES}/{name}/_mirror/{mark}"
+
+
+def markers(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_mirror"
 
 
 def referrers(name: str, subject: Digest) -> str:
@@ -99,7 +109,7 @@ def upload_hashstate(name: str, upload_id: str) -> str:
 
 # --- keys back into objects ---------------------------------------------------------------------
 
-BLOB, LAYER, REVISION, TAG, PRIVATE, REFERRER, UPLOAD = "blob", "layer", "revision", "tag", "private", \
+BLOB, LAYER, REVISION, TAG, MARKER, REFERRER, UPLOAD = "blob", "layer", "revision", "tag", "marker", \
     "referrer", "upload"
 
 
@@ -113,6 +123,7 @@ class Parsed:
     tag: str = ""
     subject: Digest | None = None  # a referrer record's subject
     upload_id: str = ""
+    mark: str = ""  # a marker's: private or cached
 
 
 def digest_of(algorithm: str, hexpart: str) -> Digest | None:
@@ -145,8 +156,8 @@ def parse(key: str) -> Parsed | None:
         return Parsed(REVISION, name, d) if d else None
     if kind == "_manifests" and len(rest) == 2 and rest[0] == "tags":
         return Parsed(TAG, name, tag=rest[1])
-    if kind == "_private" and not rest:
-        return Parsed(PRIVATE, name)
+    if kind == "_mirror" and len(rest) == 1 and rest[0] in MARKS:
+        return Parsed(MARKER, name, mark=rest[0])
     if kind == "_referrers" and len(rest) == 3:
         subject = digest_of(rest[0], rest[1])
         d = digest_of(*rest[2].split("-", 1)) if "-" in rest[2] else None

@@ -25,7 +25,8 @@ def test_every_builder_parses_back(name: str, digest: Digest, subject: Digest, t
     assert layout.parse(layout.layer(name, digest)) == Parsed(layout.LAYER, name, digest)
     assert layout.parse(layout.revision(name, digest)) == Parsed(layout.REVISION, name, digest)
     assert layout.parse(layout.tag(name, tag)) == Parsed(layout.TAG, name, tag=tag)
-    assert layout.parse(layout.private_marker(name)) == Parsed(layout.PRIVATE, name)
+    for mark in layout.MARKS:
+        assert layout.parse(layout.marker(name, mark)) == Parsed(layout.MARKER, name, mark=mark)
     assert layout.parse(layout.referrer(name, subject, digest)) == Parsed(layout.REFERRER, name, digest,
                                                                           subject=subject)
     for key in (layout.upload_data(name, upload_id), layout.upload_started(name, upload_id)):

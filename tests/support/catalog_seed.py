@@ -1,7 +1,7 @@
 """Thousands of repositories written straight into a filesystem storage root (the layout of
 mirror/storage/paths.py), for the web UI's tests and benchmark: pushing them over HTTP would take
 minutes. Each repository gets its own small image (config, one layer, manifest) and `tags` tags;
-every other one is private (`team/...`, with the `_private` marker), the rest cached
+every other one is private (`team/...`, with the private marker), the rest cached
 (`library/...`, as from the default upstream)."""
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def seed_repositories(root: Path, count: int, tags: int = 2) -> list[str]:
         for t in range(tags):
             _link(repo / "_manifests" / "tags" / f"v{t}", manifest_digest)
         if name.startswith("team/"):
-            (repo / "_private").write_bytes(b"")
+            (repo / "_mirror").mkdir(exist_ok=True)
+            (repo / "_mirror" / "private").write_bytes(b"")
         names.append(name)
     return sorted(names)
