@@ -202,6 +202,7 @@ def seed_storage(root: Path, p: Params, now: float) -> Seeded:
         blobs = [w.random_blob(size(), used(k) - rng.uniform(0, step / 3)) for _ in range(per_repo[k])]
         config, layers = blobs[0], [*base, *blobs[1:]]
         digest = w.image(repo, config, layers, used(k))
+        w.file(layout.marker(repo, layout.CACHED_MARK), b"")  # pulled through, as the server marks it
         if k == 0:
             shared = blobs[1:1 + SHARED_WITH_PRIVATE]
         if k == p.repos - 1:

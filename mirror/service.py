@@ -23,8 +23,8 @@ from mirror.clock import SYSTEM, Clock
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
-from mirror.registry import manifest_schema, mediatypes
-from mirror.registry.namespace import Route, Router, Upstream, local_prefix
+from mirror.registry import manifest_schema, mediatypes, namespace
+from mirror.registry.namespace import Namespace, Route, Upstream, local_prefix
 from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob
 from mirror.registry.upload_sessions import Uploads, live_uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
@@ -58,14 +58,14 @@ class Registry:
                      local_prefix(up, i == 0))
             for i, up in enumerate(config.upstreams)
         ]
-        self._router = Router(upstreams, config.private)
+        self._namespace = Namespace(upstreams, config.private, storage, clock)
         self._blobs = BlobStore(storage, index, metrics)
         self._manifests = ManifestStore(storage, config.cache.memory, self._blobs.added)
-        self._manifest_cache = ManifestCache(self._manifests, index, clock)
-        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics)
+        self._manifest_cache = ManifestCache(self._manifests, index, clock, self._namespace.filling)
+        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling)
         self._uploads = Uploads(storage, self._blobs)
         cache = config.cache
-        self._evictor = Evictor(storage, index, self._manifests, self._blobs, self._router.is_private,
+        self._evictor = Evictor(storage, index, self._manifests, self._blobs, self._namespace.configured_private,
                                 in_use=lambda: self._blob_cache.flights.keys(), max_size=cache.max_size,
                                 ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
                                 low=cache.low_watermark)
@@ -118,52 +118,29 @@ class Registry:
 
     # --- names ---------------------------------------------------------------------------------
 
-    def resolve(self, name: str, ns: str | None) -> Route:
-        """The route for a request's raw name and `?ns=` (validated here)."""
-        return self._router.route(name, ns)
+    async def resolve(self, name: str, ns: str | None) -> Route:
+        """The repository a pull or a delete names (registry/namespace.py decides)."""
+        return await self._namespace.resolve(name, ns)
 
-    def is_private(self, name: str) -> bool:
-        return self._router.is_private(name)
+    async def resolve_for_push(self, name: str, ns: str | None) -> Route:
+        """The private repository a push writes to, claimed if the name is claimable; DENIED otherwise."""
+        return await self._namespace.resolve_for_push(name, ns)
+
+    async def is_private(self, name: str) -> bool:
+        return await self._namespace.is_private(name)
+
+    def classify(self, contents: inventory.Contents) -> bool:
+        """Whether a repository read from storage is private (for lists built from one walk)."""
+        return namespace.classify(self._namespace.configured_private(contents.name), contents.marks,
+                                  bool(contents.linked)) == namespace.PRIVATE
 
     def upstream_of(self, name: str) -> str | None:
         """The configured upstream a cached repository's storage name comes from."""
-        return self._router.upstream_of(name)
+        return self._namespace.upstream_of(name)
 
     @property
     def default_upstream(self) -> Upstream | None:
-        return self._router.default
-
-    async def load_private_names(self) -> None:
-        """Repositories pushed to before are private whatever the patterns say now."""
-        for name, children in await inventory.repository_names(self._storage):
-            if "_mirror" in children and layout.PRIVATE_MARK in await inventory.marks(self._storage, name):
-                self._router.add_private(name)
-
-    async def became_private(self, name: str, ns: str | None) -> bool:
-        """A name routed upstream that another replica (claim_on_push) or `mirror import` has made
-        private since we started: its marker is in storage. Asked only after the upstream did not
-        know the name, so the hot path pays nothing."""
-        if ns or self._router.route(name, ns).private:
-            return False
-        if await self._storage.stat(layout.marker(name, layout.PRIVATE_MARK)) is None:
-            return False
-        self._router.add_private(name)
-        return True
-
-    async def resolve_for_push(self, name: str, ns: str | None) -> Route:
-        """The route a push may write to: private, or claimed as private; DENIED for proxied names.
-        `name` is the raw one from the URL: routing validates it before anything uses it."""
-        route = self._router.route(name, ns)
-        if route.upstream is not None:
-            if not self._router.claim_on_push or ns:
-                raise RegistryError("DENIED", f"{name} is a pull-through cache of upstream "
-                                              f"{route.upstream.config.name}; push to a private repository "
-                                              f"(config private.patterns)")
-            route = Route(None, name, name)
-        if name not in self._router.known_private:
-            await self._storage.put_bytes(layout.marker(name, layout.PRIVATE_MARK), b"")
-            self._router.add_private(name)
-        return route
+        return self._namespace.default
 
     # --- pull ----------------------------------------------------------------------------------
 
@@ -183,6 +160,8 @@ class Registry:
     async def _manifest(self, route: Route, reference: str | Digest) -> Served:
         if not route.private:
             served = await self._manifest_cache.get(route, reference)
+            if served.cache != "miss":  # read from storage: still this proxied name's to serve?
+                await self._namespace.vouch(route)
             self._index.touch_blob(served.manifest.digest)  # its pull is under way: eviction keeps what it references
             return served
         digest = str(reference) if isinstance(reference, Digest) else await self._manifests.tag(route.local, reference)
@@ -194,12 +173,18 @@ class Registry:
     async def blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
         """The blob's source and the cache result (hit, miss or private)."""
         if not route.private:
-            return await self._blob_cache.open(route, digest)
+            source, result = await self._blob_cache.open(route, digest)
+            if result == "hit":
+                await self._namespace.vouch(route)
+            return source, result
         return await self._private_blob(route, digest), "private"
 
     async def blob_head(self, route: Route, digest: Digest) -> tuple[int | None, str]:
         if not route.private:
-            return await self._blob_cache.head(route, digest)
+            size, result = await self._blob_cache.head(route, digest)
+            if result == "hit":
+                await self._namespace.vouch(route)
+            return size, result
         return (await self._private_blob(route, digest)).size, "private"
 
     async def _private_blob(self, route: Route, digest: Digest) -> StoredBlob:
@@ -221,9 +206,11 @@ class Registry:
         """Tags here, merged for proxied repositories with the upstream's (all, sorted)."""
         local = set(await self._manifests.tags(route.local))
         if route.private:
-            if not local and route.local not in self._router.known_private:
+            if not local and not await inventory.has_content(self._storage, route.local):
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {route.local}")
             return sorted(local)
+        if local:
+            await self._namespace.vouch(route)
         try:
             remote = set(await route.proxy.client.tags(route.remote))
         except UpstreamAnswer as e:  # what is cached here still lists
@@ -305,7 +292,7 @@ class Registry:
         return Pushed(str(digest), str(parsed.subject.digest) if parsed.subject else None)
 
     async def delete_manifest(self, route: Route, reference: str | Digest) -> None:
-        self._check_delete()
+        self._check_delete(route)
         if isinstance(reference, str):
             if not await self._manifests.delete_tag(route.local, reference):
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
@@ -327,18 +314,26 @@ class Registry:
         await self._manifests.unlink(route.local, reference)
 
     async def delete_blob(self, route: Route, digest: Digest) -> None:
-        self._check_delete()
+        self._check_delete(route)
         if not await self._blobs.unlink(route.local, digest):
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
 
-    def _check_delete(self) -> None:
+    def _check_delete(self, route: Route) -> None:
         if not self.deletes_enabled:
             raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
+        if not route.private:  # a cache's content goes by eviction (`mirror evict`), never by a client
+            raise RegistryError("DENIED", f"{route.local} is a pull-through cache of upstream "
+                                          f"{route.proxy.config.name}: deletes are for private repositories")
 
-    async def mount(self, route: Route, digest: Digest, source: str) -> bool:
-        """Cross-repository mount: link the blob if `source` has it here."""
-        if await self._blobs.find(source, digest) is None:
+    async def mount(self, route: Route, digest: Digest, source: Route) -> bool:
+        """Cross-repository mount: link the blob if `source` (resolved, and the caller may pull it) has
+        it here."""
+        if await self._blobs.find(source.local, digest) is None:
             return False
+        try:
+            await self._namespace.vouch(source)
+        except namespace.NameNowPrivate:
+            return False  # claimed meanwhile: the caller's pull right was judged on a cache
         await self._blobs.link(route.local, digest)
         return True
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.scripted_upstream import ScriptedUpstream
+from tests.test_cache import image as upstream_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -364,13 +365,25 @@ async def test_private_names_never_go_upstream(registry: Factory, scripted: tupl
     assert not [k for k in script.calls if "team/" in k]
 
 
-async def test_push_to_a_proxied_name_is_denied(registry: Factory, scripted: tuple[ScriptedUpstream, str]) -> None:
-    _, url = scripted
-    client = await registry(proxy={"remoteurl": url}, private={"patterns": ["team/*"]})
+async def test_push_to_a_proxied_name_is_denied(registry: Factory, scripted: tuple[ScriptedUpstream, str],
+                                                 tmp_path: Path) -> None:
+    script, url = scripted
+    upstream_image(script, "library/alpine")
+    # claim_on_push: false, as registry:2: only private.patterns are pushed to
+    client = await registry(root=tmp_path / "strict", proxy={"remoteurl": url},
+                            private={"patterns": ["team/*"], "claim_on_push": False})
     r = await client.post("/v2/library/alpine/blobs/uploads/")
     assert r.status == 403 and await error_code(r) == "DENIED"
     r = await client.put("/v2/team/a/b/manifests/v1", data=b"{}")  # `*` stays within one component
     assert r.status == 403
+    # auto (the default): a name the upstream serves is refused, one it does not have is claimed
+    client = await registry(root=tmp_path / "auto", proxy={"remoteurl": url}, private={"patterns": ["team/*"]})
+    r = await client.post("/v2/library/alpine/blobs/uploads/")
+    assert r.status == 403 and "private.patterns" in (await r.json())["errors"][0]["message"]
+    assert (await client.post("/v2/team/a/b/blobs/uploads/")).status == 202
+    assert script.calls["GET /v2/library/alpine/tags/list"] == 1 and script.calls["GET /v2/team/a/b/tags/list"] == 1
+    r = await client.post("/v2/library/alpine/blobs/uploads/")  # remembered: not asked again
+    assert r.status == 403 and script.calls["GET /v2/library/alpine/tags/list"] == 1
 
 
 async def test_claim_on_push_makes_a_name_private(registry: Factory, scripted: tuple[ScriptedUpstream, str],

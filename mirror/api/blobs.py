@@ -3,7 +3,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from aiohttp import web
 
-from mirror.api.request import route
+from mirror.api.request import pull_route
 from mirror.cache.flight import Flight, FlightFailed
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest, parse_range
@@ -21,7 +21,7 @@ def _headers(digest: Digest) -> dict[str, str]:
 async def get_blob(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /v2/<name>/blobs/<digest>: sendfile from local disk, a stream from remote storage (or a
     redirect to it), the shared Flight when cold."""
-    registry, r = route(request)
+    registry, r = await pull_route(request)
     digest = parse_digest(request.match_info["digest"])
     if request.method == "HEAD":
         size, request[CACHE] = await registry.blob_head(r, digest)
@@ -89,7 +89,7 @@ async def _send(request: web.Request, digest: Digest, size: int | None, range_he
 
 async def delete_blob(request: web.Request) -> web.Response:
     """DELETE /v2/<name>/blobs/<digest>: this repository no longer serves the blob (gc frees it)."""
-    registry, r = route(request)
+    registry, r = await pull_route(request)
     await registry.delete_blob(r, parse_digest(request.match_info["digest"]))
     return web.Response(status=202)
 

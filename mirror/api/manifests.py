@@ -1,6 +1,6 @@
 from aiohttp import web
 
-from mirror.api.request import LIMITS, push_route, route
+from mirror.api.request import LIMITS, pull_route, push_route
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_reference
 from mirror.registry import mediatypes
@@ -20,7 +20,7 @@ def _existing_reference(value: str) -> str | Digest:
 
 async def get_manifest(request: web.Request) -> web.Response:
     """GET/HEAD /v2/<name>/manifests/<tag|digest>."""
-    registry, r = route(request)
+    registry, r = await pull_route(request)
     reference = _existing_reference(request.match_info["reference"])
     accept = mediatypes.accepted(request.headers.getall("Accept", []))
     served = await registry.manifest(r, reference, accept)
@@ -55,6 +55,6 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 async def delete_manifest(request: web.Request) -> web.Response:
     """DELETE /v2/<name>/manifests/<digest> (the manifest) or <tag> (the tag only)."""
-    registry, r = route(request)
+    registry, r = await pull_route(request)
     await registry.delete_manifest(r, _existing_reference(request.match_info["reference"]))
     return web.Response(status=202)

@@ -13,10 +13,11 @@ from mirror.registry.namespace import Route
 from mirror.server.logs import REPOSITORY
 from mirror.service import REGISTRY, Registry
 
-__all__ = ["LIMITS", "REGISTRY", "ClientStalled", "body", "push_route", "route"]
+__all__ = ["LIMITS", "REGISTRY", "ROUTE", "ClientStalled", "body", "pull_route", "push_route", "route"]
 
 log = logging.getLogger("mirror.api")
 LIMITS = web.AppKey("limits", LimitsConfig)
+ROUTE = web.RequestKey("route", Route)
 BODY_CHUNK = 1 << 20
 
 
@@ -25,16 +26,24 @@ class ClientStalled(ConnectionResetError):
     (what an upload received so far stays, reported by its Range)."""
 
 
-def route(request: web.Request) -> tuple[Registry, Route]:
-    """The registry and the route for `{name}` (validated) with containerd's `?ns=`."""
-    registry = request.app[REGISTRY]
-    r = registry.resolve(request.match_info["name"], request.query.get("ns"))
-    request[REPOSITORY] = r.local
-    return registry, r
+async def route(request: web.Request) -> Route:
+    """The repository `{name}` with containerd's `?ns=` resolves to, once per request (auth asks first)."""
+    found = request.get(ROUTE)
+    if found is None:
+        found = request[ROUTE] = await request.app[REGISTRY].resolve(request.match_info["name"],
+                                                                     request.query.get("ns"))
+        request[REPOSITORY] = found.local
+    return found
+
+
+async def pull_route(request: web.Request) -> tuple[Registry, Route]:
+    """The registry, and the repository a pull or a delete names."""
+    return request.app[REGISTRY], await route(request)
 
 
 async def push_route(request: web.Request) -> tuple[Registry, Route]:
-    """As `route`, for requests that write: DENIED for names that are pull-through caches."""
+    """The registry, and the private repository a push writes to (claimed if it is claimable);
+    DENIED for every spelling of a pull-through cache."""
     registry = request.app[REGISTRY]
     r = await registry.resolve_for_push(request.match_info["name"], request.query.get("ns"))
     request[REPOSITORY] = r.local

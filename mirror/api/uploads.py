@@ -2,10 +2,11 @@
 
 from aiohttp import web
 
-from mirror.api.request import body, push_route
-from mirror.auth import may_pull
+from mirror.api.request import REGISTRY, body, push_route
+from mirror.auth import may
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_content_range, parse_digest, parse_name, parse_upload_id
+from mirror.registry.namespace import Route
 from mirror.registry.upload_sessions import range_headers
 from mirror.server.logs import PUSHED_BYTES
 
@@ -27,15 +28,29 @@ def _digest_param(request: web.Request) -> Digest:
     return parse_digest(value)
 
 
+async def _mount_source(request: web.Request) -> Route | None:
+    """The repository `from` names, resolved as a pull of it would be; None if it names none."""
+    source = request.query.get("from")
+    if not source:
+        return None
+    try:
+        return await request.app[REGISTRY].resolve(parse_name(source), None)
+    except RegistryError as e:
+        if e.code == "NAME_INVALID":
+            raise
+        return None  # a name no upstream may serve here: a plain upload session, as the spec asks
+
+
 async def start_upload(request: web.Request) -> web.Response:
     """POST /v2/<name>/blobs/uploads/[?digest=|?mount=&from=]."""
     registry, r = await push_route(request)
     mount = request.query.get("mount")
     if mount:
         digest = parse_digest(mount)
-        source = request.query.get("from")
+        source = await _mount_source(request)
         # A source the caller may not pull is not mountable (no leak whether it holds the blob).
-        if source and may_pull(request, source) and await registry.mount(r, digest, parse_name(source)):
+        mountable = source is not None and may(request, source.local, source.private, "pull")
+        if source is not None and mountable and await registry.mount(r, digest, source):
             return _created(r.local, digest)
         # Not mountable: a plain upload session, as the spec asks.
     elif "digest" in request.query:

@@ -17,11 +17,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api.endpoints import endpoint
+from mirror.api.request import route
 from mirror.auth.access import AccessRules
 from mirror.auth.htpasswd import Htpasswd
 from mirror.auth.token import Grants, InvalidToken, TokenVerifier
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.names import parse_name
 from mirror.server.logs import USER
 from mirror.service import REGISTRY
 
@@ -45,11 +47,14 @@ CALLER = web.RequestKey("caller", Caller)
 @dataclass(frozen=True, slots=True)
 class Need:
     """What a request needs: `base` (any authenticated caller: /v2/, /metrics), `catalog`, `ui`
-    (nothing: the UI asks `may` per repository), or an `action` on repository `name` (as in the URL)."""
+    (nothing: the UI asks `may` per repository), or an `action` on a repository: `name` is its
+    storage name, the one every spelling resolves to (registry/namespace.py), which the rules judge."""
 
     kind: str
     name: str = ""
     action: str = ""
+    spelled: str = ""  # the name as the URL has it (what a token server was asked for)
+    proxied: bool = False  # a pull-through cache (anonymous_pull applies)
 
     def scope(self) -> str:
         if self.kind == "catalog":
@@ -59,13 +64,19 @@ class Need:
         return ""
 
 
-def need(request: web.Request) -> Need | None:
-    """The resource and action of a request, from the endpoint it matched (None: no route, 404)."""
+async def need(request: web.Request) -> Need | None:
+    """The resource and action of a request, from the endpoint it matched (None: no route, 404). A pull
+    or delete is judged on the repository the name resolves to; a push writes to the name as spelled
+    (registry/namespace.py refuses every proxied spelling before anything is written)."""
     found = endpoint(request)
     if found is None:
         return None
-    if found.action in ("pull", "push", "delete"):
-        return Need("repository", request.match_info["name"], found.action)
+    if found.action in ("pull", "delete"):
+        r = await route(request)
+        return Need("repository", r.local, found.action, request.match_info["name"], proxied=not r.private)
+    if found.action == "push":
+        name = parse_name(request.match_info["name"])
+        return Need("repository", name, "push", name)
     return Need(found.action)
 
 
@@ -119,9 +130,9 @@ class Gate:
         if need.kind == "ui":
             return
         if need.kind == "repository":
-            if not self.token_allows(caller, need.name, need.action):
+            if not self.token_allows(caller, need):
                 raise self.denied(request, need, f"the token does not grant {need.scope()}")
-            if not self.rules_allow(request, caller, need.name, need.action):
+            if not self.rules_allow(caller, need):
                 if caller.user is None:
                     raise self.unauthorized(request, need, "authentication required")
                 raise self.denied(request, need, f"{caller.user or 'this token'} may not {need.action} {need.name}")
@@ -132,30 +143,35 @@ class Gate:
                 not caller.grants.allows("registry", "catalog", "*"):
             raise self.denied(request, need, "the token does not grant registry:catalog:*")
 
-    def token_allows(self, caller: Caller, name: str, action: str) -> bool:
+    def token_allows(self, caller: Caller, need: Need) -> bool:
+        """A token names what its server was asked for: the storage name, or for a cache also the name
+        as spelled (`docker.io/library/alpine`); a private repository only by its own name."""
         grants = caller.grants
         if caller.user is None or grants is None:
             return True  # htpasswd, or no token: the rules decide
-        return all(grants.allows("repository", name, a) for a in TOKEN_ACTIONS[action])
+        names = {need.name, need.spelled} if need.proxied and need.spelled else {need.name}
+        return any(all(grants.allows("repository", n, a) for a in TOKEN_ACTIONS[need.action]) for n in names)
 
-    def rules_allow(self, request: web.Request, caller: Caller, name: str, action: str) -> bool:
+    def rules_allow(self, caller: Caller, need: Need) -> bool:
         if caller.user is not None and not self.rules.config.rules:
             return True  # registry:2: an authenticated user may do anything
-        route = request.app[REGISTRY].resolve(name, request.query.get("ns"))
-        return self.rules.allows(caller.user, route.local, action, proxied=not route.private)
+        return self.rules.allows(caller.user, need.name, need.action, proxied=need.proxied)
 
-    def may(self, request: web.Request, name: str, action: str) -> bool:
-        """The same decision without raising (cross-repository mount sources)."""
+    def may(self, request: web.Request, name: str, private: bool, action: str) -> bool:
+        """The same decision without raising, for a repository already resolved (a mount's source, a
+        UI page): its storage name, and whether it is private."""
         caller = request.get(CALLER, ANONYMOUS)
-        return self.token_allows(caller, name, action) and self.rules_allow(request, caller, name, action)
+        need = Need("repository", name, action, name, proxied=not private)
+        return self.token_allows(caller, need) and self.rules_allow(caller, need)
 
-    def visible(self, request: web.Request, names: list[str]) -> list[str]:
-        """Catalog names (local) the caller may pull."""
+    async def visible(self, request: web.Request, names: list[str]) -> list[str]:
+        """Catalog names (storage names) the caller may pull."""
         caller = request.get(CALLER, ANONYMOUS)
         if caller.user is not None and not self.rules.config.rules:
             return names
         registry = request.app[REGISTRY]
-        return [n for n in names if self.rules.allows(caller.user, n, "pull", proxied=not registry.is_private(n))]
+        return [n for n in names
+                if self.rules.allows(caller.user, n, "pull", proxied=not await registry.is_private(n))]
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -193,7 +209,7 @@ GATE = web.AppKey("gate", Gate)
 async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate and authorize every request before its handler runs."""
     gate = request.app[GATE]
-    required = need(request)
+    required = await need(request)
     if required is None:
         return await handler(request)
     caller = await gate.authenticate(request, required)
@@ -204,12 +220,12 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-def may_pull(request: web.Request, name: str) -> bool:
-    """May the caller pull `name` (a mount's `from`)? Always, without auth."""
+def may(request: web.Request, name: str, private: bool, action: str) -> bool:
+    """May the caller do `action` on a resolved repository (a mount's source, a UI page)? Always, without auth."""
     gate = request.app.get(GATE)
-    return gate is None or gate.may(request, name, "pull")
+    return gate is None or gate.may(request, name, private, action)
 
 
-def visible(request: web.Request, names: list[str]) -> list[str]:
+async def visible(request: web.Request, names: list[str]) -> list[str]:
     gate = request.app.get(GATE)
-    return names if gate is None else gate.visible(request, names)
+    return names if gate is None else await gate.visible(request, names)

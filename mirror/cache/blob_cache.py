@@ -16,6 +16,7 @@ import aiohttp
 
 from mirror.background import every
 from mirror.cache.flight import DigestMismatch, Flight
+from mirror.cache.manifest_cache import Filling
 from mirror.names import Digest
 from mirror.registry.namespace import Route
 from mirror.registry.stores import BlobStore, StoredBlob
@@ -28,7 +29,8 @@ STAGING_IDLE_SECONDS = 3600.0
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, staging: Path, metrics: Metrics) -> None:
+    def __init__(self, store: BlobStore, staging: Path, metrics: Metrics, filling: Filling) -> None:
+        self.filling = filling
         self.store = store
         self.staging = staging
         self.metrics = metrics
@@ -45,6 +47,7 @@ class BlobCache:
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
             return self._join(flight)
+        await self.filling(route)
         if flight is not None or await self.store.stat(digest) is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
@@ -52,9 +55,9 @@ class BlobCache:
             stored = await self.store.find(route.local, digest)
             if stored is not None:
                 return stored, "hit"
-            flight = self.flights.get(key)
-            if flight is not None:
-                return self._join(flight)
+        flight = self.flights.get(key)  # another request may have started it while we awaited
+        if flight is not None:
+            return self._join(flight)
         return self._start(route, digest), "miss"
 
     def _join(self, flight: Flight) -> tuple[Flight, str]:

@@ -12,11 +12,11 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 
 from mirror.cache.index import Index
-from mirror.clock import SYSTEM, Clock
+from mirror.clock import Clock
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import Digest
@@ -26,6 +26,9 @@ from mirror.registry.stores import Manifest, ManifestStore
 from mirror.registry.upstream import UpstreamAnswer, UpstreamNotFound, answering_as, translate
 
 log = logging.getLogger("mirror.cache")
+
+
+Filling = Callable[[Route], Awaitable[None]]  # Namespace.filling: before content is cached under a name
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +56,11 @@ def tag_ttl(config: UpstreamConfig, tag: str) -> float:
 
 
 class ManifestCache:
-    def __init__(self, store: ManifestStore, index: Index, clock: Clock = SYSTEM) -> None:
+    def __init__(self, store: ManifestStore, index: Index, clock: Clock, filling: Filling) -> None:
         self.store = store
         self.index = index
         self.clock = clock
+        self.filling = filling
         self._flights: dict[tuple[str, str], asyncio.Task[Served]] = {}
 
     # --- public --------------------------------------------------------------------------
@@ -134,6 +138,7 @@ class ManifestCache:
         up = route.proxy.client
         reference = digest or tag
         assert reference is not None
+        await self.filling(route)
         fetched = await up.fetch_manifest(route.remote, reference)
         expected = digest or fetched.digest
         algorithm = expected.split(":")[0] if expected and ":" in expected else "sha256"

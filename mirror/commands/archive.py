@@ -46,7 +46,7 @@ from mirror.commands.runner import USAGE, CommandError
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
-from mirror.registry import manifest_schema
+from mirror.registry import manifest_schema, namespace
 from mirror.registry.namespace import glob_to_regex
 from mirror.storage import NotFound, Storage, StorageUnavailable, inventory, layout
 
@@ -236,7 +236,10 @@ class ExportResult:
 
 
 async def _is_private(storage: Storage, name: str, children: list[str]) -> bool:
-    return "_mirror" in children and layout.PRIVATE_MARK in await inventory.marks(storage, name)
+    """As registry/namespace.py classifies it (without the config: a pattern's repositories carry a marker)."""
+    marks = await inventory.marks(storage, name) if "_mirror" in children else set()
+    has_content = not {"_manifests", "_layers"}.isdisjoint(children)
+    return namespace.classify(False, marks, has_content) == namespace.PRIVATE
 
 
 async def _read_repository(storage: Storage, name: str, marks: list[str], notes: list[str]) -> Repository:
@@ -572,10 +575,19 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
             raise ArchiveError(f"blob {digest} was deleted from storage during the import (mirror gc?); "
                                f"run the import again")
 
+    for repo in header.repositories:  # a name is private or a cache here for good: never both
+        mark = layout.PRIVATE_MARK if repo.kind == "private" else layout.CACHED_MARK
+        other = (set(layout.MARKS) - {mark}) & await inventory.marks(storage, repo.name)
+        if other:
+            raise ArchiveError(f"{repo.name} is {other.pop()} here but {repo.kind} in the archive; nothing was "
+                               f"written to storage")
     with runner.byte_bar(progress, "commit", sum(header.blobs[d] for d in new)) as bar:
         await _bounded(new, put, 4)
     await _bounded([d for d in header.blobs if d in present], still_there)
     for repo in header.repositories:
+        # What the name is comes before what it holds (registry/namespace.py reads it first).
+        mark = layout.PRIVATE_MARK if repo.kind == "private" else layout.CACHED_MARK
+        await storage.put_bytes(layout.marker(repo.name, mark), b"")
         writes: list[tuple[str, bytes]] = []
         writes += [(layout.layer(repo.name, parse_digest(d)), d.encode()) for d in repo.layers]
         writes += [(layout.revision(repo.name, parse_digest(d)), d.encode()) for d in repo.manifests]
@@ -584,8 +596,6 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
         await _bounded(writes, lambda w: storage.put_bytes(*w))
         tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
-        if repo.kind == "private":
-            await storage.put_bytes(layout.marker(repo.name, layout.PRIVATE_MARK), b"")
     return len(new), sum(header.blobs[d] for d in new)
 
 

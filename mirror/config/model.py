@@ -109,7 +109,10 @@ class PrivateConfig:
     """Which repositories are hosted here (pushed to, never looked up upstream)."""
 
     patterns: tuple[str, ...] = ()  # globs: `*` within one name component, `**` across them
-    claim_on_push: bool = False  # a push to any other name makes it private instead of DENIED
+    # Whether a push to a name not in `patterns` claims it as private: `auto` unless the upstream serves that
+    # name as mirror clients ask for it, `true` always (trusted pushers), `false` never. Never a name
+    # holding cached content.
+    claim_on_push: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -239,9 +239,16 @@ def _oss(s: Section) -> OssConfig:
     return oss
 
 
+CLAIM_MODES = ("auto", "true", "false")
+
+
 def _private(s: Section) -> PrivateConfig:
     patterns = tuple(_pattern(p, s.key("patterns")) for p in s.strings("patterns"))
-    private = PrivateConfig(patterns=patterns, claim_on_push=s.flag("claim_on_push", False))
+    claim = s.take("claim_on_push", PrivateConfig.claim_on_push)
+    claim = {True: "true", False: "false"}.get(claim, claim) if isinstance(claim, bool) else claim
+    if claim not in CLAIM_MODES:
+        raise ConfigError(f"{s.key('claim_on_push')}: expected auto, true or false, got {claim!r}")
+    private = PrivateConfig(patterns=patterns, claim_on_push=claim)
     s.done()
     return private
 

@@ -109,9 +109,10 @@ class Section:
         return parse_duration(self.take(name, default), self.key(name))
 
     def strings(self, name: str) -> tuple[str, ...]:
+        """A list, or one string of comma-separated items (what a `REGISTRY_*` variable can carry)."""
         value = self.take(name, [])
         if isinstance(value, str):
-            value = [value]
+            value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{self.key(name)}: expected a list of strings, got {value!r}")
         return tuple(value)

@@ -200,6 +200,16 @@ class UpstreamClient:
             raise
         return resp
 
+    async def serves(self, name: str) -> bool:
+        """Whether the upstream has repository `name` (one tags/list request). A repository it does not
+        have answers 404, or 401 on Docker Hub; a failure raises UpstreamError."""
+        try:
+            async with await self.request("GET", name, "tags/list?n=1") as resp:
+                self._check(resp)
+                return True
+        except (UpstreamNotFound, UpstreamDenied):
+            return False
+
     async def tags(self, name: str) -> list[str]:
         """Every tag of `name`, following the upstream's Link pagination (bounded)."""
         tags: list[str] = []

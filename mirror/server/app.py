@@ -20,7 +20,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.config import Config
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
-from mirror.server.middleware import errors, late_private, metrics_endpoint, observe, on_prepare
+from mirror.server.middleware import errors, metrics_endpoint, observe, on_prepare, resolve_again
 from mirror.server.notify import NOTIFIER, Notifier, events
 from mirror.server.state import CLOCK, CONFIG, INDEX, METRICS, SESSION, STORAGE
 from mirror.service import REGISTRY, Registry
@@ -72,7 +72,6 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
     registry = Registry(app[CONFIG], app[STORAGE], app[INDEX], app[SESSION], app[METRICS], app[CLOCK])
-    await registry.load_private_names()
     app[REGISTRY] = registry
     async with registry.running():
         yield
@@ -107,7 +106,7 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     """The app for `config`. With auth, reading the htpasswd file or the token root bundle may
     fail here (HtpasswdError, TokenSetupError)."""
-    middlewares = [observe, errors]
+    middlewares = [observe, errors, resolve_again]
     gate = Gate(config) if config.auth is not None else None
     if gate is not None:
         middlewares.append(authorize)
@@ -118,7 +117,6 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     notify = any(not e.disabled for e in config.notifications.endpoints)
     if notify:
         middlewares.append(events)
-    middlewares.append(late_private)  # inside auth: a caller who may not pull costs no storage check
     app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
     if gate is not None:
         app[GATE] = gate

@@ -13,12 +13,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api.endpoints import area
-from mirror.api.request import ClientStalled
+from mirror.api.request import ROUTE, ClientStalled
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.registry.namespace import NameNowPrivate
 from mirror.server.logs import CACHE, REQUEST_ID, SERVED_BYTES
 from mirror.server.state import METRICS
-from mirror.service import REGISTRY
 from mirror.storage import StorageUnavailable
 
 log = logging.getLogger("mirror")
@@ -94,22 +94,17 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(RegistryError("UNKNOWN", "internal server error"))
 
 
-# What a proxied pull answers when the upstream does not know the name (Docker Hub: DENIED).
-NOT_UPSTREAM = frozenset({"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "DENIED"})
-
-
 @web.middleware
-async def late_private(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A pull of a name the upstream does not know, that became private elsewhere (another replica
-    pushed it, or an import), is answered as private: once, after a storage check."""
+async def resolve_again(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A name resolved as proxied that a push claimed elsewhere meanwhile: answer the request again from
+    the start, auth included, as the private repository it now is (once: private is final)."""
     try:
         return await handler(request)
-    except RegistryError as e:
-        name = request.match_info.get("name")
-        if (e.code not in NOT_UPSTREAM or name is None or request.method not in ("GET", "HEAD")
-                or not await request.app[REGISTRY].became_private(name, request.query.get("ns"))):
+    except NameNowPrivate:
+        if request.method not in ("GET", "HEAD"):
             raise
-    return await handler(request)
+        request.pop(ROUTE, None)
+        return await handler(request)
 
 
 def on_prepare(config: Config) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

@@ -134,6 +134,11 @@ async def marks(storage: Storage, name: str) -> set[str]:
     return {m for m in await storage.list(layout.markers(name)) if m in layout.MARKS}
 
 
+async def has_content(storage: Storage, name: str) -> bool:
+    """Whether repository `name` holds manifests or blob links (one listing)."""
+    return not {"_manifests", "_layers"}.isdisjoint(await storage.list(layout.repository(name)))
+
+
 async def _linked(storage: Storage, prefix: str) -> list[Digest]:
     found = []
     for algorithm in await storage.list(prefix):

@@ -108,7 +108,7 @@ def setup(app: web.Application, config: Config) -> None:
 
 async def _catalog(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
-    catalog = Catalog(app[STORAGE], app[INDEX], registry.is_private, registry.upstream_of)
+    catalog = Catalog(app[STORAGE], app[INDEX], registry.classify, registry.upstream_of)
     app[views.CATALOG] = catalog
     app[views.IMAGES] = Images(registry)
     task = asyncio.create_task(catalog.run())

@@ -18,8 +18,10 @@ import secrets
 from aiohttp import web
 from yarl import URL
 
-from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, may_pull
+from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, may
+from mirror.registry.namespace import Route
 from mirror.service import REGISTRY
+from mirror.ui.snapshot import Repository
 
 SECRET = web.AppKey("ui_secret", bytes)
 
@@ -33,15 +35,18 @@ def auth_on(request: web.Request) -> bool:
     return request.app.get(GATE) is not None
 
 
-def may_see(request: web.Request, name: str) -> bool:
-    return may_pull(request, name)
+def may_see(request: web.Request, route: Route) -> bool:
+    return may(request, route.local, route.private, "pull")
 
 
-def may_delete(request: web.Request, name: str) -> bool:
-    if not request.app[REGISTRY].deletes_enabled:
-        return False
-    gate = request.app.get(GATE)
-    return gate is None or gate.may(request, name, "delete")
+def may_list(request: web.Request, repository: Repository) -> bool:
+    """A row of the list: what the snapshot knows of the repository decides, without a look-up."""
+    return may(request, repository.name, repository.private, "pull")
+
+
+def may_delete(request: web.Request, route: Route) -> bool:
+    """Deletes are for private repositories (a cache's content goes by eviction)."""
+    return request.app[REGISTRY].deletes_enabled and route.private and may(request, route.local, True, "delete")
 
 
 def secret(configured: str | None) -> bytes:

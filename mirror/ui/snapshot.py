@@ -46,7 +46,7 @@ class Repository:
 class Catalog:
     """The snapshot and its upkeep. Read by request handlers on the loop; written only on the loop."""
 
-    def __init__(self, storage: Storage, index: Index, is_private: Callable[[str], bool],
+    def __init__(self, storage: Storage, index: Index, is_private: Callable[[inventory.Contents], bool],
                  upstream_of: Callable[[str], str | None]) -> None:
         self.storage = storage
         self.index = index
@@ -129,7 +129,7 @@ class Catalog:
     def _row(self, contents: inventory.Contents, sizes: dict[str, int]) -> Repository | None:
         if contents.empty:
             return None  # uploads only, or emptied by deletes
-        private = contents.marked_private or self.is_private(contents.name)
+        private = self.is_private(contents)
         return Repository(contents.name, private, None if private else self.upstream_of(contents.name),
                           sum(sizes.get(d, 0) for d in contents.linked), len(contents.manifests), len(contents.tags))
 

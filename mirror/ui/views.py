@@ -15,9 +15,10 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from mirror.auth import GATE, Need, visible
+from mirror.auth import GATE, Need
 from mirror.errors import RegistryError
 from mirror.names import parse_digest, parse_name, parse_reference
+from mirror.registry.namespace import Route
 from mirror.server.state import CONFIG, METRICS
 from mirror.service import REGISTRY
 from mirror.ui import guard
@@ -89,14 +90,19 @@ def _refuse(request: web.Request, name: str, action: str) -> RegistryError:
     return RegistryError("DENIED", f"{guard.caller(request).user} may not {action} {name}")
 
 
-def _name(request: web.Request, action: str = "see") -> str:
+async def _repository(request: web.Request, action: str = "see") -> Route:
+    """The repository a page is about: its storage name (registry/namespace.py decides what it is),
+    and the caller may see it (or delete from it)."""
     name = parse_name(request.match_info["name"])
     if action == "delete" and not request.app[REGISTRY].deletes_enabled:
         raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
-    allowed = guard.may_see(request, name) if action == "see" else guard.may_delete(request, name)
+    route = await request.app[REGISTRY].resolve(name, None)
+    if route.local != name:  # a spelling of another repository: pages are by storage name
+        raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
+    allowed = guard.may_see(request, route) if action == "see" else guard.may_delete(request, route)
     if not allowed:
         raise _refuse(request, name, action)
-    return name
+    return route
 
 
 def _int_param(request: web.Request, key: str, default: int, maximum: int) -> int:
@@ -132,7 +138,7 @@ async def _listing(request: web.Request) -> dict[str, Any]:
     if kind:
         private = kind == "private"
         names = [n for n in names if catalog.repositories[n].private == private]
-    names = visible(request, names)
+    names = [n for n in names if guard.may_list(request, catalog.repositories[n])]
     pages = max(1, math.ceil(len(names) / size))
     number = min(_int_param(request, "page", 1, 10**9), pages)
     shown = names[(number - 1) * size:number * size]
@@ -172,7 +178,8 @@ def pull_commands(request: web.Request, name: str, tag: str, repo: Repository | 
 @page
 async def repository(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>: tags (digest, size, created, platforms, last pulled), untagged manifests."""
-    name = _name(request)
+    repo_route = await _repository(request)
+    name = repo_route.local
     registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
     tags = sorted(await registry.tag_names(name))
     revisions = await registry.manifest_digests(name)
@@ -199,7 +206,7 @@ async def repository(request: web.Request) -> web.StreamResponse:
     return render(request, "repository.html", {
         "name": name, "repo": repo, "rows": rows, "tag_count": len(tags), "page": number, "pages": pages, "n": size,
         "untagged": [(d, catalog.last_pulled(name, d)) for d in untagged],
-        "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name),
+        "may_delete": guard.may_delete(request, repo_route), "pulled": catalog.last_pulled(name),
         "deleted": request.query.get("deleted", "")[:300],
     })
 
@@ -207,16 +214,18 @@ async def repository(request: web.Request) -> web.StreamResponse:
 @page
 async def manifest(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>/-/manifest/<digest>: layers, config, platforms, referrers."""
-    name = _name(request)
+    repo_route = await _repository(request)
+    name = repo_route.local
     digest = parse_digest(request.match_info["digest"])
     registry, catalog = request.app[REGISTRY], request.app[CATALOG]
     view = await request.app[IMAGES].view(name, str(digest))
-    referrers = await registry.referrers(registry.resolve(name, None), digest, None)
+    referrers = await registry.referrers(repo_route, digest, None)
     names = sorted(await registry.tag_names(name)) if not view.subject else []
     tags = [t for t in names[:TAGS_READ] if await registry.tag(name, t) == view.digest]
     return render(request, "manifest.html", {
         "name": name, "view": view, "config": config_section(view.image_config), "referrers": referrers,
-        "tags": tags, "may_delete": guard.may_delete(request, name), "pulled": catalog.last_pulled(name, view.digest),
+        "tags": tags, "may_delete": guard.may_delete(request, repo_route),
+        "pulled": catalog.last_pulled(name, view.digest),
     })
 
 
@@ -238,7 +247,7 @@ def _target(form: Any) -> tuple[str, str]:
 @page
 async def confirm_delete(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>/-/delete?tag=|digest=: what would go, and the form that does it."""
-    name = _name(request, "delete")
+    name = (await _repository(request, "delete")).local
     kind, reference = _target(request.query)
     registry = request.app[REGISTRY]
     if kind == "tag":
@@ -261,7 +270,8 @@ async def delete(request: web.Request) -> web.StreamResponse:
     """POST /ui/repo/<name>/-/delete: only from this origin, with the confirm page's token and box."""
     if not guard.same_origin(request):
         raise RegistryError("DENIED", "refused: the form was not sent from a page of this mirror (Origin/Referer)")
-    name = _name(request, "delete")
+    route = await _repository(request, "delete")
+    name = route.local
     form = await request.post()
     kind, reference = _target(form)
     if not guard.token_ok(request, name, reference, str(form.get("token", ""))):
@@ -269,7 +279,6 @@ async def delete(request: web.Request) -> web.StreamResponse:
     if form.get("confirm") != "yes":
         raise RegistryError("UNSUPPORTED", "tick the confirmation box to delete")
     registry = request.app[REGISTRY]
-    route = registry.resolve(name, None)
     await registry.delete_manifest(route, parse_digest(reference) if kind == "digest" else reference)
     request.app[CATALOG].changed(name)
     what = f"{name}@{reference}" if kind == "digest" else f"{name}:{reference}"

@@ -54,8 +54,7 @@ async def populate(storage: Storage) -> None:
             await storage.put_bytes(layout.layer(name, d), str(d).encode())
         await storage.put_bytes(layout.revision(name, m), str(m).encode())
         await storage.put_bytes(layout.tag(name, "v1" if private else "latest"), str(m).encode())
-        if private:
-            await storage.put_bytes(layout.marker(name, layout.PRIVATE_MARK), b"")
+        await storage.put_bytes(layout.marker(name, layout.PRIVATE_MARK if private else layout.CACHED_MARK), b"")
 
 
 async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> None:

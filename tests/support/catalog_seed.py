@@ -1,8 +1,8 @@
-"""Thousands of repositories written straight into a filesystem storage root (the layout of
-mirror/storage/paths.py), for the web UI's tests and benchmark: pushing them over HTTP would take
+"""Thousands of repositories written straight into a filesystem storage root (through
+mirror/storage/layout.py), for the web UI's tests and benchmark: pushing them over HTTP would take
 minutes. Each repository gets its own small image (config, one layer, manifest) and `tags` tags;
-every other one is private (`team/...`, with the private marker), the rest cached
-(`library/...`, as from the default upstream)."""
+every other one is private (`team/...`, with the private marker), the rest cached (`library/...`,
+as from the default upstream, with the cached marker)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,26 @@ import hashlib
 import json
 from pathlib import Path
 
+from mirror.names import Digest
+from mirror.storage import layout
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _blob(root: Path, data: bytes) -> str:
-    hexpart = hashlib.sha256(data).hexdigest()
-    path = root / "blobs" / "sha256" / hexpart[:2] / hexpart
+def _write(root: Path, key: str, data: bytes) -> None:
+    path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return f"sha256:{hexpart}"
 
 
-def _link(path: Path, digest: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(digest)
+def _blob(root: Path, data: bytes) -> str:
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    _write(root, layout.blob(digest), data)
+    return str(digest)
+
+
+def _digest(value: str) -> Digest:
+    return Digest(*value.split(":", 1))
 
 
 def repository_name(i: int) -> str:
@@ -46,14 +52,12 @@ def seed_repositories(root: Path, count: int, tags: int = 2) -> list[str]:
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
                         "size": len(layer)}]}).encode()
         manifest_digest = _blob(root, manifest)
-        repo = root / "repositories" / name
+        mark = layout.PRIVATE_MARK if name.startswith("team/") else layout.CACHED_MARK
+        _write(root, layout.marker(name, mark), b"")
         for digest in (config_digest, layer_digest):
-            _link(repo / "_layers" / "sha256" / digest.split(":")[1], digest)
-        _link(repo / "_manifests" / "revisions" / "sha256" / manifest_digest.split(":")[1], manifest_digest)
+            _write(root, layout.layer(name, _digest(digest)), digest.encode())
+        _write(root, layout.revision(name, _digest(manifest_digest)), manifest_digest.encode())
         for t in range(tags):
-            _link(repo / "_manifests" / "tags" / f"v{t}", manifest_digest)
-        if name.startswith("team/"):
-            (repo / "_mirror").mkdir(exist_ok=True)
-            (repo / "_mirror" / "private").write_bytes(b"")
+            _write(root, layout.tag(name, f"v{t}"), manifest_digest.encode())
         names.append(name)
     return sorted(names)
