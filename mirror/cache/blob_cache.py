@@ -47,17 +47,17 @@ class BlobCache:
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
             return self._join(flight)
-        await self.filling(route)
         if flight is not None or await self.store.stat(digest) is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
+            await self.filling(route)
             await self.store.link(route.local, digest)
             stored = await self.store.find(route.local, digest)
             if stored is not None:
                 return stored, "hit"
-        flight = self.flights.get(key)  # another request may have started it while we awaited
-        if flight is not None:
-            return self._join(flight)
+            flight = self.flights.get(key)
+            if flight is not None:
+                return self._join(flight)
         return self._start(route, digest), "miss"
 
     def _join(self, flight: Flight) -> tuple[Flight, str]:
@@ -94,6 +94,7 @@ class BlobCache:
             return resp
 
         async def commit(spool: Path) -> None:
+            await self.filling(route)  # the name holds cached content from now on (clients have the bytes)
             await self.store.storage.put_file(layout.blob(digest), spool)
             self.store.added(flight.received)
             await self.store.link(route.local, digest)

@@ -138,7 +138,6 @@ class ManifestCache:
         up = route.proxy.client
         reference = digest or tag
         assert reference is not None
-        await self.filling(route)
         fetched = await up.fetch_manifest(route.remote, reference)
         expected = digest or fetched.digest
         algorithm = expected.split(":")[0] if expected and ":" in expected else "sha256"
@@ -151,6 +150,7 @@ class ManifestCache:
             raise RegistryError("UPSTREAM_UNAVAILABLE",
                                 f"upstream sent a manifest that does not match digest {expected}")
         manifest = Manifest(actual, mediatypes.detect(fetched.body, fetched.media_type), fetched.body)
+        await self.filling(route)  # only now: a name the upstream does not have is never marked a cache
         await self.store.put(route.local, manifest)
         return Served(manifest, "miss")
 
