@@ -61,6 +61,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_PROXY_PASSWORD": ("proxy", "password"),
     "REGISTRY_PROXY_TTL": ("proxy", "ttl"),
     "REGISTRY_PROXY_TAG_TTL": ("proxy", "tag_ttl"),
+    "REGISTRY_PROXY_DOCKERHUB": ("proxy", "dockerhub"),
     "REGISTRY_PROXY_MUTABLE_TAGS": ("proxy", "mutable_tags"),
     "REGISTRY_PROXY_IMMUTABLE_TAGS": ("proxy", "immutable_tags"),
     "REGISTRY_PROXY_REPOSITORIES": ("proxy", "repositories"),

@@ -383,7 +383,9 @@ def _proxy(s: Section) -> tuple[UpstreamConfig, float | None]:
     if not url:
         raise ConfigError(f"{s.key('remoteurl')}: required when proxy is set")
     url = _url(url, s.key("remoteurl"))
-    hub = urlsplit(url).hostname == "registry-1.docker.io"
+    # ours: Docker Hub's names (library/ for official images, docker.io prefix), detected from the URL;
+    # `dockerhub: true` for a Docker Hub mirror elsewhere (a corporate pull-through of Docker Hub)
+    hub = s.flag("dockerhub", urlsplit(url).hostname == "registry-1.docker.io")
     ttl = s.take("ttl")
     up = UpstreamConfig(
         name="dockerhub" if hub else urlsplit(url).hostname or "proxy",  # in logs and metric labels
