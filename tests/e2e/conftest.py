@@ -147,11 +147,12 @@ def mirror_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
     started: list[Mirror] = []
 
     def make(config: dict[str, Any], port: int | None = None, name: str = "mirror",
-             context: ssl.SSLContext | None = None) -> Mirror:
+             context: ssl.SSLContext | None = None, environ: dict[str, str] | None = None) -> Mirror:
         for other in started:  # one mirror per port at a time (dockerd's port is fixed)
             if other.port == port:
                 other.stop()
-        m = Mirror(tmp_path / f"{name}-{len(started)}", config, port=port, name=name, context=context)
+        m = Mirror(tmp_path / f"{name}-{len(started)}", config, port=port, name=name, context=context,
+                   environ=environ)
         started.append(m)
         _track(request, m)
         return m.start()

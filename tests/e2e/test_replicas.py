@@ -4,15 +4,19 @@ serving while the bucket is down, and a bad bucket configuration fails at start,
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import re
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import yaml
 
@@ -22,7 +26,7 @@ from tests.support.images import Layout
 from tests.support.ossserver import OssServer
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, client_env, free_port, mirror_config, run, wait_for
 from tests.support.procs import http as request
-from tests.support.registry import check_oci_copy, oci_error
+from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, oci_error
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -176,3 +180,53 @@ def test_bad_bucket_settings_fail_at_start_clearly(upstream: Distribution, oss: 
     assert result.returncode == 2, result.stderr
     assert expect in result.stderr and repr(bucket) in result.stderr and "'oss-test'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_name_claimed_on_a_is_never_served_anonymously_by_b(
+        mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer, layouts: dict[str, Layout],
+        tmp_path: Path) -> None:
+    """While alice pushes claimed/app to A, an anonymous client asks B for it without pause (B has seen
+    the name before, unclaimed): at no moment does B answer with its content; afterwards B serves it
+    to alice, and to nobody else."""
+    small = layouts["small"]
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.hashpw(b'alice-pw', bcrypt.gensalt(4)).decode()}\n")
+    config = replica_config(upstream, oss)
+    config["private"] = {"claim_on_push": "auto"}
+    config["auth"] = {"htpasswd": {"realm": "r", "path": str(htpasswd)}}
+    # No rule names claimed/**: only what the namespace decides keeps anonymous callers out (they may
+    # pull what is cached, never what is private).
+    config["access"] = {"anonymous_pull": True}
+    a = mirror_factory(config, name="replica-a")
+    b = mirror_factory(config, name="replica-b")
+    layer = small.image().layers[0].digest
+    paths = ["manifests/v1", f"manifests/{small.digest}", f"blobs/{layer}", "tags/list"]
+    assert {request("GET", f"{b.url}/v2/claimed/app/{p}").status for p in paths} == {404}  # seen, unclaimed
+
+    seen: list[tuple[str, int, bytes]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            for p in paths:
+                r = request("GET", f"{b.url}/v2/claimed/app/{p}", {"Accept": MANIFEST_ACCEPT})
+                seen.append((p, r.status, r.body[:200]))
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/claimed/app:v1", "--dest-tls-verify=false",
+                    "--dest-creds", "alice:alice-pw")
+        time.sleep(2.0)  # B keeps being asked well after the push
+    finally:
+        stop.set()
+        prober.join(30)
+    served = [(p, s, body) for p, s, body in seen if s not in (401, 404)]
+    assert not served, served[:10]
+    assert len(seen) > 40 and any(s == 401 for _, s, _ in seen), len(seen)
+    mark = upstream.mark()
+    alice = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-pw").decode(), "Accept": MANIFEST_ACCEPT}
+    r = request("GET", f"{b.url}/v2/claimed/app/manifests/v1", alice)
+    assert r.status == 200 and r.headers["Docker-Content-Digest"] == small.digest
+    assert request("GET", f"{b.url}/v2/claimed/app/manifests/v1").status == 401
+    assert not upstream.requests(contains="claimed/app", since=mark)  # private now: never asked upstream

@@ -287,7 +287,9 @@ class Mirror(RegistryProc):
     must trust it; with `auth` it answers /v2/ with 401 until a client authenticates."""
 
     def __init__(self, tmp: Path, config: dict[str, Any], port: int | None = None, name: str = "mirror",
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, environ: Mapping[str, str] | None = None) -> None:
+        """With `environ`, no config file at all: the embedded default and these REGISTRY_* variables (the
+        address and storage root added), as `docker run -e REGISTRY_... ` starts a registry."""
         self.context = context
         self.scheme = "https" if (config.get("http") or {}).get("tls") else "http"
         self.ready_statuses = (200, 401) if config.get("auth") else (200,)
@@ -311,8 +313,13 @@ class Mirror(RegistryProc):
         env = client_env({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
         # REGISTRY_* from the environment would override the test's config.
         env = {k: v for k, v in env.items() if not k.startswith("REGISTRY_")}
-        self.proc = Proc(name, [sys.executable, "-m", "mirror", "serve", "--config", self.config_path],
-                         self.dir, env=env, cwd=REPO_ROOT)
+        argv: list[str | Path] = [sys.executable, "-m", "mirror", "serve", "--config", self.config_path]
+        if environ is not None:
+            argv = argv[:-2]
+            env.update(environ)
+            env.update({"REGISTRY_HTTP_ADDR": config["http"]["addr"],
+                        "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(self.root)})
+        self.proc = Proc(name, argv, self.dir, env=env, cwd=REPO_ROOT)
 
     @property
     def url(self) -> str:
