@@ -68,7 +68,7 @@ class Registry:
         self._evictor = Evictor(storage, index, self._manifests, self._blobs, self._namespace.configured_private,
                                 in_use=lambda: self._blob_cache.flights.keys(), max_size=cache.max_size,
                                 ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
-                                low=cache.low_watermark)
+                                low=cache.low_watermark, clock=clock)
         self._blobs.on_growth = self._evictor.grew
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect

@@ -22,6 +22,13 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.cache.eviction import Evictor
+from mirror.cache.index import Index
+from mirror.names import parse_digest
+from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.server.metrics import Metrics
+from mirror.storage import layout
+from mirror.storage.filesystem import FilesystemStorage
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.clock import ManualClock
 from tests.support.terminal import drain
@@ -70,7 +77,7 @@ async def test_lru_within_max_size_keeps_private_and_refetches(
     client = await registry(
         upstreams=[{"name": "hub", "url": str(server.make_url("")), "dockerhub": True, "tag_ttl": "1h"}],
         private={"patterns": ["team/**"]},
-        cache={"max_size": 4 * MiB, "min_idle": 0, "high_watermark": 0.95, "low_watermark": 0.85})
+        cache={"max_size": int(2.5 * MiB), "min_idle": 0, "high_watermark": 0.95, "low_watermark": 0.85})
 
     pushed = os.urandom(MiB)
     private = "sha256:" + hashlib.sha256(pushed).hexdigest()
@@ -81,12 +88,12 @@ async def test_lru_within_max_size_keeps_private_and_refetches(
     await pull(client, script, "b")
     await pull(client, script, "a")  # a is now more recently used than b
     fetches = script.calls[f"GET /v2/library/b/blobs/{images['b'][1]}"]
-    await pull(client, script, "c")  # 4 MiB + manifests: past the high watermark
+    await pull(client, script, "c")  # 3 MiB of proxied content: past the high watermark (pushed MiB never counts)
 
     b_layer = images["b"][1].split(":")[1]
     await wait_until(lambda: b_layer not in stored(root), "b's layer to be evicted")
     blobs = stored(root)
-    assert sum(blobs.values()) <= 4 * MiB * 0.85
+    assert sum(size for name, size in blobs.items() if name != private.split(":")[1]) <= 2.5 * MiB * 0.85
     assert private.split(":")[1] in blobs  # pushed content is never evicted
     for name in ("a", "c"):
         assert images[name][1].split(":")[1] in blobs, f"{name} was used more recently than b"
@@ -217,3 +224,58 @@ def test_du_and_evict_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
         assert code == 0 and b"walking storage" in terminal and "walking" not in out
         code, out, terminal = run_on_a_terminal(*command, "--config", str(config), "--json")
         assert code == 0 and b"walking" not in terminal and json.loads(out)
+
+
+async def _seed_cached(storage: FilesystemStorage, repo: str, size: int) -> tuple[str, str, str]:
+    """A cached image written straight into storage: (manifest, config, layer) digests."""
+    layer, config = os.urandom(size), json.dumps({"repo": repo}).encode()
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": digest_of(config), "size": len(config)},
+                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(layer),
+                                   "size": size}]}).encode()
+    await storage.put_bytes(layout.marker(repo, layout.CACHED_MARK), b"")
+    for data in (layer, config, body):
+        d = parse_digest(digest_of(data))
+        await storage.put_bytes(layout.blob(d), data)
+        await storage.put_bytes((layout.revision if data is body else layout.layer)(repo, d), str(d).encode())
+    await storage.put_bytes(layout.tag(repo, "latest"), digest_of(body).encode())
+    return digest_of(body), digest_of(config), digest_of(layer)
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_only_pulls_in_progress_are_protected_and_the_cap_comes_back_when_they_end(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "data")
+    index = Index(str(tmp_path / "index"))
+    a = await _seed_cached(storage, "library/a", MiB)
+    b = await _seed_cached(storage, "library/b", MiB)
+    c = await _seed_cached(storage, "library/c", MiB)
+    metrics = Metrics()
+    blobs = BlobStore(storage, index, metrics)
+    evictor = Evictor(storage, index, ManifestStore(storage, 0, blobs.added), blobs, lambda _: False,
+                      max_size=int(1.5 * MiB), min_idle=30.0)
+    t0 = 1_000_000.0
+    try:
+        # Three manifests were just served, none of their blobs fetched since: three pulls in progress, all
+        # of it over the cap, and none of it evicted.
+        index.pending.update({m: t0 for m in (a[0], b[0], c[0])})
+        index.pending.update({d: t0 - 100 for d in (*a[1:], *b[1:], *c[1:])})
+        result = await evictor.run(now=t0 + 1)
+        assert result.evicted == [] and result.protected_until == t0 + 30 and evictor.over_cap
+        assert metrics.cache_protected_bytes._value.get() >= 3 * MiB  # said in a metric
+        # Had b's pull ended long ago (its manifest and blobs last used 200 s back), b would go, least recently
+        # used, while a and c, still being pulled, stay.
+        index.pending.update({d: t0 - 200 for d in b})
+        result = await evictor.run(now=t0 + 3)
+        assert set(result.evicted) == set(b) and evictor.over_cap  # a and c still being pulled
+        # c's client fetched its layer: that blob is no longer protected (nor needed over the cap yet: a still is)
+        index.pending[c[2]] = t0 + 4
+        # Their pulls are over (min_idle passed): down to the low watermark at once, least recently used first
+        result = await evictor.run(now=t0 + 31)
+        assert a[2] in result.evicted and c[2] not in result.evicted and result.proxied_after <= 1.5 * MiB * 0.85
+        assert not evictor.over_cap and metrics.cache_protected_bytes._value.get() == 0
+    finally:
+        index.close()

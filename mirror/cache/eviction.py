@@ -1,8 +1,11 @@
-"""Keeping the cache within its disk. Proxied content unused for `proxy.ttl` is removed, and past
-`cache.high_watermark` of `cache.max_size` the least recently used proxied content goes until
-usage is under `cache.low_watermark`. Pushed (private) content is never evicted, nor anything
-used within `cache.min_idle`: a manifest served that recently keeps everything it references, so
-an image being pulled keeps its layers.
+"""Keeping the cache within its disk. Proxied content unused for `proxy.ttl` is removed, and once
+proxied content passes `cache.high_watermark` of `cache.max_size` the least recently used of it
+goes until it is under `cache.low_watermark`. Pushed (private) content never counts and is never
+evicted. Protected is only what is being served right now: blobs being fetched (a Flight), and the
+blobs a manifest served within `cache.min_idle` references that have not been fetched since (the
+pull that manifest started is under way). Deleting a file a client is still reading does not cut
+that client (the open file stays readable), so nothing else needs protecting. When protection
+keeps the cache over its cap, that is said once and the next pass comes as soon as it ends.
 
 Last use comes from the index (batched access times), else the object's mtime. One pass walks
 storage once (`Census`); the server runs passes in the background, and at once when a new blob
@@ -14,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mirror.cache.index import Index
+from mirror.clock import SYSTEM, Clock
 from mirror.names import Digest, parse_digest
 from mirror.registry.stores import BlobStore, ManifestStore, manifest_refs
 from mirror.storage import Storage, inventory, layout
@@ -90,7 +93,9 @@ class EvictionResult:
     manifests: int = 0  # of `evicted`: manifests (their tags dropped too)
     dropped_tags: int = 0
     kept_private: int = 0
-    kept_recent: int = 0
+    kept_recent: int = 0  # protected: a pull in progress, or a fetch
+    proxied_after: int = 0  # bytes of proxied content left (what the cap is about)
+    protected_until: float | None = None  # when protection keeping the cache over its cap ends
 
 
 class Evictor:
@@ -98,8 +103,8 @@ class Evictor:
 
     def __init__(self, storage: Storage, index: Index, manifests: ManifestStore, blobs: BlobStore,
                  is_private: Callable[[str], bool], in_use: Callable[[], Iterable[str]] = tuple,
-                 max_size: int | None = None, ttl: float | None = None, min_idle: float = 600.0,
-                 high: float = 0.95, low: float = 0.85) -> None:
+                 max_size: int | None = None, ttl: float | None = None, min_idle: float = 30.0,
+                 high: float = 0.95, low: float = 0.85, clock: Clock = SYSTEM) -> None:
         self.storage = storage
         self.index = index
         self.manifests = manifests
@@ -108,7 +113,10 @@ class Evictor:
         self.in_use = in_use  # digests being fetched right now
         self.max_size, self.ttl, self.min_idle, self.high, self.low = max_size, ttl, min_idle, high, low
         self.usage: int | None = None  # bytes in storage: from the last census plus what arrived since
+        self.clock = clock
         self.wake = asyncio.Event()
+        self.over_cap = False  # the last pass left the cache over its cap because pulls were in progress
+        self._next_due: float | None = None  # wall time the protection that kept it over ends
         self._lock = asyncio.Lock()
         self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
@@ -123,14 +131,18 @@ class Evictor:
             self.wake.set()
 
     async def run_forever(self) -> None:
-        """A pass at start, then every EVICTION_SECONDS or as soon as a new blob passes the high watermark."""
+        """A pass at start, then every EVICTION_SECONDS, as soon as a new blob passes the high watermark,
+        or as soon as the protection that kept the cache over its cap ends."""
         while True:
             try:
                 await self.run()
             except Exception:
                 log.exception("eviction pass failed")
+            wait = EVICTION_SECONDS
+            if self._next_due is not None:
+                wait = min(wait, max(0.1, self._next_due - self.clock.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), EVICTION_SECONDS)
+                await asyncio.wait_for(self.wake.wait(), wait)
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
                   now: float | None = None, progress: Progress | None = None) -> EvictionResult:
@@ -140,17 +152,20 @@ class Evictor:
         max_size = self.max_size if max_size is None else max_size
         async with self._lock:
             self.wake.clear()
-            now = time.time() if now is None else now
+            now = self.clock.time() if now is None else now
             census = await take_census(self.storage, self.is_private, progress=progress)
             self._times = await asyncio.to_thread(self.index.flushed_access_times)
             self._times.update(self.index.pending)
             result = EvictionResult(usage_before=census.total)
-            protected = self._protected(census, now, result)
-            protected |= await self._referenced_by_recent_manifests(census, now)
+            result.kept_private = len(census.private & census.blobs.keys())
+            pulling = await self._pulls_in_progress(census, now)
+            protected = census.private | set(self.in_use()) | pulling.keys()
+            result.kept_recent = len(protected - census.private)
             candidates = sorted((self._last_use(d, census), d) for d in census.blobs if d not in protected)
-            # Only past the high watermark does size evict, and then down to the low one.
-            target = max_size * self.low if max_size is not None and census.total > max_size * self.high else None
-            usage = census.total
+            # Only proxied content counts: past the high watermark it goes, down to the low one.
+            proxied = sum(st.size for d, st in census.blobs.items() if d not in census.private)
+            target = max_size * self.low if max_size is not None and proxied > max_size * self.high else None
+            usage = proxied
             victims: list[str] = []
             for last_use, digest in candidates:  # least recently used first
                 expired = ttl is not None and now - last_use > ttl
@@ -171,37 +186,54 @@ class Evictor:
             if victims and not dry_run:
                 await asyncio.to_thread(self.index.drop_access, victims)  # one transaction, off the loop
             result.usage_after = census.total - result.evicted_bytes
+            result.proxied_after = proxied - result.evicted_bytes
             if not dry_run:
-                self.usage = result.usage_after
+                self.usage = result.proxied_after
             if victims:
                 log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(victims),
                          result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
                          " (dry run)" if dry_run else "")
-            if max_size is not None and result.usage_after > max_size:
-                log.warning("storage holds %d bytes, over cache.max_size %d: the rest is private or in use",
-                            result.usage_after, max_size)
+            self._say_if_over(result, max_size, pulling, census, dry_run)
             return result
+
+    def _say_if_over(self, result: EvictionResult, max_size: int | None, pulling: dict[str, float],
+                     census: Census, dry_run: bool) -> None:
+        """Past the cap only because pulls are in progress: say so once, and come back when they end."""
+        over = max_size is not None and result.proxied_after > max_size * self.high
+        held = {d: until for d, until in pulling.items() if d in census.blobs}
+        if over and held:
+            result.protected_until = min(held.values())
+        if dry_run:
+            return
+        self._next_due = result.protected_until
+        if over and held and not self.over_cap:
+            log.warning("proxied content (%d bytes) stays over cache.max_size %d: %d bytes are pulls in progress; "
+                        "evicting them as soon as those pulls end", result.proxied_after, max_size,
+                        sum(census.blobs[d].size for d in held))
+        self.over_cap = bool(over and held)
+        self.blobs.metrics.cache_protected_bytes.set(sum(census.blobs[d].size for d in held) if over else 0)
 
     def _last_use(self, digest: str, census: Census) -> float:
         return self._times.get(digest) or census.blobs[digest].mtime
 
-    def _protected(self, census: Census, now: float, result: EvictionResult) -> set[str]:
-        protected = set(census.private) | set(self.in_use())
-        result.kept_private = len(census.private & census.blobs.keys())
-        recent = {d for d in census.blobs if now - self._last_use(d, census) < self.min_idle}
-        result.kept_recent = len(recent - protected)
-        return protected | recent
-
-    async def _referenced_by_recent_manifests(self, census: Census, now: float) -> set[str]:
-        """A manifest served within `min_idle` keeps what it references: its pull is under way."""
-        kept: set[str] = set()
-        pending = [parse_digest(d) for d in census.revisions
-                   if d in census.blobs and now - self._last_use(d, census) < self.min_idle]
-        while pending:
-            for ref in await manifest_refs(self.storage, pending.pop()):
-                if str(ref) not in kept:
-                    kept.add(str(ref))
-                    pending.append(ref)
+    async def _pulls_in_progress(self, census: Census, now: float) -> dict[str, float]:
+        """The manifests served within `min_idle`, and the blobs they reference that have not been fetched
+        since (their pulls are under way), each with when that protection ends."""
+        kept: dict[str, float] = {}
+        for manifest in census.revisions:
+            served = self._times.get(manifest)
+            if manifest not in census.blobs or served is None or now - served >= self.min_idle:
+                continue
+            until = served + self.min_idle
+            kept[manifest] = until  # and the manifest itself: its blobs' protection hangs on it
+            pending = [parse_digest(manifest)]
+            while pending:
+                for ref in await manifest_refs(self.storage, pending.pop()):
+                    d = str(ref)
+                    if d in kept or (self._times.get(d) or 0.0) >= served:
+                        continue  # already protected, or fetched since the manifest was served
+                    kept[d] = until
+                    pending.append(ref)  # an index's child manifests, and what they reference
         return kept
 
     async def _evict(self, digest: str, census: Census, result: EvictionResult, dry_run: bool) -> None:

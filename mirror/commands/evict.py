@@ -48,5 +48,5 @@ def command(args: argparse.Namespace) -> int:
         print(f"{verb} {digest}")
     print(f"{verb} {len(result.evicted)} objects ({size(result.evicted_bytes)}; {result.manifests} manifests, "
           f"{result.dropped_tags} tags); storage {size(result.usage_before)} -> {size(result.usage_after)}; "
-          f"kept {result.kept_private} private, {result.kept_recent} used within cache.min_idle")
+          f"kept {result.kept_private} private, {result.kept_recent} of pulls in progress (cache.min_idle)")
     return 0

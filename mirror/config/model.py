@@ -125,7 +125,7 @@ class CacheConfig:
     max_size: int | None = None  # bytes of storage; past it proxied content is evicted, least recently used first
     high_watermark: float = 0.95  # eviction starts above this share of max_size...
     low_watermark: float = 0.85  # ...and stops below this one
-    min_idle: float = 600.0  # content used more recently than this is never evicted (pulls in progress)
+    min_idle: float = 30.0  # a manifest served this recently keeps the blobs it references until they are fetched
 
     def local_dir(self, storage: StorageConfig) -> Path:
         """Where the index, staging files and the hot tier live on this machine."""

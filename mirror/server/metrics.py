@@ -96,6 +96,9 @@ class Metrics:
                                    ["backend"], registry=r)
         self.evictions = Counter("mirror_cache_evictions", "Cached objects evicted to stay within the size cap.",
                                  ["kind"], registry=r)
+        self.cache_protected_bytes = Gauge("mirror_cache_protected_bytes",
+                                           "Bytes of proxied content kept over cache.max_size because pulls of it "
+                                           "are in progress (evicted as soon as they end).", registry=r)
         self.storage_duration = Histogram("mirror_storage_operation_duration_seconds",
                                           "Calls to remote storage (OSS), until answered (a read: its first bytes).",
                                           ["backend", "operation"], buckets=LATENCY_BUCKETS, registry=r)
