@@ -20,6 +20,7 @@ from mirror.cache.flight import Flight
 from mirror.cache.index import Index
 from mirror.cache.manifest_cache import ManifestCache, Served
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
@@ -48,7 +49,7 @@ class Registry:
     runs their background jobs while `running()`."""
 
     def __init__(self, config: Config, storage: Storage, index: Index, session: aiohttp.ClientSession,
-                 metrics: Metrics, clock: Clock = SYSTEM) -> None:
+                 metrics: Metrics, clock: Clock = SYSTEM, cluster: Cluster | None = None) -> None:
         self._config = config
         self._storage = storage
         self._index = index
@@ -59,9 +60,14 @@ class Registry:
             for i, up in enumerate(config.upstreams)
         ]
         self._namespace = Namespace(upstreams, config.private, storage, clock)
+        self._cluster = cluster
+        if cluster is not None:
+            self._namespace.share(cluster)
+            for up in upstreams:
+                up.client.share(cluster)
         self._blobs = BlobStore(storage, index, metrics)
         self._manifests = ManifestStore(storage, config.cache.memory, self._blobs.added)
-        self._manifest_cache = ManifestCache(self._manifests, index, clock, self._namespace.filling)
+        self._manifest_cache = ManifestCache(self._manifests, index, clock, self._namespace.filling, cluster)
         self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling)
         self._uploads = Uploads(storage, self._blobs)
         cache = config.cache
@@ -78,6 +84,8 @@ class Registry:
         """The background jobs of what this service owns, for as long as the server runs; on the way
         out, fetches under way finish and commit (their clients already have the bytes), within bounds."""
         jobs = Jobs()
+        if self._cluster is not None:
+            jobs.start(self._cluster.run())
         jobs.start(self._index.flush_forever(), self._blob_cache.clear_staging_forever(),
                    every(EPOCH_CHECK_SECONDS, self._notice_storage_changes, first=False),
                    every(STORAGE_SCAN_SECONDS * (1 if self._storage.name == "filesystem" else 10),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from mirror.cache.index import Index
 from mirror.clock import Clock
+from mirror.cluster import Cluster
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import Digest
@@ -29,6 +30,11 @@ log = logging.getLogger("mirror.cache")
 
 
 Filling = Callable[[Route], Awaitable[None]]  # Namespace.filling: before content is cached under a name
+STALE = '110 - "Response is Stale"'
+LEASE_SECONDS = 30.0  # one replica's upstream exchange for a manifest or tag: the others wait this long at most
+FOLLOW_SECONDS = 0.05  # how often a waiting replica looks for the result
+STALE_SHARED_SECONDS = 30.0  # after an upstream failure, how long every replica serves the tag stale
+SHARED_TAG_MAX_SECONDS = 86400.0  # an immutable tag's record is kept a day (each replica's index keeps it too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +62,13 @@ def tag_ttl(config: UpstreamConfig, tag: str) -> float:
 
 
 class ManifestCache:
-    def __init__(self, store: ManifestStore, index: Index, clock: Clock, filling: Filling) -> None:
+    def __init__(self, store: ManifestStore, index: Index, clock: Clock, filling: Filling,
+                 cluster: Cluster | None = None) -> None:
         self.store = store
         self.index = index
         self.clock = clock
         self.filling = filling
+        self.cluster = cluster  # replicas sharing one storage: one upstream exchange for all of them
         self._flights: dict[tuple[str, str], asyncio.Task[Served]] = {}
 
     # --- public --------------------------------------------------------------------------
@@ -74,7 +82,10 @@ class ManifestCache:
         manifest = await self.store.get(route.local, digest)
         if manifest is not None:
             return Served(manifest, "hit")
-        return await self._single_flight(route.local, digest, lambda: self._fetch_digest(route, digest))
+        return await self._single_flight(route.local, digest,
+                                         lambda: self._cluster_once(route, ("manifest", route.local, digest),
+                                                                    lambda: self._stored(route, digest),
+                                                                    lambda: self._fetch_digest(route, digest)))
 
     async def by_tag(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
@@ -82,7 +93,10 @@ class ManifestCache:
             manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
                 return Served(manifest, "hit")
-        return await self._single_flight(route.local, f"tag:{tag}", lambda: self._revalidate(route, tag))
+        return await self._single_flight(route.local, f"tag:{tag}",
+                                         lambda: self._cluster_once(route, ("tag", route.local, tag),
+                                                                    lambda: self._shared_tag(route, tag),
+                                                                    lambda: self._revalidate_shared(route, tag)))
 
     # --- upstream ------------------------------------------------------------------------
 
@@ -96,6 +110,63 @@ class ManifestCache:
             self._flights[fkey] = task
             task.add_done_callback(lambda _t: self._flights.pop(fkey, None))
         return await asyncio.shield(task)
+
+    async def _cluster_once(self, route: Route, what: tuple[str, ...], done: Callable[[], Awaitable[Served | None]],
+                            work: Callable[[], Coroutine[None, None, Served]]) -> Served:
+        """`work` (an upstream exchange) done once across the replicas: the one that gets the lease does
+        it, the others wait for `done` to find its result (in shared storage, or the shared tag record),
+        and take over if the lease holder dies (its lease expires)."""
+        if self.cluster is None:
+            return await work()
+        while True:
+            token = await self.cluster.lease(LEASE_SECONDS, *what)
+            if token is not None:
+                try:
+                    found = await done()  # it may have been done between our look and the lease
+                    return found if found is not None else await work()
+                finally:
+                    await self.cluster.release(token, *what)
+            deadline = self.clock.monotonic() + LEASE_SECONDS
+            while self.clock.monotonic() < deadline:
+                await asyncio.sleep(FOLLOW_SECONDS)
+                found = await done()
+                if found is not None:
+                    return found
+
+    async def _stored(self, route: Route, digest: str) -> Served | None:
+        manifest = await self.store.get(route.local, digest)
+        return Served(manifest, "hit") if manifest is not None else None
+
+    async def _shared_tag(self, route: Route, tag: str) -> Served | None:
+        """What another replica's revalidation of the tag found, while it is fresh: no upstream exchange."""
+        assert self.cluster is not None
+        shared = await self.cluster.get("tag", route.local, tag)
+        if shared is None or not isinstance(shared.get("digest"), str) or not isinstance(shared.get("at"), int | float):
+            return None
+        now = self.clock.time()
+        if shared.get("stale") and now < shared["at"]:  # the upstream failed: serve stale, do not ask again
+            manifest = await self.store.get(route.local, shared["digest"])
+            return Served(manifest, "stale", STALE) if manifest is not None else None
+        if now - shared["at"] >= tag_ttl(route.proxy.config, tag):
+            return None
+        manifest = await self.store.get(route.local, shared["digest"])
+        if manifest is None:
+            return None
+        self.index.set_tag(route.local, tag, manifest.digest, shared["at"])
+        return Served(manifest, "hit")
+
+    async def _revalidate_shared(self, route: Route, tag: str) -> Served:
+        served = await self._revalidate(route, tag)
+        if self.cluster is not None:
+            now = self.clock.time()
+            if served.cache == "stale":  # the others serve it stale too, without asking, for a while
+                record = {"digest": served.manifest.digest, "at": now + STALE_SHARED_SECONDS, "stale": True}
+                await self.cluster.put(record, STALE_SHARED_SECONDS, "tag", route.local, tag)
+            else:
+                ttl = tag_ttl(route.proxy.config, tag)
+                record = {"digest": served.manifest.digest, "at": now}
+                await self.cluster.put(record, min(ttl, SHARED_TAG_MAX_SECONDS), "tag", route.local, tag)
+        return served
 
     async def _revalidate(self, route: Route, tag: str) -> Served:
         entry = self.index.tag(route.local, tag)
@@ -123,7 +194,7 @@ class ManifestCache:
             if cached is None:
                 raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
             log.warning("serving stale %s:%s: %s", route.local, tag, e)
-            return Served(cached, "stale", '110 - "Response is Stale"')
+            return Served(cached, "stale", STALE)
         self.index.set_tag(route.local, tag, served.manifest.digest, self.clock.time())
         await self.store.set_tag(route.local, tag, served.manifest.digest)
         return served

@@ -74,6 +74,11 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_CACHE_LOW_WATERMARK": ("cache", "low_watermark"),
     "REGISTRY_CACHE_MIN_IDLE": ("cache", "min_idle"),
     "REGISTRY_UI_ENABLED": ("ui", "enabled"),
+    **{f"REGISTRY_REDIS_{key.upper()}": ("redis", key) for key in (
+        "addr", "password", "db", "dialtimeout", "readtimeout", "writetimeout")},
+    "REGISTRY_REDIS_POOL_MAXACTIVE": ("redis", "pool", "maxactive"),
+    "REGISTRY_REDIS_POOL_IDLETIMEOUT": ("redis", "pool", "idletimeout"),
+    "REGISTRY_REDIS_TLS_ENABLED": ("redis", "tls", "enabled"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 

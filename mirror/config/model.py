@@ -240,6 +240,24 @@ class UIConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """redis, registry:2's keys: shared state of the replicas that serve one storage (issue 18)."""
+
+    addr: str  # host:port
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    dialtimeout: float = 1.0  # a replica that cannot reach Redis in this long works on its own
+    readtimeout: float = 1.0
+    writetimeout: float = 1.0
+    maxactive: int = 64  # pool.maxactive: connections at most
+    idletimeout: float = 300.0  # pool.idletimeout
+    tls: bool = False  # tls.enabled
+    certificate: str | None = None  # tls.certificate, tls.key: a client certificate
+    key: str | None = None
+    clientcas: tuple[str, ...] = ()  # tls.clientcas: CAs the server's certificate is checked against
+
+
+@dataclass(frozen=True)
 class Config:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -253,5 +271,6 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    redis: RedisConfig | None = None  # shared state of replicas; None: one replica on its own
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 

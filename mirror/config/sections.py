@@ -27,6 +27,7 @@ from mirror.config.model import (
     NotificationsConfig,
     OssConfig,
     PrivateConfig,
+    RedisConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -448,7 +449,8 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
 
     # Keys of registry:2 that do nothing for us: health checks of the storage driver, redis,
     # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
-    s.ignore("health", "redis", "validation", "compatibility")
+    s.ignore("health", "validation", "compatibility")
+    redis = _redis(s.section("redis")) if s.has("redis") else None
     auth = _auth(s.section("auth"))
     access = _access(s.section("access"), auth)
     limits = _limits(s.section("limits"))
@@ -460,7 +462,29 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  notifications=notifications, ui=ui, warnings=tuple(warnings or ()))
+                  notifications=notifications, ui=ui, redis=redis, warnings=tuple(warnings or ()))
+
+
+def _redis(s: Section) -> RedisConfig:
+    addr = s.required("addr", "required with redis (host:port)")
+    parse_addr(addr, s.key("addr"))
+    pool = s.section("pool")
+    tls = s.section("tls")
+    redis = RedisConfig(
+        addr=addr, password=s.string("password") or None, db=s.integer("db", 0),
+        dialtimeout=s.duration("dialtimeout", RedisConfig.dialtimeout) or RedisConfig.dialtimeout,
+        readtimeout=s.duration("readtimeout", RedisConfig.readtimeout) or RedisConfig.readtimeout,
+        writetimeout=s.duration("writetimeout", RedisConfig.writetimeout) or RedisConfig.writetimeout,
+        maxactive=pool.integer("maxactive", RedisConfig.maxactive, minimum=1),
+        idletimeout=pool.duration("idletimeout", RedisConfig.idletimeout),
+        tls=tls.flag("enabled", False), certificate=tls.string("certificate"), key=tls.string("key"),
+        clientcas=tls.strings("clientcas"),
+    )
+    pool.ignore("maxidle")  # redis-py keeps what it opened, up to maxactive
+    pool.done()
+    tls.done()
+    s.done()
+    return redis
 
 
 def _share(s: Section, name: str, default: float) -> float:

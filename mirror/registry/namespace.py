@@ -30,8 +30,10 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Cluster
 from mirror.config import PrivateConfig, UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.names import parse_name
@@ -148,6 +150,7 @@ class Namespace:
         self._served_upstream: dict[str, bool] = {}  # claim_on_push=auto: does the upstream serve the name
         self._claims: dict[str, asyncio.Lock] = {}
         self._marked: set[str] = set()  # private names known to carry their marker
+        self.cluster: Cluster | None = None  # replicas told of markers at once (share())
 
     def upstream_of(self, name: str) -> str | None:
         return upstream_of([u.config for u in self.upstreams], name)
@@ -180,6 +183,18 @@ class Namespace:
 
     async def _mark(self, name: str, mark: str) -> None:
         await self.storage.put_bytes(layout.marker(name, mark), b"")
+        if self.cluster is not None:  # every replica knows at once (they would look within OPEN_SECONDS)
+            self.cluster.publish("names", {"name": name, "mark": mark})
+
+    def share(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+        def heard(event: dict[str, Any]) -> None:
+            name, mark = event.get("name"), event.get("mark")
+            if isinstance(name, str) and mark in (layout.PRIVATE_MARK, layout.CACHED_MARK):
+                self._remember(name, PRIVATE if mark == layout.PRIVATE_MARK else CACHED, 0.0)
+
+        cluster.on("names", heard)
 
     # --- reads --------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ import aiohttp
 from yarl import URL
 
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Cluster
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
 from mirror.registry.manifest_schema import MAX_MANIFEST, read_manifest
@@ -140,6 +141,8 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
                  metrics: Metrics | None = None, max_manifest: int = MAX_MANIFEST, clock: Clock = SYSTEM) -> None:
         self.clock = clock
+        self.cluster: Cluster | None = None  # replicas sharing state (share())
+        self._shared: set[asyncio.Task[None]] = set()
         self.config = config
         self.max_manifest = max_manifest
         self.name = config.name
@@ -162,6 +165,31 @@ class UpstreamClient:
 
     def backoff_remaining(self) -> float:
         return max(0.0, self.backoff_until - self.clock.monotonic())
+
+    def share(self, cluster: Cluster) -> None:
+        """Hear another replica's back-off (and the one in force when we join), and tell them ours."""
+        self.cluster = cluster
+
+        def heard(event: dict[str, Any]) -> None:
+            if event.get("upstream") == self.name and isinstance(event.get("until"), int | float):
+                self._follow(float(event["until"]))
+
+        async def joined() -> None:
+            found = await cluster.get("backoff", self.name)
+            if found is not None and isinstance(found.get("until"), int | float):
+                self._follow(float(found["until"]))
+
+        cluster.on("backoff", heard)
+        cluster.joined(joined)
+
+    def _follow(self, until: float) -> None:
+        """Another replica was told to back off until `until` (wall time)."""
+        self.backoff_until = max(self.backoff_until, self.clock.monotonic() + until - self.clock.time())
+
+    def _share(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(call)
+        self._shared.add(task)
+        task.add_done_callback(self._shared.discard)
 
     # --- public calls ----------------------------------------------------------------------
 
@@ -365,6 +393,10 @@ class UpstreamClient:
             seconds = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
         self._backoff = seconds
         self.backoff_until = self.clock.monotonic() + seconds
+        if self.cluster is not None:  # every replica stops asking, not just this one
+            until = self.clock.time() + seconds
+            self.cluster.publish("backoff", {"upstream": self.name, "until": until})
+            self._share(self.cluster.put({"until": until}, seconds, "backoff", self.name))
         log.warning("upstream %s: rate limited (429), no requests for %.0fs", self.name, seconds)
 
     def _check(self, resp: aiohttp.ClientResponse) -> None:

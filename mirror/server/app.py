@@ -17,12 +17,13 @@ from mirror.api.table import ROUTES
 from mirror.auth import GATE, Gate, authorize
 from mirror.cache.index import Index
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Cluster, scope
 from mirror.config import Config
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
 from mirror.server.middleware import errors, metrics_endpoint, observe, on_prepare, resolve_again
 from mirror.server.notify import NOTIFIER, Notifier, events
-from mirror.server.state import CLOCK, CONFIG, INDEX, METRICS, SESSION, STORAGE
+from mirror.server.state import CLOCK, CLUSTER, CONFIG, INDEX, METRICS, SESSION, STORAGE
 from mirror.service import REGISTRY, Registry
 from mirror.storage import open_storage
 from mirror.storage.tier import HotTier
@@ -70,8 +71,21 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    """redis: the state this replica shares with the others on the same storage."""
+    config = app[CONFIG]
+    assert config.redis is not None
+    cluster = Cluster(config.redis, scope(config), app[METRICS])
+    try:
+        app[CLUSTER] = cluster
+        yield
+    finally:
+        await cluster.close()
+
+
 async def _registry(app: web.Application) -> AsyncIterator[None]:
-    registry = Registry(app[CONFIG], app[STORAGE], app[INDEX], app[SESSION], app[METRICS], app[CLOCK])
+    registry = Registry(app[CONFIG], app[STORAGE], app[INDEX], app[SESSION], app[METRICS], app[CLOCK],
+                        app.get(CLUSTER))
     app[REGISTRY] = registry
     async with registry.running():
         yield
@@ -129,7 +143,7 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     if config.metrics.enabled and config.metrics.addr is None:
         endpoints.add(app, endpoints.get(config.metrics.path, metrics_endpoint, "metrics", "base"))
     app.on_response_prepare.append(on_prepare(config))
-    app.cleanup_ctx.extend([_storage, _index, _session, _registry])
+    app.cleanup_ctx.extend([_storage, _index, _session, *([_cluster] if config.redis else []), _registry])
     if notify:
         app[NOTIFIER] = Notifier(config, config.cache.local_dir(config.storage) / "_events", metrics)
         app.cleanup_ctx.append(_notifier)

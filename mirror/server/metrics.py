@@ -96,6 +96,9 @@ class Metrics:
                                    ["backend"], registry=r)
         self.evictions = Counter("mirror_cache_evictions", "Cached objects evicted to stay within the size cap.",
                                  ["kind"], registry=r)
+        self.redis_up = Gauge("mirror_redis_up", "1 while Redis (redis:) answers and state is shared with the other "
+                              "replicas; 0 while this replica works on its own.", registry=r)
+        self.redis_errors = Counter("mirror_redis_errors", "Calls to Redis that failed or timed out.", registry=r)
         self.cache_protected_bytes = Gauge("mirror_cache_protected_bytes",
                                            "Bytes of proxied content kept over cache.max_size because pulls of it "
                                            "are in progress (evicted as soon as they end).", registry=r)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from mirror.cache.index import Index
 from mirror.clock import Clock
+from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.server.metrics import Metrics
 from mirror.storage import Storage
@@ -18,3 +19,4 @@ METRICS = web.AppKey("metrics", Metrics)
 STORAGE = web.AppKey("storage", Storage)
 INDEX = web.AppKey("index", Index)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+CLUSTER = web.AppKey("cluster", Cluster)  # only with redis:
