@@ -10,7 +10,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip ca-certificates curl openssl \
     docker-registry docker.io docker-compose containerd podman skopeo prometheus chromium chromium-driver \
-    mmdebstrap iproute2 >/dev/null
+    mmdebstrap iproute2 redis-server >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
