@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -104,6 +104,12 @@ class Storage(abc.ABC):
     async def delete(self, key: str) -> None:
         """Delete an object or everything under a prefix; absent is not an error."""
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete objects (not prefixes) in bulk, off the event loop; absent ones are not an error.
+        Backends with a batch call override this (eviction and gc delete thousands at a time)."""
+        for key in keys:
+            await self.delete(key)
+
     @abc.abstractmethod
     async def move(self, src: str, dst: str) -> None: ...
 
@@ -189,6 +195,9 @@ class Observed(Storage):
 
     async def delete(self, key: str) -> None:
         await self._timed("delete", self.backend.delete(key))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self._timed("delete", self.backend.delete_many(keys))
 
     async def move(self, src: str, dst: str) -> None:
         await self._timed("move", self.backend.move(src, dst))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import aiofiles
@@ -15,6 +16,7 @@ import aiofiles.os
 from mirror.storage.base import NotFound, Stat, Storage, Writer, check_key
 
 CHUNK = 1 << 20
+SCAN_CHUNK = 2000  # entries a scan hands over per thread hop: memory stays bounded, the loop free
 
 
 class _LocalFileWriter(Writer):
@@ -166,8 +168,10 @@ class FilesystemStorage(Storage):
                 yield os.path.relpath(path, self.root), Stat(st.st_size, st.st_mtime)
 
     async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
-        for entry in await asyncio.to_thread(lambda: [*self.walk(prefix)]):
-            yield entry
+        walker = self.walk(prefix)
+        while chunk := await asyncio.to_thread(lambda: [*itertools.islice(walker, SCAN_CHUNK)]):
+            for entry in chunk:
+                yield entry
 
     async def delete(self, key: str) -> None:
         path = self.path(key)
@@ -178,6 +182,15 @@ class FilesystemStorage(Storage):
                 path.unlink()
         except FileNotFoundError:
             pass
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        paths = [self.path(key) for key in keys]
+
+        def unlink_all() -> None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(unlink_all)
 
     async def move(self, src: str, dst: str) -> None:
         source = self.path(src)

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,15 +196,27 @@ class OssStorage(Storage):
         return sorted(names)
 
     async def scan(self, prefix: str) -> AsyncIterator[tuple[str, Stat]]:
-        for info in await self._keys(self.key(prefix) + "/"):
-            yield info.key[len(self.prefix):], Stat(int(info.size), float(info.last_modified))
+        """Page by page (a LIST per 1,000 keys): a walk of a large bucket never sits in memory whole."""
+        full, marker = self.key(prefix) + "/", ""
+        while True:
+            page = await self.call(prefix, self.bucket.list_objects, prefix=full, marker=marker, max_keys=1000)
+            for info in page.object_list:
+                yield info.key[len(self.prefix):], Stat(int(info.size), float(info.last_modified))
+            if not page.is_truncated:
+                return
+            marker = page.next_marker
 
     async def delete(self, key: str) -> None:
         full = self.key(key)
         await self.call(key, self.bucket.delete_object, full)
-        children = [info.key for info in await self._keys(full + "/")]
-        for i in range(0, len(children), 1000):  # DeleteMultipleObjects takes 1000 at a time
-            await self.call(key, self.bucket.batch_delete_objects, children[i:i + 1000])
+        await self._delete_keys(key, [info.key for info in await self._keys(full + "/")])
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self._delete_keys(keys[0] if keys else "", [self.key(k) for k in keys])
+
+    async def _delete_keys(self, what: str, full_keys: Sequence[str]) -> None:
+        for i in range(0, len(full_keys), 1000):  # DeleteMultipleObjects takes 1000 at a time
+            await self.call(what, self.bucket.batch_delete_objects, full_keys[i:i + 1000])
 
     async def move(self, src: str, dst: str) -> None:
         st = await self.stat(src)

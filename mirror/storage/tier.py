@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 
 import aiofiles
@@ -177,6 +177,11 @@ class HotTier(Storage):
         await self.backend.delete(key)
         for cached in [k for k in self._files if k == key or k.startswith(key + "/")]:
             self._forget(cached)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self.backend.delete_many(keys)
+        for key in keys:
+            self._forget(key)
 
     async def move(self, src: str, dst: str) -> None:
         await self.backend.move(src, dst)
