@@ -4,6 +4,7 @@ caches, and the push side (uploads, manifests, deletes, referrers)."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -17,24 +18,25 @@ from mirror.background import Jobs, every
 from mirror.cache.blob_cache import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.flight import Flight
-from mirror.cache.index import Index
 from mirror.cache.manifest_cache import ManifestCache, Served
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.ledger import ops, queries
+from mirror.ledger.ledger import Ledger
 from mirror.names import Digest, parse_digest
 from mirror.registry import manifest_schema, mediatypes, namespace
 from mirror.registry.namespace import Namespace, Route, Upstream, local_prefix
 from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlob
-from mirror.registry.upload_sessions import Uploads, live_uploads
+from mirror.registry.upload_sessions import Uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Storage, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 log = logging.getLogger("mirror")
-EPOCH_CHECK_SECONDS = 2.0
-STORAGE_SCAN_SECONDS = 60.0
+GAUGE_SECONDS = 10.0  # the storage gauges, from the ledger's totals (a read, not a walk)
+READY_WAIT = 10.0  # a catalog request right after start waits this long for the ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,34 +50,37 @@ class Registry:
     the caches, and the push side. It owns the stores, the caches, eviction and upload sessions, and
     runs their background jobs while `running()`."""
 
-    def __init__(self, config: Config, storage: Storage, index: Index, session: aiohttp.ClientSession,
+    def __init__(self, config: Config, storage: Storage, ledger: Ledger, session: aiohttp.ClientSession,
                  metrics: Metrics, clock: Clock = SYSTEM, cluster: Cluster | None = None) -> None:
         self._config = config
         self._storage = storage
-        self._index = index
+        self.ledger = ledger
         self._metrics = metrics
+        self._clock = clock
         upstreams = [
             Upstream(up, UpstreamClient(up, session, metrics, config.limits.manifest_size, clock),
                      local_prefix(up, i == 0))
             for i, up in enumerate(config.upstreams)
         ]
         self._namespace = Namespace(upstreams, config.private, storage, clock)
+        self._namespace.recorded = self._marked
         self._cluster = cluster
         if cluster is not None:
             self._namespace.share(cluster)
             for up in upstreams:
                 up.client.share(cluster)
-        self._blobs = BlobStore(storage, index, metrics)
-        self._manifests = ManifestStore(storage, config.cache.memory, self._blobs.added)
-        self._manifest_cache = ManifestCache(self._manifests, index, clock, self._namespace.filling, cluster)
+        self._blobs = BlobStore(storage, ledger, metrics)
+        self._manifests = ManifestStore(storage, ledger, config.cache.memory, self._blobs.added)
+        self._manifest_cache = ManifestCache(self._manifests, ledger, clock, self._namespace.filling, cluster)
         self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling)
-        self._uploads = Uploads(storage, self._blobs)
+        self._uploads = Uploads(storage, self._blobs, ledger)
         cache = config.cache
-        self._evictor = Evictor(storage, index, self._manifests, self._blobs, self._namespace.configured_private,
-                                in_use=lambda: self._blob_cache.flights.keys(), max_size=cache.max_size,
-                                ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
-                                low=cache.low_watermark, clock=clock)
+        self._evictor = Evictor(ledger, self._manifests, metrics, in_use=lambda: self._blob_cache.flights.keys(),
+                                max_size=cache.max_size, ttl=cache.content_ttl, min_idle=cache.min_idle,
+                                high=cache.high_watermark, low=cache.low_watermark, clock=clock)
         self._blobs.on_growth = self._evictor.grew
+        ledger.on_change(self._manifests.heard)  # another replica removed links or blobs: memory forgets them
+        ledger.on_change(self._blobs.heard)
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect
 
@@ -86,10 +91,7 @@ class Registry:
         jobs = Jobs()
         if self._cluster is not None:
             jobs.start(self._cluster.run())
-        jobs.start(self._index.flush_forever(), self._blob_cache.clear_staging_forever(),
-                   every(EPOCH_CHECK_SECONDS, self._notice_storage_changes, first=False),
-                   every(STORAGE_SCAN_SECONDS * (1 if self._storage.name == "filesystem" else 10),
-                         self._count_storage))
+        jobs.start(self.ledger.run(), self._blob_cache.clear_staging_forever(), self._gauges())
         cache, purging = self._config.cache, self._config.storage.uploadpurging
         if cache.max_size is not None or cache.content_ttl is not None:
             jobs.start(self._evictor.run_forever())
@@ -108,21 +110,19 @@ class Registry:
         """Wait until no upstream fetch is in progress (a caller bounds it)."""
         await self._blob_cache.settle()
 
-    async def _count_storage(self) -> None:
-        """The storage gauges. Listing a whole bucket costs a request per 1,000 blobs: remote storage is
-        counted less often."""
-        blobs, size = await inventory.blob_usage(self._storage)
-        self._metrics.storage_blobs.labels(self._storage.name).set(blobs)
-        self._metrics.storage_bytes.labels(self._storage.name).set(size)
-        self._metrics.uploads_in_progress.set(len(await live_uploads(self._storage)))
+    async def _gauges(self) -> None:
+        await self.ledger.ready.wait()
+        await every(GAUGE_SECONDS, self._count_storage)
 
-    async def _notice_storage_changes(self) -> None:
-        """`mirror evict` or `index rebuild` ran beside us: what memory names may be gone."""
-        if self._index.epoch_moved():
-            log.info("storage changed behind the server (mirror evict or index rebuild): re-reading it")
-            self._index.forget_memory()
-            self._manifests.forget_memory()
-            self._blobs.forget_memory()
+    async def _count_storage(self) -> None:
+        """The storage gauges, from the ledger's totals (other replicas' writes included)."""
+        totals = await self.ledger.totals()
+        self._metrics.storage_blobs.labels(self._storage.name).set(totals.blobs)
+        self._metrics.storage_bytes.labels(self._storage.name).set(totals.bytes)
+        self._metrics.uploads_in_progress.set(totals.uploads)
+
+    async def _marked(self, name: str, mark: str, written: bool) -> None:
+        await self.ledger.record([ops.mark(name, mark) if written else ops.unmark(name, mark)], durable=False)
 
     # --- names ---------------------------------------------------------------------------------
 
@@ -136,11 +136,6 @@ class Registry:
 
     async def is_private(self, name: str) -> bool:
         return await self._namespace.is_private(name)
-
-    def classify(self, contents: inventory.Contents) -> bool:
-        """Whether a repository read from storage is private (for lists built from one walk)."""
-        return namespace.classify(self._namespace.configured_private(contents.name), contents.marks,
-                                  bool(contents.linked)) == namespace.PRIVATE
 
     def upstream_of(self, name: str) -> str | None:
         """The configured upstream a cached repository's storage name comes from."""
@@ -170,7 +165,7 @@ class Registry:
             served = await self._manifest_cache.get(route, reference)
             if served.cache != "miss":  # read from storage: still this proxied name's to serve?
                 await self._namespace.vouch(route)
-            self._index.touch_blob(served.manifest.digest)  # its pull is under way: eviction keeps what it references
+            self.ledger.touch(served.manifest.digest)  # its pull is under way: eviction keeps what it references
             return served
         digest = str(reference) if isinstance(reference, Digest) else await self._manifests.tag(route.local, reference)
         found = await self._manifests.get(route.local, digest) if digest else None
@@ -210,13 +205,23 @@ class Registry:
         from 0: the one a hot tier keeps a copy of."""
         return self._storage.reader(blob.key, start, None if end in (None, blob.size) else end - start)
 
-    async def tags(self, route: Route) -> list[str]:
-        """Tags here, merged for proxied repositories with the upstream's (all, sorted)."""
-        local = set(await self._manifests.tags(route.local))
+    async def tags(self, route: Route, last: str | None, n: int | None) -> tuple[list[str], bool]:
+        """Tags after `last` (sorted), at most `n` (None: all), and whether more follow. A private
+        repository's are one range of the ledger; a proxied one's, those here merged with the upstream's
+        (which lists them all)."""
         if route.private:
-            if not local and not await inventory.has_content(self._storage, route.local):
+            row = await self.ledger.read(queries.repository, route.local) if self.ledger.ready.is_set() else None
+            if row is not None and row.manifests + row.layers + row.tags:
+                return await self.ledger.read(queries.tags_page, route.local, last, n)
+            # Not in the ledger (yet: pushed a moment ago on another replica, or still rebuilding): storage.
+            names = await inventory.tag_names(self._storage, route.local)
+            if not names and not await inventory.has_content(self._storage, route.local):
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {route.local}")
-            return sorted(local)
+            return _page(sorted(names), last, n)
+        if self.ledger.ready.is_set():
+            local = set((await self.ledger.read(queries.tags_page, route.local, None, None))[0])
+        else:
+            local = set(await inventory.tag_names(self._storage, route.local))
         if local:
             await self._namespace.vouch(route)
         try:
@@ -225,11 +230,16 @@ class Registry:
             if not local:
                 raise translate(e, "NAME_UNKNOWN", route.local) from None
             remote = set()
-        return sorted(local | remote)
+        return _page(sorted(local | remote), last, n)
 
-    async def repositories(self) -> list[str]:
-        """Every repository with manifests here, private and cached, sorted."""
-        return [name for name, marks in await inventory.repository_names(self._storage) if "_manifests" in marks]
+    async def catalog(self, last: str | None, n: int | None,
+                      visible: queries.Visible | None) -> tuple[list[str], bool]:
+        """Repositories with content here, private and cached, that `visible` lets the caller see: the
+        page after `last` (registry:2's order), at most `n`, and whether more follow."""
+        if not await self.ledger.wait_ready(READY_WAIT):
+            raise RegistryError("UNAVAILABLE", "the catalog is still being read from storage (the ledger is "
+                                               "rebuilding); try again shortly", headers={"Retry-After": "10"})
+        return await self.ledger.read(queries.catalog_page, last, n, visible)
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
         """Descriptors of the manifests whose subject is `subject` (pushed here)."""
@@ -249,13 +259,6 @@ class Registry:
     async def tag(self, name: str, tag: str) -> str | None:
         """The digest `tag` of repository `name` points to, as stored."""
         return await self._manifests.tag(name, tag)
-
-    async def tag_names(self, name: str) -> list[str]:
-        return await self._manifests.tags(name)
-
-    async def manifest_digests(self, name: str) -> list[str]:
-        """Every manifest repository `name` links (sha256 ones: what pushes and pulls make)."""
-        return [str(d) for d in await inventory.manifests(self._storage, name)]
 
     async def stored_manifest(self, name: str, digest: str) -> Manifest | None:
         """The manifest if repository `name` has it here (never asks an upstream)."""
@@ -288,7 +291,7 @@ class Registry:
             if await self._manifests.get(route.local, str(child)) is None:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", f"manifest unknown to registry: {child}",
                                     detail=str(child))
-        await self._manifests.put(route.local, Manifest(str(digest), parsed.media_type, body))
+        await self._manifests.put(route.local, Manifest(str(digest), parsed.media_type, body), durable=True)
         if parsed.subject is not None:
             descriptor = manifest_schema.Descriptor(parsed.media_type, digest, len(body), parsed.artifact_type,
                                                parsed.annotations)
@@ -296,7 +299,6 @@ class Registry:
                                          json.dumps(descriptor.to_json()).encode())
         if isinstance(reference, str):
             await self._manifests.set_tag(route.local, reference, str(digest))
-            self._index.drop_tag(route.local, reference)  # a proxied tag index entry must not shadow it
         return Pushed(str(digest), str(parsed.subject.digest) if parsed.subject else None)
 
     async def delete_manifest(self, route: Route, reference: str | Digest) -> None:
@@ -304,15 +306,13 @@ class Registry:
         if isinstance(reference, str):
             if not await self._manifests.delete_tag(route.local, reference):
                 raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
-            self._index.drop_tag(route.local, reference)
             return
         manifest = await self._manifests.get(route.local, str(reference))
         if manifest is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}@{reference}")
-        for tag in await self._manifests.tags(route.local):  # tags pointing at it go with it, as distribution
-            if await self._manifests.tag(route.local, tag) == manifest.digest:
-                await self._manifests.delete_tag(route.local, tag)
-                self._index.drop_tag(route.local, tag)
+        # tags pointing at it go with it, as distribution
+        for tag in await self.ledger.read(queries.tags_pointing, route.local, manifest.digest):
+            await self._manifests.delete_tag(route.local, tag)
         try:
             subject = manifest_schema.parse(manifest.body, manifest.media_type).subject
         except RegistryError:
@@ -336,13 +336,14 @@ class Registry:
     async def mount(self, route: Route, digest: Digest, source: Route) -> bool:
         """Cross-repository mount: link the blob if `source` (resolved, and the caller may pull it) has
         it here."""
-        if await self._blobs.find(source.local, digest) is None:
+        found = await self._blobs.find(source.local, digest)
+        if found is None:
             return False
         try:
             await self._namespace.vouch(source)
         except namespace.NameNowPrivate:
             return False  # claimed meanwhile: the caller's pull right was judged on a cache
-        await self._blobs.link(route.local, digest)
+        await self._blobs.link(route.local, digest, Stat(found.size, self._clock.time()), durable=True)
         return True
 
 
@@ -367,5 +368,13 @@ class Registry:
 
     async def cancel_upload(self, route: Route, upload_id: str) -> None:
         await self._uploads.cancel(route.local, upload_id)
+
+def _page(items: list[str], last: str | None, n: int | None) -> tuple[list[str], bool]:
+    """The page after `last` of sorted `items`, at most `n`, and whether more follow."""
+    start = bisect.bisect_right(items, last) if last else 0
+    if n is None:
+        return items[start:], False
+    return items[start:start + n], start + n < len(items)
+
 
 REGISTRY = web.AppKey("registry", Registry)  # the app's one Registry (server/app.py sets it at startup)

@@ -23,23 +23,33 @@ from mirror.commands.archive import (
     TRAILER,
     ArchiveError,
     Header,
+    ImportResult,
     export,
     import_archive,
     member_name,
     plan_export,
     write_archive,
 )
+from mirror.storage import Storage, layout
 from mirror.storage.filesystem import FilesystemStorage
+from tests.support import ledgers
 from tests.test_cache import committed
 from tests.test_cache import image as upstream_image
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
 
 
+async def imported_from(storage: Storage, archive: Path, tmp: Path) -> ImportResult:
+    """`mirror import` as the command runs it: with a ledger of its own (outside the storage root)."""
+    async with ledgers.opened(storage, tmp, role="import") as ledger:
+        return await import_archive(storage, ledger, archive)
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """Every file under `root`: path -> (size, sha256). Storage 'unchanged' means this is equal."""
+    """Every file under `root` but a running server's own (its ledger in `_index/`, the replicas' journal
+    and heartbeats under `_mirror/`): path -> (size, sha256). Storage 'unchanged' means this is equal."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.relative_to(root).parts[0] not in ("_index", layout.MIRROR):
             data = p.read_bytes()
             out[str(p.relative_to(root))] = (len(data), hashlib.sha256(data).hexdigest())
     return out
@@ -95,7 +105,7 @@ async def test_round_trip_private_and_cached(registry: Factory, mirror: Any, ups
     assert not archive.with_name("backup.tar.partial").exists()
 
     target = tmp_path / "restored"
-    imported = await import_archive(FilesystemStorage(target), archive)
+    imported = await imported_from(FilesystemStorage(target), archive, tmp_path)
     assert imported.new_blobs == len(result.header.blobs)
     assert content(target) == content(source)
     assert not [p for p in target.iterdir() if p.name.startswith("_import-")]
@@ -118,7 +128,7 @@ async def test_round_trip_private_and_cached(registry: Factory, mirror: Any, ups
 
     # Importing again changes nothing; so does an import of what is there already.
     before = snapshot(target)
-    again = await import_archive(FilesystemStorage(target), archive)
+    again = await imported_from(FilesystemStorage(target), archive, tmp_path)
     assert again.new_blobs == 0 and content(target) == {k: v for k, v in before.items()
                                                         if k.startswith(("blobs/", "repositories/"))}
 
@@ -287,7 +297,7 @@ async def test_damaged_archive_fails_and_leaves_storage_unchanged(exported: tupl
 
     before = snapshot(target)
     with pytest.raises(ArchiveError) as failure:
-        await import_archive(FilesystemStorage(target), bad)
+        await imported_from(FilesystemStorage(target), bad, tmp_path)
     print(f"{damage}: {failure.value}")
     assert expect in str(failure.value), str(failure.value)
     assert "nothing was written to storage" in str(failure.value)

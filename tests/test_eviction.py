@@ -23,9 +23,10 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.cache.eviction import Evictor
-from mirror.cache.index import Index
+from mirror.ledger import ops
+from mirror.ledger.ledger import Ledger
 from mirror.names import parse_digest
-from mirror.registry.stores import BlobStore, ManifestStore
+from mirror.registry.stores import ManifestStore
 from mirror.server.metrics import Metrics
 from mirror.storage import layout
 from mirror.storage.filesystem import FilesystemStorage
@@ -189,7 +190,7 @@ async def test_du_evict_and_index_rebuild_from_the_command_line(
     assert r.returncode == 0 and "evicted 3 objects" in r.stdout, r.stdout
     assert set(stored(tmp_path / "data")) == {private.split(":")[1]}
 
-    # The running server notices within mirror.service.EPOCH_CHECK_SECONDS, re-reads storage and fetches again.
+    # The running server hears of the evictions through the journal within a second, and fetches again.
     for _ in range(40):
         await pull(client, script, "a")
         if manifest.split(":")[1] in stored(tmp_path / "data"):
@@ -197,7 +198,10 @@ async def test_du_evict_and_index_rebuild_from_the_command_line(
         await asyncio.sleep(0.25)
     assert stored(tmp_path / "data").keys() >= {manifest.split(":")[1], layer.split(":")[1]}
     r = await asyncio.to_thread(mirror_cli, "index", "rebuild", "--config", str(config), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout) == {"tags": 1, "blobs": 4}
+    rebuilt = json.loads(r.stdout)
+    assert r.returncode == 0 and (rebuilt["repositories"], rebuilt["tags"], rebuilt["blobs"]) == (1, 1, 4), rebuilt
+    r = await asyncio.to_thread(mirror_cli, "index", "rebuild", "--verify", "--config", str(config), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["verified"], r.stdout
 
 
 def run_on_a_terminal(*args: str) -> tuple[int, str, bytes]:
@@ -221,9 +225,10 @@ def test_du_and_evict_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
                                       "upstreams": [{"name": "hub", "url": "http://127.0.0.1:9"}]}))
     for command in (["du"], ["evict", "--older-than", "30d"]):
         code, out, terminal = run_on_a_terminal(*command, "--config", str(config))
-        assert code == 0 and b"walking storage" in terminal and "walking" not in out
+        assert code == 0 and (b"the ledger" in terminal or b"the journal" in terminal), terminal
+        assert "ledger" not in out and "journal" not in out
         code, out, terminal = run_on_a_terminal(*command, "--config", str(config), "--json")
-        assert code == 0 and b"walking" not in terminal and json.loads(out)
+        assert code == 0 and b"ledger" not in terminal and b"journal" not in terminal and json.loads(out)
 
 
 async def _seed_cached(storage: FilesystemStorage, repo: str, size: int) -> tuple[str, str, str]:
@@ -249,33 +254,38 @@ def digest_of(data: bytes) -> str:
 
 async def test_only_pulls_in_progress_are_protected_and_the_cap_comes_back_when_they_end(tmp_path: Path) -> None:
     storage = FilesystemStorage(tmp_path / "data")
-    index = Index(str(tmp_path / "index"))
     a = await _seed_cached(storage, "library/a", MiB)
     b = await _seed_cached(storage, "library/b", MiB)
     c = await _seed_cached(storage, "library/c", MiB)
+    ledger = await Ledger(tmp_path / "index", storage, lambda _: False, role=None).open()
+    await ledger.prepare()  # the seeded storage, read into the ledger
     metrics = Metrics()
-    blobs = BlobStore(storage, index, metrics)
-    evictor = Evictor(storage, index, ManifestStore(storage, 0, blobs.added), blobs, lambda _: False,
+    evictor = Evictor(ledger, ManifestStore(storage, ledger, 0, metrics.blob_added), metrics,
                       max_size=int(1.5 * MiB), min_idle=30.0)
-    t0 = 1_000_000.0
+    t0 = time.time() + 1000  # later than the seeded files' mtimes (last use only moves forward)
+
+    async def used(times: dict[str, float]) -> None:
+        await ledger.record([ops.used(times)], durable=False)
+
     try:
         # Three manifests were just served, none of their blobs fetched since: three pulls in progress, all
         # of it over the cap, and none of it evicted.
-        index.pending.update({m: t0 for m in (a[0], b[0], c[0])})
-        index.pending.update({d: t0 - 100 for d in (*a[1:], *b[1:], *c[1:])})
+        await used({d: t0 - 100 for d in (*a[1:], *b[1:], *c[1:])})
+        await used({m: t0 for m in (a[0], b[0], c[0])})
         result = await evictor.run(now=t0 + 1)
         assert result.evicted == [] and result.protected_until == t0 + 30 and evictor.over_cap
         assert metrics.cache_protected_bytes._value.get() >= 3 * MiB  # said in a metric
-        # Had b's pull ended long ago (its manifest and blobs last used 200 s back), b would go, least recently
-        # used, while a and c, still being pulled, stay.
-        index.pending.update({d: t0 - 200 for d in b})
+        # b's client fetched its config and layer: its pull no longer holds them, and they go, least recently
+        # used of what is left, while a and c, still being pulled, stay (b's manifest too, served just now).
+        await used({d: t0 + 2 for d in b[1:]})
         result = await evictor.run(now=t0 + 3)
-        assert set(result.evicted) == set(b) and evictor.over_cap  # a and c still being pulled
+        assert set(result.evicted) == set(b[1:]) and evictor.over_cap  # a and c still being pulled
         # c's client fetched its layer: that blob is no longer protected (nor needed over the cap yet: a still is)
-        index.pending[c[2]] = t0 + 4
+        await used({c[2]: t0 + 4})
         # Their pulls are over (min_idle passed): down to the low watermark at once, least recently used first
         result = await evictor.run(now=t0 + 31)
         assert a[2] in result.evicted and c[2] not in result.evicted and result.proxied_after <= 1.5 * MiB * 0.85
         assert not evictor.over_cap and metrics.cache_protected_bytes._value.get() == 0
+        assert not (tmp_path / "data" / layout.tag("library/a", "latest")).exists() or a[0] not in result.evicted
     finally:
-        index.close()
+        await ledger.close()

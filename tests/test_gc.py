@@ -8,18 +8,33 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mirror.commands.gc import collect
+from mirror.commands import gc
+from mirror.commands.gc import GcResult
 from mirror.storage.filesystem import FilesystemStorage
+from tests.support import ledgers
+from tests.support.clock import ManualClock
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
 
 
 def age_everything(root: Path, seconds: float = 7200) -> None:
+    """Blobs and links as if written `seconds` ago (gc keeps what was written or linked within its grace)."""
     past = time.time() - seconds
-    for p in (root / "blobs").rglob("*"):
-        os.utime(p, (past, past))
+    for top in ("blobs", "repositories"):
+        for p in (root / top).rglob("*"):
+            os.utime(p, (past, past))
+
+
+async def collect(storage: FilesystemStorage, tmp: Path, ahead: float = 2 * 3600, **kwargs: Any) -> GcResult:
+    """`mirror gc` as the command runs it, on a ledger read from storage, on a clock `ahead`: the writes
+    the test aged happened long before (the journal's records of them are behind the ledger's horizon)."""
+    clock = ManualClock()
+    clock.advance(ahead)
+    async with ledgers.opened(storage, tmp, clock=clock) as ledger:
+        return await gc.collect(ledger, **kwargs)
 
 
 async def test_gc_sweeps_exactly_the_unreferenced(registry: Factory, tmp_path: Path) -> None:
@@ -39,12 +54,12 @@ async def test_gc_sweeps_exactly_the_unreferenced(registry: Factory, tmp_path: P
 
     storage = FilesystemStorage(root)
     age_everything(root)
-    dry = await collect(storage, dry_run=True)
+    dry = await collect(storage, tmp_path, dry_run=True)
     expected = {orphan, gone, sha(b'{"os":"linux","seed":"g"}'), sha(b"layer-" + b"g" * 1000)}
     assert set(dry.swept) == expected
     assert all((root / "blobs" / "sha256" / d[7:9] / d[7:]).exists() for d in expected)  # dry run
 
-    result = await collect(storage)
+    result = await collect(storage, tmp_path)
     assert set(result.swept) == expected
     for digest in expected:
         assert not (root / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
@@ -54,24 +69,24 @@ async def test_gc_sweeps_exactly_the_unreferenced(registry: Factory, tmp_path: P
     for layer in (b"layer-" + b"k" * 1000, b"layer-" + b"c" * 1000):
         name = "team/app" if b"k" in layer else "team/multi"
         assert await (await client.get(f"/v2/{name}/blobs/{sha(layer)}")).read() == layer
-    assert (await collect(storage)).swept == []
+    assert (await collect(storage, tmp_path)).swept == []
 
 
 async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory, tmp_path: Path) -> None:
     root = tmp_path / "data"
     client = await registry(storage={"filesystem": {"rootdirectory": str(root)}})
     young = await upload(client, "team/app", b"just pushed, manifest on its way")
-    result = await collect(FilesystemStorage(root))
+    result = await collect(FilesystemStorage(root), tmp_path, ahead=0)
     assert result.swept == [] and result.kept_young == 1
     # An upload that started an hour ago holds back everything younger than it.
     location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
     upload_id = location.rsplit("/", 1)[1]
     (root / "repositories/team/app/_uploads" / upload_id / "startedat").write_text(str(time.time() - 3 * 3600))
     age_everything(root, seconds=2 * 3600)
-    result = await collect(FilesystemStorage(root))
+    result = await collect(FilesystemStorage(root), tmp_path)
     assert result.swept == [] and result.kept_young == 1
     age_everything(root, seconds=4 * 3600)
-    assert (await collect(FilesystemStorage(root))).swept == [young]
+    assert (await collect(FilesystemStorage(root), tmp_path)).swept == [young]
 
 
 @pytest.mark.e2e  # runs `python -m mirror` processes
@@ -104,5 +119,5 @@ async def test_gc_keeps_what_a_leniently_written_cached_manifest_references(tmp_
         await storage.put_bytes(f"blobs/sha256/{d[7:9]}/{d[7:]}", data)
     await storage.put_bytes(f"repositories/library/app/_manifests/revisions/sha256/{sha(manifest)[7:]}", b"")
     age_everything(tmp_path / "data")
-    result = await collect(storage, grace=0)
+    result = await collect(storage, tmp_path, grace=0)
     assert result.swept == [] and result.marked == 3

@@ -200,8 +200,9 @@ def serve(script: ScriptedUpstream, repo: str, img: Image) -> None:
 
 
 def storage_keys(root: Path) -> set[str]:
+    """The registry's objects (not local state, nor the replicas' journal and heartbeats)."""
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "_index" not in p.parts
-            and "_staging" not in p.parts}
+            and "_staging" not in p.parts and p.relative_to(root).parts[0] != layout.MIRROR}
 
 
 async def test_no_spelling_crosses_between_private_and_proxied(

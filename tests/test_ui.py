@@ -342,7 +342,11 @@ async def test_replicas_with_one_http_secret_accept_each_others_delete_forms(reg
         r = await client.post("/ui/repo/team/app/-/delete", data={**form, "confirm": "yes"}, allow_redirects=False,
                               headers={"Origin": str(client.make_url("")).rstrip("/")})
         assert r.status == status
-    assert (await (await one.get("/v2/team/app/tags/list")).json())["tags"] == ["v2"]
+    # `one` hears of the delete `other` made through the ledger's journal, within a poll
+    deadline = time.monotonic() + 5
+    while (await (await one.get("/v2/team/app/tags/list")).json())["tags"] != ["v2"]:
+        assert time.monotonic() < deadline, "one never heard of other's delete"
+        await asyncio.sleep(0.1)
 
 
 # --- auth -----------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 from aiohttp import web
 
-from mirror.api.pages import paginate
+from mirror.api.pages import link, page_request
 from mirror.api.request import REGISTRY
-from mirror.auth import visible
+from mirror.auth import catalog_filter
 
 
 async def catalog(request: web.Request) -> web.Response:
-    """GET /v2/_catalog?n=&last=: repositories with content here that the caller may pull."""
-    page, headers = paginate(request, await visible(request, await request.app[REGISTRY].repositories()))
-    return web.json_response({"repositories": page}, headers=headers)
+    """GET /v2/_catalog?n=&last=: repositories with content here that the caller may pull, one page
+    of the ledger's index."""
+    last, n = page_request(request)
+    page, more = await request.app[REGISTRY].catalog(last, n, catalog_filter(request))
+    return web.json_response({"repositories": page}, headers=link(request, n, page, more))

@@ -11,6 +11,7 @@ error="insufficient_scope", as RFC 6750 asks, so the client knows which scope it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,7 +26,6 @@ from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.names import parse_name
 from mirror.server.logs import USER
-from mirror.service import REGISTRY
 
 log = logging.getLogger("mirror.auth")
 
@@ -164,14 +164,13 @@ class Gate:
         need = Need("repository", name, action, name, proxied=not private)
         return self.token_allows(caller, need) and self.rules_allow(caller, need)
 
-    async def visible(self, request: web.Request, names: list[str]) -> list[str]:
-        """Catalog names (storage names) the caller may pull."""
+    def catalog_filter(self, request: web.Request) -> Callable[[str, bool], bool] | None:
+        """Which catalog names (storage names, and whether private) the caller may pull; None: all of them."""
         caller = request.get(CALLER, ANONYMOUS)
         if caller.user is not None and not self.rules.config.rules:
-            return names
-        registry = request.app[REGISTRY]
-        return [n for n in names
-                if self.rules.allows(caller.user, n, "pull", proxied=not await registry.is_private(n))]
+            return None
+        rules, user = self.rules, caller.user
+        return lambda name, private: rules.allows(user, name, "pull", proxied=not private)
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -226,6 +225,7 @@ def may(request: web.Request, name: str, private: bool, action: str) -> bool:
     return gate is None or gate.may(request, name, private, action)
 
 
-async def visible(request: web.Request, names: list[str]) -> list[str]:
+def catalog_filter(request: web.Request) -> Callable[[str, bool], bool] | None:
+    """What the catalog may show this caller (None: everything, without auth)."""
     gate = request.app.get(GATE)
-    return names if gate is None else await gate.visible(request, names)
+    return None if gate is None else gate.catalog_filter(request)

@@ -1,2 +1,2 @@
-"""Every pull-through rule: blobs.py (single-flight tee), manifests.py (tag TTL, revalidation,
-stale-if-error), index.py (the diskcache index)."""
+"""Every pull-through rule: blob_cache.py and flight.py (single-flight tee), manifest_cache.py (tag TTL,
+revalidation, stale-if-error), eviction.py (size cap, TTL)."""

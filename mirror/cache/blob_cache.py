@@ -22,7 +22,7 @@ from mirror.registry.namespace import Route
 from mirror.registry.stores import BlobStore, StoredBlob
 from mirror.registry.upstream import answering_as
 from mirror.server.metrics import Metrics
-from mirror.storage import layout
+from mirror.storage import Stat, layout
 
 log = logging.getLogger("mirror.cache")
 STAGING_IDLE_SECONDS = 3600.0
@@ -47,11 +47,12 @@ class BlobCache:
         flight = self.flights.get(key)
         if flight is not None and flight.route.local == route.local:
             return self._join(flight)
-        if flight is not None or await self.store.stat(digest) is not None:
+        st = await self.store.stat(digest) if flight is None else None
+        if flight is not None or st is not None:
             # Stored for another repository: serve it here only if this repository's upstream has it.
             await self.head_upstream(route, digest)
             await self.filling(route)
-            await self.store.link(route.local, digest)
+            await self.store.link(route.local, digest, st, durable=False)
             stored = await self.store.find(route.local, digest)
             if stored is not None:
                 return stored, "hit"
@@ -96,9 +97,8 @@ class BlobCache:
         async def commit(spool: Path) -> None:
             await self.filling(route)  # the name holds cached content from now on (clients have the bytes)
             await self.store.storage.put_file(layout.blob(digest), spool)
-            self.store.added(flight.received)
-            await self.store.link(route.local, digest)
-            self.store.index.touch_blob(key)
+            await self.store.link(route.local, digest, Stat(flight.received, time.time()), durable=False, new=True)
+            self.store.ledger.touch(key)
 
         async def run() -> None:
             upstream = route.proxy.config.name

@@ -7,9 +7,12 @@ pull that manifest started is under way). Deleting a file a client is still read
 that client (the open file stays readable), so nothing else needs protecting. When protection
 keeps the cache over its cap, that is said once and the next pass comes as soon as it ends.
 
-Last use comes from the index (batched access times), else the object's mtime. One pass walks
-storage once (`Census`); the server runs passes in the background, and at once when a new blob
-takes usage past the high watermark.
+Everything a pass needs is in the ledger (mirror/ledger/): the unpinned blobs in last-use order (an
+index: a pass reads its victims and stops, whatever storage holds; private content is never read),
+the totals, what recent manifests reference. Last use is the last access (batched), else the blob's
+mtime. The server runs passes in the background, and at once when a new blob takes usage past the
+high watermark; the deletes go through the ledger's fence (a push on another replica that references
+a victim meanwhile keeps it).
 """
 
 from __future__ import annotations
@@ -17,70 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+import math
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mirror.cache.index import Index
 from mirror.clock import SYSTEM, Clock
-from mirror.names import Digest, parse_digest
-from mirror.registry.stores import BlobStore, ManifestStore, manifest_refs
-from mirror.storage import Storage, inventory, layout
-from mirror.storage.base import Stat
-from mirror.storage.inventory import Inventory, Progress
+from mirror.ledger import ops, queries
+from mirror.ledger.ledger import BlobState, Ledger
+from mirror.registry.stores import ManifestStore
+from mirror.server.metrics import Metrics
+from mirror.storage.inventory import Progress
 
 log = logging.getLogger("mirror.cache")
 EVICTION_SECONDS = 600.0
-YIELD_EVERY = 32  # evictions between turns of the event loop
-
-
-@dataclass
-class Census:
-    """Eviction's view of one inventory walk: which content is private (linked by a private
-    repository, or referenced by a private manifest) and who links the rest."""
-
-    inventory: Inventory
-    private: set[str] = field(default_factory=set)  # digests private content needs
-    repositories: dict[str, bool] = field(default_factory=dict)  # name -> private
-    layer_links: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
-    revisions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # digest -> proxied repos
-    tags: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))  # -> (repo, tag)
-
-    @property
-    def blobs(self) -> dict[str, Stat]:
-        return self.inventory.blobs
-
-    @property
-    def total(self) -> int:
-        return self.inventory.total
-
-
-async def take_census(storage: Storage, is_private: Callable[[str], bool],
-                      progress: Progress | None = None) -> Census:
-    """One walk of storage, then the digests cached tags point to (a read per proxied tag) and the
-    closure of what private manifests reference."""
-    census = Census(await inventory.take(storage, progress=progress))
-    for name, repo in census.inventory.repositories.items():
-        private = census.repositories[name] = repo.marked_private or is_private(name)
-        if private:
-            census.private |= repo.linked
-            continue
-        for digest in repo.layers:
-            census.layer_links[digest].append(name)
-        for digest in repo.manifests:
-            census.revisions[digest].append(name)
-        for tag in repo.tags:
-            target = await inventory.tag_target(storage, name, tag)
-            if target is not None:
-                census.tags[target].append((name, tag))
-    # What a private manifest references is private too (an index's children, shared layers).
-    pending = [parse_digest(d) for d in census.private if d in census.blobs]
-    while pending:
-        for ref in await manifest_refs(storage, pending.pop()):
-            if str(ref) not in census.private:
-                census.private.add(str(ref))
-                pending.append(ref)
-    return census
+RECHECK_SECONDS = 30.0
+PLAN_CHUNK = 1000  # candidates read from the index per step
 
 
 @dataclass
@@ -98,32 +53,79 @@ class EvictionResult:
     protected_until: float | None = None  # when protection keeping the cache over its cap ends
 
 
-class Evictor:
-    """One eviction pass at a time over storage, the stores and the index."""
+@dataclass(frozen=True, slots=True)
+class Victim:
+    digest: str
+    size: int
+    used: float
+    expired: bool
+    manifest: bool
+    tags: int
 
-    def __init__(self, storage: Storage, index: Index, manifests: ManifestStore, blobs: BlobStore,
-                 is_private: Callable[[str], bool], in_use: Callable[[], Iterable[str]] = tuple,
-                 max_size: int | None = None, ttl: float | None = None, min_idle: float = 30.0,
-                 high: float = 0.95, low: float = 0.85, clock: Clock = SYSTEM) -> None:
-        self.storage = storage
-        self.index = index
+
+def plan(conn: sqlite3.Connection, ttl: float | None, now: float, target: int | None, usage: int,
+         protected: set[str]) -> list[Victim]:
+    """Least recently used first: what has expired, then what takes usage down to `target`; stops at the
+    first candidate neither applies to (everything after it was used more recently still)."""
+    victims: list[Victim] = []
+    after: tuple[float, int] = (-math.inf, 0)
+    while rows := queries.unpinned(conn, after, PLAN_CHUNK):
+        for digest, size, used, blob_id in rows:
+            after = (used, blob_id)
+            if digest in protected:
+                continue
+            expired = ttl is not None and now - (used or 0.0) > ttl
+            if not expired and (target is None or usage <= target):
+                return victims
+            links, tags = queries.users(conn, digest)
+            victims.append(Victim(digest, size, used or 0.0, expired, any(k == ops.REVISION for _, k in links),
+                                  len(tags)))
+            usage -= size
+    return victims
+
+
+def pulls_in_progress(conn: sqlite3.Connection, now: float, min_idle: float) -> dict[str, tuple[float, int]]:
+    """The manifests served within `min_idle`, and the blobs they reference that have not been used since
+    (their pulls are under way), each with when that protection ends and its size."""
+    kept: dict[str, tuple[float, int]] = {}
+    for manifest, served in queries.served_since(conn, now - min_idle):
+        until = served + min_idle
+        kept[manifest] = (until, queries.blob_state(conn, manifest)[0] or 0)
+        pending = [manifest]
+        while pending:
+            for child, used in queries.children(conn, pending.pop()):
+                if child in kept or (used or 0.0) >= served:
+                    continue  # already protected, or fetched since the manifest was served
+                kept[child] = (until, queries.blob_state(conn, child)[0] or 0)
+                pending.append(child)  # an index's child manifests, and what they reference
+    return kept
+
+
+class Evictor:
+    """One eviction pass at a time over the ledger (and through it, storage)."""
+
+    def __init__(self, ledger: Ledger, manifests: ManifestStore, metrics: Metrics,
+                 in_use: Callable[[], Iterable[str]] = tuple, max_size: int | None = None, ttl: float | None = None,
+                 min_idle: float = 30.0, high: float = 0.95, low: float = 0.85, clock: Clock = SYSTEM) -> None:
+        self.ledger = ledger
         self.manifests = manifests
-        self.blobs = blobs
-        self.is_private = is_private
+        self.metrics = metrics
         self.in_use = in_use  # digests being fetched right now
         self.max_size, self.ttl, self.min_idle, self.high, self.low = max_size, ttl, min_idle, high, low
-        self.usage: int | None = None  # bytes in storage: from the last census plus what arrived since
+        self.usage: int | None = None  # proxied bytes: from the last pass plus what arrived since
         self.clock = clock
         self.wake = asyncio.Event()
         self.over_cap = False  # the last pass left the cache over its cap because pulls were in progress
         self._next_due: float | None = None  # wall time the protection that kept it over ends
         self._lock = asyncio.Lock()
-        self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
     def grew(self, size: int, committed: bool) -> None:
         """Storage grew (or a blob is on its way): past the high watermark, the background pass
         runs now, so a large cold blob makes its room while it streams in."""
-        if self.usage is None:
+        if self.max_size is None:
+            return
+        if self.usage is None or self._lock.locked():
+            self.wake.set()  # a pass under way may have counted without it: the next one counts again
             return
         if committed:
             self.usage += size
@@ -131,18 +133,32 @@ class Evictor:
             self.wake.set()
 
     async def run_forever(self) -> None:
-        """A pass at start, then every EVICTION_SECONDS, as soon as a new blob passes the high watermark,
-        or as soon as the protection that kept the cache over its cap ends."""
+        """Once the ledger is ready: a pass, then every EVICTION_SECONDS, as soon as a new blob passes the
+        high watermark, or as soon as the protection that kept the cache over its cap ends. Between
+        passes the ledger's totals are looked at every RECHECK_SECONDS (one read): what other replicas
+        added counts too."""
+        await self.ledger.ready.wait()
+        last = -math.inf
         while True:
-            try:
-                await self.run()
-            except Exception:
-                log.exception("eviction pass failed")
-            wait = EVICTION_SECONDS
+            due = self.clock.monotonic() - last >= EVICTION_SECONDS or self.wake.is_set() or await self._over()
+            if due:
+                last = self.clock.monotonic()
+                try:
+                    await self.run()
+                except Exception:
+                    log.exception("eviction pass failed")
+            wait = RECHECK_SECONDS
             if self._next_due is not None:
                 wait = min(wait, max(0.1, self._next_due - self.clock.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), wait)
+
+    async def _over(self) -> bool:
+        """Past the high watermark by the ledger's count (which another replica's fills move too)."""
+        if self.max_size is None:
+            return False
+        self.usage = (await self.ledger.totals()).unpinned_bytes
+        return self.usage > self.max_size * self.high
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
                   now: float | None = None, progress: Progress | None = None) -> EvictionResult:
@@ -153,109 +169,67 @@ class Evictor:
         async with self._lock:
             self.wake.clear()
             now = self.clock.time() if now is None else now
-            census = await take_census(self.storage, self.is_private, progress=progress)
-            self._times = await asyncio.to_thread(self.index.flushed_access_times)
-            self._times.update(self.index.pending)
-            result = EvictionResult(usage_before=census.total)
-            result.kept_private = len(census.private & census.blobs.keys())
-            pulling = await self._pulls_in_progress(census, now)
-            protected = census.private | set(self.in_use()) | pulling.keys()
-            result.kept_recent = len(protected - census.private)
-            candidates = sorted((self._last_use(d, census), d) for d in census.blobs if d not in protected)
-            # Only proxied content counts: past the high watermark it goes, down to the low one.
-            proxied = sum(st.size for d, st in census.blobs.items() if d not in census.private)
-            target = max_size * self.low if max_size is not None and proxied > max_size * self.high else None
-            usage = proxied
-            victims: list[str] = []
-            for last_use, digest in candidates:  # least recently used first
-                expired = ttl is not None and now - last_use > ttl
-                if not expired and (target is None or usage <= target):
-                    break  # everything after this was used more recently still
-                victims.append(digest)
-                usage -= census.blobs[digest].size
-                result.expired += expired
-            if progress is not None:
-                progress.set_description("evicting")
-                progress.reset(total=len(victims))
-            for i, digest in enumerate(victims):
-                await self._evict(digest, census, result, dry_run)
+            await self.ledger.flush()  # access times batched in memory count too
+            totals = await self.ledger.totals()
+            proxied = totals.unpinned_bytes
+            result = EvictionResult(usage_before=totals.bytes, kept_private=totals.private_blobs)
+            pulling = await self.ledger.read(pulls_in_progress, now, self.min_idle)
+            protected = set(self.in_use()) | pulling.keys()
+            result.kept_recent = len(protected)
+            target = int(max_size * self.low) if max_size is not None and proxied > max_size * self.high else None
+            victims = await self.ledger.read(plan, ttl, now, target, proxied, protected)
+            planned = {v.digest: v for v in victims}
+            if dry_run:
+                for v in victims:
+                    self._count(result, v)
+            else:
+                def keep(state: BlobState) -> bool:  # asked again once no other replica's write can be missed
+                    return state.pinned or (state.used or 0.0) > planned[state.digest].used \
+                        or state.digest in set(self.in_use())
+
+                def removed(state: BlobState) -> None:
+                    victim = planned[state.digest]
+                    self._count(result, victim)
+                    self.manifests.forget(victim.digest)
+                    self.metrics.blob_removed(victim.size)
+                    self.metrics.evictions.labels("manifest" if victim.manifest else "blob").inc()
+
                 if progress is not None:
-                    progress.update()
-                if i % YIELD_EVERY == YIELD_EVERY - 1:
-                    await asyncio.sleep(0)  # filesystem deletes never wait: let requests through
-            if victims and not dry_run:
-                await asyncio.to_thread(self.index.drop_access, victims)  # one transaction, off the loop
-            result.usage_after = census.total - result.evicted_bytes
+                    progress.set_description("evicting")
+                    progress.reset(total=len(victims))
+                await self.ledger.remove([v.digest for v in victims], keep, progress, removed)
+            result.usage_after = result.usage_before - result.evicted_bytes
             result.proxied_after = proxied - result.evicted_bytes
             if not dry_run:
                 self.usage = result.proxied_after
-            if victims:
-                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(victims),
+            if result.evicted:
+                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(result.evicted),
                          result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
                          " (dry run)" if dry_run else "")
-            self._say_if_over(result, max_size, pulling, census, dry_run)
+            self._say_if_over(result, max_size, pulling, dry_run)
             return result
 
-    def _say_if_over(self, result: EvictionResult, max_size: int | None, pulling: dict[str, float],
-                     census: Census, dry_run: bool) -> None:
+    @staticmethod
+    def _count(result: EvictionResult, victim: Victim) -> None:
+        result.evicted.append(victim.digest)
+        result.evicted_bytes += victim.size
+        result.expired += victim.expired
+        result.manifests += victim.manifest
+        result.dropped_tags += victim.tags
+
+    def _say_if_over(self, result: EvictionResult, max_size: int | None, pulling: dict[str, tuple[float, int]],
+                     dry_run: bool) -> None:
         """Past the cap only because pulls are in progress: say so once, and come back when they end."""
         over = max_size is not None and result.proxied_after > max_size * self.high
-        held = {d: until for d, until in pulling.items() if d in census.blobs}
+        held = {d: until for d, (until, size) in pulling.items() if size}
         if over and held:
             result.protected_until = min(held.values())
         if dry_run:
             return
         self._next_due = result.protected_until
+        held_bytes = sum(size for _, size in pulling.values())
         if over and held and not self.over_cap:
             log.warning("proxied content (%d bytes) stays over cache.max_size %d: %d bytes are pulls in progress; "
-                        "evicting them as soon as those pulls end", result.proxied_after, max_size,
-                        sum(census.blobs[d].size for d in held))
+                        "evicting them as soon as those pulls end", result.proxied_after, max_size, held_bytes)
         self.over_cap = bool(over and held)
-        self.blobs.metrics.cache_protected_bytes.set(sum(census.blobs[d].size for d in held) if over else 0)
-
-    def _last_use(self, digest: str, census: Census) -> float:
-        return self._times.get(digest) or census.blobs[digest].mtime
-
-    async def _pulls_in_progress(self, census: Census, now: float) -> dict[str, float]:
-        """The manifests served within `min_idle`, and the blobs they reference that have not been fetched
-        since (their pulls are under way), each with when that protection ends."""
-        kept: dict[str, float] = {}
-        for manifest in census.revisions:
-            served = self._times.get(manifest)
-            if manifest not in census.blobs or served is None or now - served >= self.min_idle:
-                continue
-            until = served + self.min_idle
-            kept[manifest] = until  # and the manifest itself: its blobs' protection hangs on it
-            pending = [parse_digest(manifest)]
-            while pending:
-                for ref in await manifest_refs(self.storage, pending.pop()):
-                    d = str(ref)
-                    if d in kept or (self._times.get(d) or 0.0) >= served:
-                        continue  # already protected, or fetched since the manifest was served
-                    kept[d] = until
-                    pending.append(ref)  # an index's child manifests, and what they reference
-        return kept
-
-    async def _evict(self, digest: str, census: Census, result: EvictionResult, dry_run: bool) -> None:
-        size = census.blobs[digest].size
-        result.evicted.append(digest)
-        result.evicted_bytes += size
-        is_manifest = digest in census.revisions
-        result.manifests += is_manifest
-        result.dropped_tags += len(census.tags.get(digest, ()))
-        if dry_run:
-            return
-        d = Digest(*digest.split(":", 1))
-        # Links first: a request in between finds no link and fetches again, never a dangling one.
-        for repository, tag in census.tags.get(digest, ()):
-            self.index.drop_tag(repository, tag)
-            await self.manifests.delete_tag(repository, tag)
-        for repository in census.revisions.get(digest, ()):
-            await self.manifests.unlink(repository, d)
-        for repository in census.layer_links.get(digest, ()):
-            await self.blobs.unlink(repository, d)
-        self.manifests.forget(digest)
-        await self.storage.delete(layout.blob(d))
-        self.index.pending.pop(digest, None)
-        self.blobs.metrics.blob_removed(size)
-        self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()
+        self.metrics.cache_protected_bytes.set(held_bytes if over else 0)

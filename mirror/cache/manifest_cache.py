@@ -15,11 +15,12 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 
-from mirror.cache.index import Index
 from mirror.clock import Clock
 from mirror.cluster import Cluster
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
+from mirror.ledger import ops
+from mirror.ledger.ledger import Ledger
 from mirror.names import Digest
 from mirror.registry import mediatypes
 from mirror.registry.namespace import Route
@@ -62,10 +63,10 @@ def tag_ttl(config: UpstreamConfig, tag: str) -> float:
 
 
 class ManifestCache:
-    def __init__(self, store: ManifestStore, index: Index, clock: Clock, filling: Filling,
+    def __init__(self, store: ManifestStore, ledger: Ledger, clock: Clock, filling: Filling,
                  cluster: Cluster | None = None) -> None:
         self.store = store
-        self.index = index
+        self.ledger = ledger  # tags and when their upstream last confirmed them
         self.clock = clock
         self.filling = filling
         self.cluster = cluster  # replicas sharing one storage: one upstream exchange for all of them
@@ -88,7 +89,7 @@ class ManifestCache:
                                                                     lambda: self._fetch_digest(route, digest)))
 
     async def by_tag(self, route: Route, tag: str) -> Served:
-        entry = self.index.tag(route.local, tag)
+        entry = await self.ledger.tag(route.local, tag)
         if entry is not None and self.clock.time() - entry.fetched_at < tag_ttl(route.proxy.config, tag):
             manifest = await self.store.get(route.local, entry.digest)
             if manifest is not None:
@@ -152,7 +153,8 @@ class ManifestCache:
         manifest = await self.store.get(route.local, shared["digest"])
         if manifest is None:
             return None
-        self.index.set_tag(route.local, tag, manifest.digest, shared["at"])
+        await self.ledger.record([ops.tag(route.local, tag, manifest.digest, shared["at"])], durable=False,
+                                 share=False)  # the replica that revalidated journals it
         return Served(manifest, "hit")
 
     async def _revalidate_shared(self, route: Route, tag: str) -> Served:
@@ -169,7 +171,7 @@ class ManifestCache:
         return served
 
     async def _revalidate(self, route: Route, tag: str) -> Served:
-        entry = self.index.tag(route.local, tag)
+        entry = await self.ledger.tag(route.local, tag)
         cached = await self.store.get(route.local, entry.digest) if entry else None
         if cached is None:  # the index is an accelerator: the tag file (an import, another replica) is the truth
             stored = await self.store.tag(route.local, tag)
@@ -178,8 +180,9 @@ class ManifestCache:
         try:
             if cached is not None:
                 digest = await up.head_manifest(route.remote, tag)
-                if digest == cached.digest:
-                    self.index.set_tag(route.local, tag, cached.digest, self.clock.time())
+                if digest == cached.digest:  # the tag file already says so: only the time is new
+                    await self.ledger.record([ops.tag(route.local, tag, cached.digest, self.clock.time())],
+                                             durable=False)
                     return Served(cached, "revalidated")
             else:
                 digest = None
@@ -187,16 +190,14 @@ class ManifestCache:
             served = await self._fetch(route, digest, tag)
         except UpstreamNotFound as e:
             if entry is not None:  # the tag is gone upstream: forget it, keep the content by digest
-                self.index.drop_tag(route.local, tag)
-                await self.store.delete_tag(route.local, tag)
+                await self.store.delete_tag(route.local, tag, durable=False)
             raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
         except UpstreamAnswer as e:  # failed, rate limited, or refusing us now: the cached copy stands in
             if cached is None:
                 raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
             log.warning("serving stale %s:%s: %s", route.local, tag, e)
             return Served(cached, "stale", STALE)
-        self.index.set_tag(route.local, tag, served.manifest.digest, self.clock.time())
-        await self.store.set_tag(route.local, tag, served.manifest.digest)
+        await self.store.set_tag(route.local, tag, served.manifest.digest, fetched=self.clock.time())
         return served
 
     async def _fetch_digest(self, route: Route, digest: str) -> Served:
@@ -222,7 +223,7 @@ class ManifestCache:
                                 f"upstream sent a manifest that does not match digest {expected}")
         manifest = Manifest(actual, mediatypes.detect(fetched.body, fetched.media_type), fetched.body)
         await self.filling(route)  # only now: a name the upstream does not have is never marked a cache
-        await self.store.put(route.local, manifest)
+        await self.store.put(route.local, manifest, durable=False)
         return Served(manifest, "miss")
 
 

@@ -45,10 +45,12 @@ from mirror.commands import runner
 from mirror.commands.runner import USAGE, CommandError
 from mirror.config import Config
 from mirror.errors import RegistryError
+from mirror.ledger import ops
+from mirror.ledger.ledger import Ledger
 from mirror.names import ALGORITHMS, MAX_NAME, NAME_RE, TAG_RE, Digest, parse_digest
 from mirror.registry import manifest_schema, namespace
 from mirror.registry.namespace import glob_to_regex
-from mirror.storage import NotFound, Storage, StorageUnavailable, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, StorageUnavailable, inventory, layout
 
 FORMAT = "mirror-export"
 VERSION = 1
@@ -557,11 +559,13 @@ def check_references(header: Header, bodies: dict[str, bytes]) -> None:
                                        f"archive neither holds ({member_name(ref)}) nor declares absent")
 
 
-async def commit(storage: Storage, header: Header, present: set[str], staging: Path,
-                 progress: bool = False) -> tuple[int, int]:
+async def commit(storage: Storage, ledger: Ledger, header: Header, present: dict[str, Stat], bodies: dict[str, bytes],
+                 staging: Path, progress: bool = False) -> tuple[int, int]:
     """Blobs first, then per repository blob links, manifest links, referrers, tags and the private
-    marker: a server reading meanwhile never finds a link to a blob that is not there yet."""
+    marker: a server reading meanwhile never finds a link to a blob that is not there yet. Each
+    repository is then told to the ledger, durably (a deletion pass on any replica keeps its blobs)."""
     new = [d for d in header.blobs if d not in present]
+    now = time.time()
 
     async def put(digest: str) -> None:
         d = parse_digest(digest)
@@ -596,10 +600,21 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
         await _bounded(writes, lambda w: storage.put_bytes(*w))
         tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
+        mine = set(repo.layers) | set(repo.manifests)
+        changes = [ops.mark(repo.name, mark)]
+        changes += [ops.blob(d, header.blobs[d], present[d].mtime if d in present else now) for d in sorted(mine)
+                    if d in header.blobs]
+        changes += [ops.refs(d, _refs(bodies[d])) for d in repo.manifests if d in bodies]
+        changes += [ops.link(repo.name, d, ops.LAYER, now) for d in repo.layers]
+        changes += [ops.link(repo.name, d, ops.REVISION, now) for d in repo.manifests]
+        changes += [ops.tag(repo.name, tag, digest) for tag, digest in repo.tags.items()]
+        if await ledger.record(changes, durable=True):
+            raise ArchiveError(f"blobs of {repo.name} were deleted from storage during the import (mirror gc?); "
+                               f"run the import again")
     return len(new), sum(header.blobs[d] for d in new)
 
 
-async def import_archive(storage: Storage, path: Path, progress: bool = False) -> ImportResult:
+async def import_archive(storage: Storage, ledger: Ledger, path: Path, progress: bool = False) -> ImportResult:
     """Verify the whole archive (staging new blobs locally), then commit it to storage."""
     t0 = time.monotonic()
     try:
@@ -608,19 +623,20 @@ async def import_archive(storage: Storage, path: Path, progress: bool = False) -
     except ArchiveError as e:
         raise ArchiveError(f"{e}; nothing was written to storage") from None
     stats = await _bounded(list(header.blobs), lambda d: storage.stat(layout.blob(parse_digest(d))))
-    present = {d for d, st in zip(header.blobs, stats, strict=True) if st is not None}
+    present = {d: st for d, st in zip(header.blobs, stats, strict=True) if st is not None}
     # Beside the storage root's own staging directory: same filesystem, so a commit is a rename;
     # not inside it, where the server clears files idle for an hour.
     staging = Path(tempfile.mkdtemp(prefix="_import-", dir=storage.staging_dir().parent))
     try:
         try:
             with runner.byte_bar(progress, "verify", sum(header.blobs.values())) as bar:
-                bodies = await asyncio.to_thread(verify, path, header_bytes, header, present, staging, bar.update)
+                bodies = await asyncio.to_thread(verify, path, header_bytes, header, set(present), staging,
+                                                bar.update)
             check_references(header, bodies)
         except ArchiveError as e:
             raise ArchiveError(f"{e}; nothing was written to storage") from None
         try:
-            new_blobs, new_bytes = await commit(storage, header, present, staging, progress)
+            new_blobs, new_bytes = await commit(storage, ledger, header, present, bodies, staging, progress)
         except (ArchiveError, StorageUnavailable, OSError) as e:
             raise ArchiveError(f"import failed while writing to storage: {e}; what was written is consistent "
                                f"(blobs before the links to them): run the import again") from None
@@ -667,7 +683,11 @@ def import_command(config: Config, archive: Path, as_json: bool) -> int:
     if not archive.is_file():
         raise CommandError(f"{archive}: no such file", USAGE)
     progress = runner.show_progress(as_json)
-    result = _run(config, lambda s: import_archive(s, archive, progress))
+    async def job(storage: Storage) -> ImportResult:
+        async with runner.opened_ledger(config, storage, progress, role="import") as ledger:
+            return await import_archive(storage, ledger, archive, progress)
+
+    result = _run(config, job)
     if as_json:
         print(json.dumps(result.to_json()))
     else:

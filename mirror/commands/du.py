@@ -1,4 +1,5 @@
-"""`mirror du`: storage used by repository and upstream, private vs cached, and what gc would free."""
+"""`mirror du`: storage used by repository and upstream, private vs cached, and what gc would free,
+read from the ledger (rows streamed by name, totals kept as every write lands)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from mirror.cache.eviction import Census, take_census
 from mirror.commands import runner
 from mirror.config import Config
+from mirror.ledger import queries
+from mirror.ledger.ledger import Ledger
 from mirror.registry import namespace
-from mirror.storage import Storage
+
+ROWS = 2000
 
 
 @dataclass
@@ -33,39 +36,26 @@ class UsageReport:
     by_upstream: dict[str, int] = field(default_factory=dict)
 
 
-def usage_report(config: Config, census: Census) -> UsageReport:
-    report = UsageReport(total_bytes=census.total)
-    sizes = {digest: st.size for digest, st in census.blobs.items()}
-    cached: set[str] = set()
-    for name, repo in census.inventory.repositories.items():
-        if repo.empty and not repo.layers:
-            continue  # uploads only, or emptied by deletes
-        private = census.repositories[name]
-        present = [d for d in repo.linked if d in sizes]
-        size = sum(sizes[d] for d in present)
-        upstream = None if private else namespace.upstream_of(config.upstreams, name)
-        report.repositories.append(RepositoryUsage(name, "private" if private else "cached", upstream,
-                                                   len(present), size))
-        if upstream is not None:
-            report.by_upstream[upstream] = report.by_upstream.get(upstream, 0) + size
-        if not private:
-            cached.update(d for d in present if d not in census.private)
-    report.cached_bytes = sum(sizes[d] for d in cached)
-    report.private_bytes = sum(sizes[d] for d in census.private if d in sizes)
-    report.unreferenced_bytes = report.total_bytes - report.cached_bytes - report.private_bytes
+async def disk_usage(config: Config, ledger: Ledger) -> UsageReport:
+    totals = await ledger.totals()
+    report = UsageReport(private_bytes=totals.private_bytes, cached_bytes=totals.cached_bytes,
+                         unreferenced_bytes=totals.loose_bytes, total_bytes=totals.bytes)
+    after = ""
+    while rows := await ledger.read(queries.usage_rows, after, ROWS):
+        for key, row in rows:
+            after = key
+            private = row.kind != namespace.CACHED  # content without a marker is private (classify)
+            upstream = None if private else namespace.upstream_of(config.upstreams, row.name)
+            report.repositories.append(RepositoryUsage(row.name, "private" if private else "cached", upstream,
+                                                       row.manifests + row.layers, row.size))
+            if upstream is not None:
+                report.by_upstream[upstream] = report.by_upstream.get(upstream, 0) + row.size
     return report
-
-
-async def disk_usage(config: Config, storage: Storage, progress: bool = False) -> UsageReport:
-    is_private = namespace.configured_private(config.private, bool(config.upstreams))
-    with runner.bar(progress, "walking storage") as bar:
-        census = await take_census(storage, is_private, progress=bar)
-    return usage_report(config, census)
 
 
 def command(args: argparse.Namespace) -> int:
     config = runner.load_config(args.config)
-    report = runner.run(config, lambda storage: disk_usage(config, storage, runner.show_progress(args.json)))
+    report = runner.run_with_ledger(config, lambda ledger: disk_usage(config, ledger), runner.show_progress(args.json))
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return 0

@@ -1,8 +1,11 @@
-"""Garbage collection: mark every blob a manifest still needs, sweep the rest.
+"""Garbage collection: sweep the blobs no manifest reaches.
 
-Safe while the server runs: a blob is only swept when it is older than the grace period and
-older than the oldest upload still in progress (its manifest may not be pushed yet), so a push
-or a cache fill racing the collection keeps what it wrote.
+What a manifest reaches is in the ledger (mirror/ledger/): a revision link makes a manifest reached,
+and a reached manifest what it references, kept as counts by the ledger as every write lands, so gc
+asks one index for its candidates instead of marking from every manifest. Safe while servers run:
+a blob is only swept when it is older than the grace period, was not linked within it, and is older
+than the oldest upload still in progress (its manifest may not be pushed yet); and the sweep goes
+through the ledger's fence, so a push on any replica that references a candidate meanwhile keeps it.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
+import sqlite3
 from dataclasses import dataclass, field
 
 from mirror.commands import runner
-from mirror.registry.stores import manifest_refs
-from mirror.registry.upload_sessions import live_uploads
-from mirror.storage import Storage, inventory, layout
-from mirror.storage.inventory import Inventory
+from mirror.ledger import ops, queries
+from mirror.ledger.ledger import BlobState, Ledger
+from mirror.names import parse_digest
+from mirror.storage import layout
 
 log = logging.getLogger("mirror.gc")
+CHUNK = 1000
 
 
 @dataclass
@@ -32,48 +36,56 @@ class GcResult:
     dangling_links: int = 0
 
 
-async def mark(repositories: Inventory, storage: Storage) -> set[str]:
-    """Every blob reachable from a manifest revision of any repository (tags point at revisions)."""
-    marked: set[str] = set()
-    pending = inventory.digests({d for repo in repositories.repositories.values() for d in repo.manifests})
-    while pending:
-        digest = pending.pop()
-        if str(digest) in marked:
-            continue
-        marked.add(str(digest))
-        pending.extend(await manifest_refs(storage, digest))
-    return marked
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    digest: str
+    size: int
+    layer_links: int
 
 
-async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
-    result = GcResult()
-    # Mark before listing blobs: a blob written after the mark is young, and kept.
-    repositories = await inventory.take(storage, blobs=False)
-    marked = await mark(repositories, storage)
-    result.marked = len(marked)
-    cutoff = time.time() - grace
-    live = await live_uploads(storage)
-    if live:
-        cutoff = min(cutoff, min(u.started for u in live))
-    blobs = (await inventory.take(storage, repositories=False)).blobs
-    for digest, st in sorted(blobs.items()):
-        if digest in marked:
-            continue
-        if st.mtime > cutoff:
-            result.kept_young += 1
-            continue
-        result.swept.append(digest)
-        result.swept_bytes += st.size
-        if not dry_run:
-            await storage.delete(layout.blob(inventory.digests([digest])[0]))
+def candidates(conn: sqlite3.Connection, cutoff: float) -> tuple[list[Candidate], int, int]:
+    """Blobs in storage no manifest reaches, older than `cutoff` and not linked since; with how many
+    such were kept as young, and how many blobs manifests reach."""
+    found, young, after = [], 0, 0
+    while rows := queries.unreached(conn, after, CHUNK):
+        for digest, size, mtime, linked, blob_id in rows:
+            after = blob_id
+            if (mtime or 0.0) > cutoff or (linked or 0.0) > cutoff:
+                young += 1
+                continue
+            links, _ = queries.users(conn, digest)
+            found.append(Candidate(digest, size, sum(1 for _, kind in links if kind == ops.LAYER)))
+    unreached = len(found) + young
+    return sorted(found, key=lambda c: c.digest), young, queries.totals(conn).blobs - unreached
+
+
+async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
+    cutoff = ledger.clock.time() - grace
+    oldest = await ledger.read(queries.oldest_upload)
+    if oldest is not None:
+        cutoff = min(cutoff, oldest)
+    found, young, marked = await ledger.read(candidates, cutoff)
+    result = GcResult(marked=marked, kept_young=young)
+    by_digest = {c.digest: c for c in found}
+
+    def swept(state: BlobState) -> None:
+        result.swept.append(state.digest)
+        result.swept_bytes += by_digest[state.digest].size
+        result.dangling_links += by_digest[state.digest].layer_links
+
+    if dry_run:
+        for c in found:
+            swept(BlobState(c.digest, c.size, None, False, False, None))
+    else:
+        # asked again behind the tombstones: reached or linked meanwhile (here or on another replica)
+        await ledger.remove(by_digest, lambda s: s.reached or (s.linked or 0.0) > cutoff, removed=swept)
+        result.swept.sort()
     # Layer links to blobs that are gone would only cost a stat each: drop them too.
-    gone = set(result.swept)
-    for name, repo in repositories.repositories.items():
-        for link in inventory.digests(repo.layers):
-            if str(link) in gone or (str(link) not in blobs and await storage.stat(layout.blob(link)) is None):
-                result.dangling_links += 1
-                if not dry_run:
-                    await storage.delete(layout.layer(name, link))
+    dangling = await ledger.read(queries.dangling_layers)
+    result.dangling_links += len(dangling)
+    if dangling and not dry_run:
+        await ledger.storage.delete_many([layout.layer(repo, parse_digest(d)) for repo, d in dangling])
+        await ledger.record([ops.unlink(repo, d, ops.LAYER) for repo, d in dangling], durable=False)
     log.info("gc: %d marked, %d blobs (%d bytes) %s, %d young kept", result.marked, len(result.swept),
              result.swept_bytes, "would be swept" if dry_run else "swept", result.kept_young)
     return result
@@ -82,7 +94,8 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
 def command(args: argparse.Namespace) -> int:
     """`mirror gc [--dry-run] [--grace] [--json]`."""
     config = runner.load_config(args.config)
-    result = runner.run(config, lambda storage: collect(storage, dry_run=args.dry_run, grace=args.grace))
+    result = runner.run_with_ledger(config, lambda ledger: collect(ledger, dry_run=args.dry_run, grace=args.grace),
+                                    show=runner.show_progress(args.json))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, **dataclasses.asdict(result)}))
         return 0

@@ -84,8 +84,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("evict"))
-    p = sub.add_parser("index", help="the local index (diskcache)")
-    p.add_argument("action", choices=["rebuild"], help="rebuild: recreate it from storage")
+    p = sub.add_parser("index", help="the ledger of what storage holds (SQLite, on this machine)")
+    p.add_argument("action", choices=["rebuild"], help="rebuild: recreate it from a walk of storage")
+    p.add_argument("--verify", action="store_true", help="replace nothing: compare the ledger in use with storage "
+                                                         "(exit 1 on a difference)")
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("reindex"))

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from mirror.cache.index import Index
 from mirror.config import Config, ConfigError, load
+from mirror.ledger.ledger import Ledger, for_config
 from mirror.server import logs
 from mirror.storage import Storage, StorageUnavailable, open_storage, without_hot_tier
 
@@ -78,8 +78,30 @@ def run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
         raise CommandError(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
 
 
-def open_index(config: Config) -> Index:
-    return Index(config.cache.index_dir(config.storage))
+def run_with_ledger(config: Config, job: Callable[[Ledger], Awaitable[T]], show: bool = False,
+                    role: str | None = None) -> T:
+    """`run`, with the ledger of this machine brought up to date first (rebuilt from storage if it has
+    none yet, else the journal caught up): what the storage commands read instead of walking."""
+
+    async def with_ledger(storage: Storage) -> T:
+        async with opened_ledger(config, storage, show, role) as ledger:
+            return await job(ledger)
+
+    return run(config, with_ledger)
+
+
+@asynccontextmanager
+async def opened_ledger(config: Config, storage: Storage, show: bool = False,
+                        role: str | None = None) -> AsyncIterator[Ledger]:
+    """`role`: a command that writes references (import) beats like a server, so passes wait for it."""
+    ledger = await for_config(config, storage, role=role).open()
+    try:
+        what = "reading storage into the ledger" if ledger.needs_rebuild else "catching up with the journal"
+        with bar(show, what) as progress:
+            await ledger.prepare(progress)
+        yield ledger
+    finally:
+        await ledger.close()
 
 
 def show_progress(as_json: bool) -> bool:

@@ -117,7 +117,7 @@ class PrivateConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    index: str | None = None  # diskcache directory; default <local directory>/_index
+    index: str | None = None  # the ledger's directory (local state); default <local directory>/_index
     memory: int = 64 << 20  # bytes of manifests kept in memory for the hot path
     content_ttl: float | None = 168 * 3600.0  # proxy.ttl: unused proxied content expires (issue 8)
     directory: str | None = None  # local disk in front of remote storage; default the filesystem root

@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,8 @@ class Namespace:
         self._claims: dict[str, asyncio.Lock] = {}
         self._marked: set[str] = set()  # private names known to carry their marker
         self.cluster: Cluster | None = None  # replicas told of markers at once (share())
+        # the ledger hears of every marker written or removed: (name, mark, written)
+        self.recorded: Callable[[str, str, bool], Awaitable[None]] | None = None
 
     def upstream_of(self, name: str) -> str | None:
         return upstream_of([u.config for u in self.upstreams], name)
@@ -183,8 +185,15 @@ class Namespace:
 
     async def _mark(self, name: str, mark: str) -> None:
         await self.storage.put_bytes(layout.marker(name, mark), b"")
+        if self.recorded is not None:
+            await self.recorded(name, mark, True)
         if self.cluster is not None:  # every replica knows at once (they would look within OPEN_SECONDS)
             self.cluster.publish("names", {"name": name, "mark": mark})
+
+    async def _unmark(self, name: str, mark: str) -> None:
+        await self.storage.delete(layout.marker(name, mark))
+        if self.recorded is not None:
+            await self.recorded(name, mark, False)
 
     def share(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -237,7 +246,7 @@ class Namespace:
             return
         await self._mark(route.local, layout.CACHED_MARK)
         if layout.PRIVATE_MARK in await inventory.marks(self.storage, route.local):
-            await self.storage.delete(layout.marker(route.local, layout.CACHED_MARK))
+            await self._unmark(route.local, layout.CACHED_MARK)
             self._kinds.pop(route.local, None)
             raise RegistryError("UNAVAILABLE", f"{route.local} was just claimed as a private repository; try again",
                                 headers={"Retry-After": "1"})
@@ -296,7 +305,7 @@ class Namespace:
         await self._mark(name, layout.PRIVATE_MARK)
         marks = await inventory.marks(self.storage, name)
         if layout.CACHED_MARK in marks:
-            await self.storage.delete(layout.marker(name, layout.PRIVATE_MARK))
+            await self._unmark(name, layout.PRIVATE_MARK)
             self._kinds.pop(name, None)
             raise RegistryError("DENIED", f"{name} was just filled from upstream {self._default_name()}: it is a "
                                           f"pull-through cache")

@@ -1,20 +1,25 @@
 """Registry objects in storage: manifests (hot ones kept in memory), tags, and the links that say
 which repository may serve which manifest or blob. No upstream here: mirror/cache/ adds the
 pull-through rules on top, and private repositories use these stores directly.
+
+Every write here is told to the ledger in the same step (mirror/ledger/): what a private write
+references is journaled, and fenced against deletion passes, before the write returns (`durable`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.cache.index import Index
+from mirror.errors import RegistryError
+from mirror.ledger import ops
+from mirror.ledger.ledger import Ledger
 from mirror.names import Digest, parse_digest
 from mirror.registry import manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Stat, Storage, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, layout
 
 LINKS_REMEMBERED = 200_000
 
@@ -51,9 +56,19 @@ class _Links:
         self._known.discard((repository, digest))
 
 
+async def record(ledger: Ledger, changes: list[ops.Op], durable: bool, code: str) -> None:
+    """Tell the ledger; a durable write whose blobs a deletion pass removed meanwhile fails with `code`
+    (the client sends them again)."""
+    gone = await ledger.record(changes, durable=durable)
+    if gone:
+        raise RegistryError(code, f"blob unknown to registry: {sorted(gone)[0]} (deleted by gc or eviction "
+                                  f"while this write was under way; push it again)", detail=sorted(gone)[0])
+
+
 class ManifestStore:
-    def __init__(self, storage: Storage, memory: int, added: Callable[[int], None]) -> None:
+    def __init__(self, storage: Storage, ledger: Ledger, memory: int, added: Callable[[int], None]) -> None:
         self.storage = storage
+        self.ledger = ledger
         self.added = added  # BlobStore.added: bytes entered storage
         self.memory_limit = memory
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
@@ -79,19 +94,32 @@ class ManifestStore:
         self._links.add(repository, digest)
         return manifest
 
-    async def put(self, repository: str, manifest: Manifest) -> None:
+    async def put(self, repository: str, manifest: Manifest, *, durable: bool) -> None:
+        """Store a manifest and link it to `repository` (a push: `durable`; a cache fill: not)."""
         d = parse_digest(manifest.digest)
-        if await self.storage.stat(layout.blob(d)) is None:
-            await self.storage.put_bytes(layout.blob(d), manifest.body)
-            self.added(len(manifest.body))
+        key = layout.blob(d)
+        st = await self.storage.stat(key)
+        new = st is None
+        if st is None:
+            await self.storage.put_bytes(key, manifest.body)
+            st = Stat(len(manifest.body), self.ledger.clock.time())
         await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
+        references = [str(r) for r in manifest_schema.references(manifest.body)]
+        await record(self.ledger, [ops.blob(manifest.digest, st.size, st.mtime), ops.refs(manifest.digest, references),
+                                   ops.link(repository, manifest.digest, ops.REVISION, self.ledger.clock.time())],
+                     durable, "MANIFEST_BLOB_UNKNOWN")
+        if new:
+            self.added(st.size)  # after the ledger has it: an eviction pass this wakes counts it
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
-        return await _remove(self.storage, layout.revision(repository, digest))
+        if not await _remove(self.storage, layout.revision(repository, digest)):
+            return False
+        await self.ledger.record([ops.unlink(repository, str(digest), ops.REVISION)], durable=True)
+        return True
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
@@ -99,17 +127,20 @@ class ManifestStore:
         except NotFound:
             return None
 
-    async def set_tag(self, repository: str, tag: str, digest: str) -> None:
+    async def set_tag(self, repository: str, tag: str, digest: str, fetched: float | None = None) -> None:
+        """Point a tag at a manifest: a push (`fetched` None: durable), or a cache's tag confirmed by
+        its upstream at `fetched`."""
         await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        await self.ledger.record([ops.tag(repository, tag, digest, fetched or 0.0)], durable=fetched is None)
 
-    async def delete_tag(self, repository: str, tag: str) -> bool:
-        return await _remove(self.storage, layout.tag(repository, tag))
-
-    async def tags(self, repository: str) -> list[str]:
-        return await inventory.tag_names(self.storage, repository)
+    async def delete_tag(self, repository: str, tag: str, *, durable: bool = True) -> bool:
+        if not await _remove(self.storage, layout.tag(repository, tag)):
+            return False
+        await self.ledger.record([ops.untag(repository, tag)], durable=durable)
+        return True
 
     def forget_memory(self) -> None:
-        """Storage changed behind our back (another process evicted): read it again."""
+        """Storage changed behind our back (a rebuilt ledger): read it again."""
         self._memory.clear()
         self._memory_size = 0
         self._links = _Links()
@@ -119,6 +150,17 @@ class ManifestStore:
         old = self._memory.pop(digest, None)
         if old is not None:
             self._memory_size -= len(old.body)
+
+    def heard(self, changes: Sequence[ops.Op] | None) -> None:
+        """Another process's writes (the ledger's journal): forget what memory holds of what they removed."""
+        if changes is None:
+            self.forget_memory()
+            return
+        for op in changes:
+            if op[0] == "-link" and op[2] == ops.REVISION:
+                self._links.discard(op[1], op[3])
+            elif op[0] == "-blob":
+                self.forget(op[1])
 
     def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._memory:
@@ -131,15 +173,24 @@ class ManifestStore:
 
 
 class BlobStore:
-    def __init__(self, storage: Storage, index: Index, metrics: Metrics) -> None:
+    def __init__(self, storage: Storage, ledger: Ledger, metrics: Metrics) -> None:
         self.storage = storage
-        self.index = index
+        self.ledger = ledger
         self.metrics = metrics
         self._links = _Links()
         self.on_growth: Callable[[int, bool], None] | None = None  # the evictor: (bytes, committed)
 
     def forget_memory(self) -> None:
         self._links = _Links()
+
+    def heard(self, changes: Sequence[ops.Op] | None) -> None:
+        """Another process's writes: forget the links they removed."""
+        if changes is None:
+            self.forget_memory()
+            return
+        for op in changes:
+            if op[0] == "-link" and op[2] == ops.LAYER:
+                self._links.discard(op[1], op[3])
 
     def added(self, size: int) -> None:
         """A new blob entered storage (the one place that is said)."""
@@ -167,16 +218,28 @@ class BlobStore:
         if st is None:
             self._links.discard(repository, key)
             return None
-        self.index.touch_blob(key)
+        self.ledger.touch(key)
         return StoredBlob(blob, st.size, self.storage.local_path(blob))
 
-    async def link(self, repository: str, digest: Digest) -> None:
+    async def link(self, repository: str, digest: Digest, stat: Stat | None, *, durable: bool,
+                   new: bool = False) -> None:
+        """`repository` may serve blob `digest` (in storage: `stat`, what the caller found or wrote, `new`
+        if it just did; None: not yet, a fetch is under way). A push or mount is `durable`: it returns
+        once no deletion pass can take the blob from under it."""
         await self.storage.put_bytes(layout.layer(repository, digest), str(digest).encode())
         self._links.add(repository, str(digest))
+        found = [ops.blob(str(digest), stat.size, stat.mtime)] if stat is not None else []
+        await record(self.ledger, [*found, ops.link(repository, str(digest), ops.LAYER, self.ledger.clock.time())],
+                     durable, "BLOB_UNKNOWN")
+        if new and stat is not None:
+            self.added(stat.size)  # after the ledger has it: an eviction pass this wakes counts it
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         self._links.discard(repository, str(digest))
-        return await _remove(self.storage, layout.layer(repository, digest))
+        if not await _remove(self.storage, layout.layer(repository, digest)):
+            return False
+        await self.ledger.record([ops.unlink(repository, str(digest), ops.LAYER)], durable=True)
+        return True
 
 
 async def _remove(storage: Storage, key: str) -> bool:
@@ -185,12 +248,3 @@ async def _remove(storage: Storage, key: str) -> bool:
         return False
     await storage.delete(key)
     return True
-
-
-async def manifest_refs(storage: Storage, digest: Digest) -> list[Digest]:
-    """What a manifest references (config, layers, an index's children); [] for other blobs."""
-    try:
-        body = await storage.get_bytes(layout.blob(digest))
-    except NotFound:
-        return []
-    return manifest_schema.references(body)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from mirror.background import every
 from mirror.errors import RegistryError
+from mirror.ledger import ops, queries
+from mirror.ledger.ledger import Ledger
 from mirror.names import Digest
 from mirror.registry.hashstate import ResumableHash
 from mirror.registry.stores import BlobStore
-from mirror.storage import NotFound, Storage, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, layout
 
 log = logging.getLogger("mirror.uploads")
 
@@ -29,15 +31,19 @@ class UploadInfo:
 
 
 class Uploads:
-    def __init__(self, storage: Storage, blobs: BlobStore) -> None:
+    def __init__(self, storage: Storage, blobs: BlobStore, ledger: Ledger) -> None:
         self.storage = storage
         self.blobs = blobs
+        self.ledger = ledger
         self._hashes: dict[str, ResumableHash] = {}  # this process's view; storage has the saved one
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def start(self, repository: str) -> str:
         upload_id = uuid.uuid4().hex
-        await self.storage.put_bytes(layout.upload_started(repository, upload_id), str(time.time()).encode())
+        started = time.time()
+        await self.storage.put_bytes(layout.upload_started(repository, upload_id), str(started).encode())
+        # gc on any replica keeps what is younger than the oldest upload in progress
+        await self.ledger.record([ops.upload(repository, upload_id, started)], durable=True)
         return upload_id
 
     async def size(self, repository: str, upload_id: str) -> int:
@@ -87,14 +93,16 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 await self._delete(repository, upload_id)
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
-            if await self.blobs.stat(digest) is None:
+            st = await self.blobs.stat(digest)
+            new = st is None
+            if st is None:
                 if size == 0:
                     await self.storage.put_bytes(layout.blob(digest), b"")
                 else:
                     await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
-                self.blobs.added(size)
-            await self.blobs.link(repository, digest)
+                st = Stat(size, time.time())
             await self._delete(repository, upload_id)
+            await self.blobs.link(repository, digest, st, durable=True, new=new)
             return size
 
     async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
@@ -109,8 +117,7 @@ class Uploads:
                 await writer.cancel()
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             await writer.commit()
-        self.blobs.added(writer.size)
-        await self.blobs.link(repository, digest)
+        await self.blobs.link(repository, digest, Stat(writer.size, time.time()), durable=True, new=True)
         return writer.size
 
     async def cancel(self, repository: str, upload_id: str) -> None:
@@ -126,8 +133,9 @@ class Uploads:
         await every(interval, purge)
 
     async def purge(self, older_than: float, dry_run: bool = False) -> list[UploadInfo]:
-        """Remove uploads started before `older_than` (epoch seconds)."""
-        stale = [u for u in await live_uploads(self.storage) if u.started < older_than]
+        """Remove uploads started before `older_than` (epoch seconds), as the ledger knows them."""
+        await self.ledger.ready.wait()
+        stale = [UploadInfo(*row) for row in await self.ledger.read(queries.uploads_before, older_than)]
         for u in stale:
             log.info("purging abandoned upload %s/%s%s", u.repository, u.upload_id, " (dry run)" if dry_run else "")
             if not dry_run:
@@ -155,6 +163,7 @@ class Uploads:
         self._hashes.pop(upload_id, None)
         self._locks.pop(upload_id, None)  # a holder keeps its object; later callers find the upload gone
         await self.storage.delete(layout.upload(repository, upload_id))
+        await self.ledger.record([ops.upload_gone(repository, upload_id)], durable=False)
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
         if len(self._locks) > 10_000:  # ids of uploads abandoned or never started
@@ -165,18 +174,3 @@ class Uploads:
 def range_headers(size: int) -> dict[str, str]:
     """`Range: 0-<last byte>` as clients expect it (`0-0` for an empty upload, as distribution)."""
     return {"Range": f"0-{max(size - 1, 0)}"}
-
-
-async def live_uploads(storage: Storage) -> list[UploadInfo]:
-    """Every upload in storage with its start time."""
-    found = []
-    for repository, marks in await inventory.repository_names(storage):
-        if "_uploads" not in marks:
-            continue
-        for upload_id in await storage.list(layout.uploads(repository)):
-            try:
-                started = float(await storage.get_bytes(layout.upload_started(repository, upload_id)))
-            except (NotFound, ValueError):
-                started = 0.0  # half-created: as old as can be
-            found.append(UploadInfo(repository, upload_id, started))
-    return found

@@ -1,5 +1,5 @@
 """Build the aiohttp application: the route table, the middlewares, and the lifecycle of what requests
-share. Storage, the index, the upstream session and the registry service (with the background jobs
+share. Storage, the ledger, the upstream session and the registry service (with the background jobs
 of what it owns) are each opened by one cleanup_ctx step, so a step that fails to start releases
 what the steps before it opened, and shutdown closes them in reverse."""
 
@@ -15,15 +15,15 @@ from mirror.api import endpoints
 from mirror.api.request import LIMITS
 from mirror.api.table import ROUTES
 from mirror.auth import GATE, Gate, authorize
-from mirror.cache.index import Index
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster, scope
 from mirror.config import Config
+from mirror.ledger.ledger import for_config
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
 from mirror.server.middleware import errors, metrics_endpoint, observe, on_prepare, resolve_again
 from mirror.server.notify import NOTIFIER, Notifier, events
-from mirror.server.state import CLOCK, CLUSTER, CONFIG, INDEX, METRICS, SESSION, STORAGE
+from mirror.server.state import CLOCK, CLUSTER, CONFIG, LEDGER, METRICS, SESSION, STORAGE
 from mirror.service import REGISTRY, Registry
 from mirror.storage import open_storage
 from mirror.storage.tier import HotTier
@@ -47,14 +47,15 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         await storage.close()
 
 
-async def _index(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    index = Index(config.cache.index_dir(config.storage), app[CLOCK])
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    """What storage holds, on this machine (`cache.index`): opened as it was left (O(1)); the registry
+    brings it up to date in the background."""
+    ledger = await for_config(app[CONFIG], app[STORAGE], app[CLOCK]).open()
     try:
-        app[INDEX] = index
+        app[LEDGER] = ledger
         yield
     finally:
-        index.close()
+        await ledger.close()
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
@@ -84,7 +85,7 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
-    registry = Registry(app[CONFIG], app[STORAGE], app[INDEX], app[SESSION], app[METRICS], app[CLOCK],
+    registry = Registry(app[CONFIG], app[STORAGE], app[LEDGER], app[SESSION], app[METRICS], app[CLOCK],
                         app.get(CLUSTER))
     app[REGISTRY] = registry
     async with registry.running():
@@ -143,12 +144,12 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     if config.metrics.enabled and config.metrics.addr is None:
         endpoints.add(app, endpoints.get(config.metrics.path, metrics_endpoint, "metrics", "base"))
     app.on_response_prepare.append(on_prepare(config))
-    app.cleanup_ctx.extend([_storage, _index, _session, *([_cluster] if config.redis else []), _registry])
+    app.cleanup_ctx.extend([_storage, _ledger, _session, *([_cluster] if config.redis else []), _registry])
     if notify:
         app[NOTIFIER] = Notifier(config, config.cache.local_dir(config.storage) / "_events", metrics)
         app.cleanup_ctx.append(_notifier)
     if config.metrics.enabled and config.metrics.addr is not None:
         app.cleanup_ctx.append(_metrics_listener)
     if config.ui.enabled:
-        ui.setup(app, config)  # after _registry: the UI's snapshot reads the registry
+        ui.setup(app, config)  # after _registry: the UI reads the registry and the ledger
     return app

@@ -6,10 +6,10 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from mirror.cache.index import Index
 from mirror.clock import Clock
 from mirror.cluster import Cluster
 from mirror.config import Config
+from mirror.ledger.ledger import Ledger
 from mirror.server.metrics import Metrics
 from mirror.storage import Storage
 
@@ -17,6 +17,6 @@ CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
 METRICS = web.AppKey("metrics", Metrics)
 STORAGE = web.AppKey("storage", Storage)
-INDEX = web.AppKey("index", Index)
+LEDGER = web.AppKey("ledger", Ledger)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 CLUSTER = web.AppKey("cluster", Cluster)  # only with redis:

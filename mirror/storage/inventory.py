@@ -1,17 +1,17 @@
-"""Reading the layout back: one walk of storage into what it holds (`take`), and the listings of one
-repository that the commands and the UI read. Keys are built by layout.py and parsed by
-`layout.parse`, nowhere else; gc, eviction, `du`, export, the UI's list and the storage gauges all
-read storage through here."""
+"""Reading the layout back: the listings of one repository (markers, links, tags, referrer records)
+and the repository names of a whole walk (export), for what reads storage itself. Keys are built by
+layout.py and parsed by `layout.parse`, nowhere else. Everything that asks about all of storage (the
+catalog, the UI's list, gc, eviction, `du`, the gauges) asks the ledger (mirror/ledger/) instead; only
+its rebuild walks storage, through `Storage.scan` and `layout.parse`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from mirror.names import ALGORITHMS, Digest
 from mirror.storage import layout
-from mirror.storage.base import NotFound, Stat, Storage
+from mirror.storage.base import NotFound, Storage
 
 
 class Progress(Protocol):
@@ -22,94 +22,6 @@ class Progress(Protocol):
     def reset(self, total: int | None = None) -> object: ...
 
     def set_description(self, desc: str) -> object: ...
-
-
-@dataclass
-class Contents:
-    """One repository as storage holds it."""
-
-    name: str
-    marks: set[str] = field(default_factory=set)  # what this mirror decided the name is (layout.MARKS)
-    layers: set[str] = field(default_factory=set)  # digests of the blobs it may serve
-    manifests: set[str] = field(default_factory=set)  # digests of its manifests
-    tags: set[str] = field(default_factory=set)  # tag names (what they point to costs a read each)
-    uploads: set[str] = field(default_factory=set)  # ids of uploads in progress
-
-    @property
-    def marked_private(self) -> bool:
-        return layout.PRIVATE_MARK in self.marks
-
-    @property
-    def linked(self) -> set[str]:
-        return self.layers | self.manifests
-
-    @property
-    def empty(self) -> bool:
-        """No manifest and no tag: uploads only, or emptied by deletes."""
-        return not self.manifests and not self.tags
-
-
-@dataclass
-class Inventory:
-    blobs: dict[str, Stat] = field(default_factory=dict)  # digest -> size and mtime
-    repositories: dict[str, Contents] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(st.size for st in self.blobs.values())
-
-    def add(self, parsed: layout.Parsed) -> None:
-        repo = self.repositories.get(parsed.repository)
-        if repo is None:
-            repo = self.repositories[parsed.repository] = Contents(parsed.repository)
-        if parsed.kind == layout.LAYER:
-            repo.layers.add(str(parsed.digest))
-        elif parsed.kind == layout.REVISION:
-            repo.manifests.add(str(parsed.digest))
-        elif parsed.kind == layout.TAG:
-            repo.tags.add(parsed.tag)
-        elif parsed.kind == layout.MARKER:
-            repo.marks.add(parsed.mark)
-        elif parsed.kind == layout.UPLOAD:
-            repo.uploads.add(parsed.upload_id)
-
-
-async def take(storage: Storage, *, blobs: bool = True, repositories: bool = True,
-               progress: Progress | None = None) -> Inventory:
-    """One walk of storage (off the loop: each backend's scan lists in a worker)."""
-    found = Inventory()
-    if blobs:
-        async for key, st in storage.scan(layout.BLOBS):
-            if progress is not None:
-                progress.update()
-            parsed = layout.parse(key)
-            if parsed is not None and parsed.kind == layout.BLOB:
-                found.blobs[str(parsed.digest)] = st
-    if repositories:
-        async for key, _ in storage.scan(layout.REPOSITORIES):
-            if progress is not None:
-                progress.update()
-            parsed = layout.parse(key)
-            if parsed is not None and parsed.kind != layout.BLOB:
-                found.add(parsed)
-    return found
-
-
-async def repository(storage: Storage, name: str) -> Contents:
-    """What storage holds for repository `name` (not the ones nested below it)."""
-    contents = Contents(name)
-    found = Inventory(repositories={name: contents})
-    async for key, _ in storage.scan(layout.repository(name)):
-        parsed = layout.parse(key)
-        if parsed is not None and parsed.repository == name:
-            found.add(parsed)
-    return contents
-
-
-async def blob_usage(storage: Storage) -> tuple[int, int]:
-    """(blobs, bytes) in storage, for the storage gauges."""
-    found = await take(storage, repositories=False)
-    return len(found.blobs), found.total
 
 
 async def repository_names(storage: Storage) -> list[tuple[str, list[str]]]:

@@ -9,6 +9,14 @@ inventory.py.
     repositories/<name>/_mirror/{private,cached}                 what this name is here (registry/namespace.py)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   a manifest naming that subject
     repositories/<name>/_uploads/<id>/{data,startedat,hashstate} an upload in progress
+
+Beside registry:2's tree, mirror's own shared state (registry:2 never looks there), the part of the
+layout every replica on this storage reads and writes (mirror/ledger/):
+
+    _mirror/journal/<hour>/<minute>/<ms>-<replica>-<seq>     what one write changed (ledger records)
+    _mirror/condemned/<algorithm>/<hex>                      a blob gc or eviction is about to delete
+    _mirror/passes/<id>                                      such a deletion pass is under way
+    _mirror/replicas/<replica>                               a live replica's heartbeat
 """
 
 from __future__ import annotations
@@ -105,6 +113,47 @@ def upload_started(name: str, upload_id: str) -> str:
 
 def upload_hashstate(name: str, upload_id: str) -> str:
     return f"{upload(name, upload_id)}/hashstate"
+
+
+MIRROR = "_mirror"
+JOURNAL = f"{MIRROR}/journal"
+CONDEMNED = f"{MIRROR}/condemned"
+REPLICAS = f"{MIRROR}/replicas"
+PASSES = f"{MIRROR}/passes"
+
+
+def journal_hour(hour: int) -> str:
+    """The records of one hour (hours since the epoch): the unit the journal is pruned by."""
+    return f"{JOURNAL}/{hour:08d}"
+
+
+def journal_minute(minute: int) -> str:
+    """The records of one minute (minutes since the epoch): the unit the journal is tailed by."""
+    return f"{journal_hour(minute // 60)}/{minute:010d}"
+
+
+def journal_record(ms: int, replica: str, seq: int) -> str:
+    """One record: written at `ms` (epoch milliseconds) by `replica`; names sort by time."""
+    return f"{journal_minute(ms // 60_000)}/{ms:013d}-{replica}-{seq:08d}"
+
+
+def journal_time(name: str) -> int | None:
+    """The milliseconds a record's name (the last part of its key) was written at; None for a stray."""
+    head = name.split("-", 1)[0]
+    return int(head) if len(head) == 13 and head.isdigit() else None
+
+
+def condemned(digest: Digest) -> str:
+    """A tombstone: `digest` is about to be deleted (a write that references it must look here first)."""
+    return f"{CONDEMNED}/{digest.algorithm}/{digest.hex}"
+
+
+def replica(replica_id: str) -> str:
+    return f"{REPLICAS}/{replica_id}"
+
+
+def deletion_pass(pass_id: str) -> str:
+    return f"{PASSES}/{pass_id}"
 
 
 # --- keys back into objects ---------------------------------------------------------------------

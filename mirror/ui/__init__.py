@@ -2,17 +2,15 @@
 deletes, server-rendered with Jinja2 (autoescaped: names, labels and annotations come from
 untrusted images), served on the API's port behind the same auth.
 
-`setup(app)` adds the routes, the templates and the catalog's lifecycle; `track` is the API
-middleware that tells the catalog about pulls, pushes and deletes.
+`setup(app)` adds the routes and the templates; `track` is the API middleware that tells the ledger
+of every answered manifest GET (the list's last pulled).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp_jinja2
 import jinja2
@@ -23,11 +21,11 @@ from mirror.api import endpoints
 from mirror.api.endpoints import Endpoint, get
 from mirror.config import Config
 from mirror.server.logs import REPOSITORY
-from mirror.server.state import INDEX, STORAGE
+from mirror.server.state import LEDGER
 from mirror.service import REGISTRY
 from mirror.ui import guard, views
 from mirror.ui.images import Images
-from mirror.ui.snapshot import Catalog
+from mirror.ui.listing import Listing
 
 NAME = "/ui/repo/{name:.+}"
 ROUTES: list[Endpoint] = [
@@ -94,7 +92,7 @@ def percent(share: float | None) -> str:
 
 
 def setup(app: web.Application, config: Config) -> None:
-    """Add the UI to `app` (call after the state's cleanup_ctx: the catalog needs the registry)."""
+    """Add the UI to `app` (call after the state's cleanup_ctx: the list needs the registry and the ledger)."""
     filters: dict[str, Callable[..., str]] = {"size": human_size, "ago": ago, "timestamp": timestamp,
                                               "created": created, "short": short, "percent": percent}
     env = aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("mirror.ui", "templates"), autoescape=True,
@@ -103,34 +101,21 @@ def setup(app: web.Application, config: Config) -> None:
     env.globals["url"] = lambda route, **parts: str(app.router[route].url_for(**parts)).replace("%3A", ":")
     app[guard.SECRET] = guard.secret(config.http.secret)
     endpoints.add(app, ROUTES)
-    app.cleanup_ctx.append(_catalog)
+    app.on_startup.append(_listing)
 
 
-async def _catalog(app: web.Application) -> AsyncIterator[None]:
+async def _listing(app: web.Application) -> None:
     registry = app[REGISTRY]
-    catalog = Catalog(app[STORAGE], app[INDEX], registry.classify, registry.upstream_of)
-    app[views.CATALOG] = catalog
+    app[views.LISTING] = Listing(app[LEDGER], registry.upstream_of)
     app[views.IMAGES] = Images(registry)
-    task = asyncio.create_task(catalog.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @web.middleware
 async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The catalog hears of every manifest GET (last pulled) and every push or delete."""
+    """The list hears of every answered manifest GET (last pulled); pushes and deletes are in the ledger
+    by the time they are answered."""
     response = await handler(request)
     found = endpoints.endpoint(request)
-    if found is None:
-        return response
-    if found.area == "manifests" and request.method == "GET":
-        if response.status == 200:
-            request.app[views.CATALOG].pull(request[REPOSITORY], response.headers.get("Docker-Content-Digest", ""))
-    elif found.area in ("manifests", "blobs") and found.action in ("push", "delete") \
-            and response.status in (201, 202):
-        request.app[views.CATALOG].changed(request[REPOSITORY])
+    if found is not None and found.area == "manifests" and request.method == "GET" and response.status == 200:
+        request.app[views.LISTING].pull(request[REPOSITORY], response.headers.get("Docker-Content-Digest", ""))
     return response

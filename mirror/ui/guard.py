@@ -21,7 +21,6 @@ from yarl import URL
 from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, may
 from mirror.registry.namespace import Route
 from mirror.service import REGISTRY
-from mirror.ui.snapshot import Repository
 
 SECRET = web.AppKey("ui_secret", bytes)
 
@@ -37,11 +36,6 @@ def auth_on(request: web.Request) -> bool:
 
 def may_see(request: web.Request, route: Route) -> bool:
     return may(request, route.local, route.private, "pull")
-
-
-def may_list(request: web.Request, repository: Repository) -> bool:
-    """A row of the list: what the snapshot knows of the repository decides, without a look-up."""
-    return may(request, repository.name, repository.private, "pull")
 
 
 def may_delete(request: web.Request, route: Route) -> bool:

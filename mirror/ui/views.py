@@ -4,9 +4,7 @@ same data as JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -15,26 +13,27 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from mirror.auth import GATE, Need
+from mirror.auth import GATE, Need, catalog_filter
 from mirror.errors import RegistryError
+from mirror.ledger import queries
 from mirror.names import parse_digest, parse_name, parse_reference
 from mirror.registry.namespace import Route
-from mirror.server.state import CONFIG, METRICS
+from mirror.server.state import CONFIG, LEDGER, METRICS
 from mirror.service import REGISTRY
 from mirror.ui import guard
 from mirror.ui.images import Images, config_section
+from mirror.ui.listing import Listing, Repository
 from mirror.ui.overview import overview as read_overview
-from mirror.ui.snapshot import Catalog, Repository
 
-CATALOG = web.AppKey("ui_catalog", Catalog)
+LISTING = web.AppKey("ui_listing", Listing)
 IMAGES = web.AppKey("ui_images", Images)
 STATIC = Path(__file__).with_name("static")
 STATIC_FILES = frozenset({"ui.css", "ui.js", "favicon.svg"})
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-READY_WAIT = 5.0  # a request right after start waits this long for the first catalog build
+READY_WAIT = 5.0  # a request right after start waits this long for the ledger to be up to date
 UNTAGGED_SHOWN = 200
-TAGS_READ = 2000  # pages that resolve every tag of a repository stop here
+TAGS_SHOWN = 2000  # a manifest page names at most this many tags pointing at it
 # Scripts and styles from this origin only (no inline script can run), no framing, no sniffing.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
@@ -120,32 +119,19 @@ SORTS = ("name", "size", "pulled")
 
 
 async def _listing(request: web.Request) -> dict[str, Any]:
-    catalog = request.app[CATALOG]
-    if not catalog.ready.is_set():
-        try:
-            await asyncio.wait_for(catalog.ready.wait(), READY_WAIT)
-        except TimeoutError:
-            pass
+    ledger = request.app[LEDGER]
+    if not ledger.ready.is_set():
+        await ledger.wait_ready(READY_WAIT)
     q = request.query.get("q", "").strip().lower()[:200]
     kind = request.query.get("kind", "")
     kind = kind if kind in ("private", "cached") else ""
     sort = request.query.get("sort", "name")
     sort = sort if sort in SORTS else "name"
     size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
-    names = catalog.ordered(sort)
-    if q:
-        names = [n for n in names if q in n]
-    if kind:
-        private = kind == "private"
-        names = [n for n in names if catalog.repositories[n].private == private]
-    names = [n for n in names if guard.may_list(request, catalog.repositories[n])]
-    pages = max(1, math.ceil(len(names) / size))
-    number = min(_int_param(request, "page", 1, 10**9), pages)
-    shown = names[(number - 1) * size:number * size]
-    rows = [(catalog.repositories[n], catalog.last_pulled(n)) for n in shown]
-    return {"rows": rows, "total": len(names), "all": len(catalog.names), "q": q, "kind": kind, "sort": sort,
-            "n": size, "page": number, "pages": pages, "ready": catalog.ready.is_set(), "built_at": catalog.built_at,
-            "error": catalog.error}
+    number = _int_param(request, "page", 1, 10**9)
+    found = await request.app[LISTING].page(q, kind, sort, number, size, catalog_filter(request))
+    return {**found, "q": q, "kind": kind, "sort": sort, "n": size, "ready": ledger.ready.is_set(),
+            "error": ledger.error}
 
 
 @page
@@ -180,34 +166,24 @@ async def repository(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>: tags (digest, size, created, platforms, last pulled), untagged manifests."""
     repo_route = await _repository(request)
     name = repo_route.local
-    registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
-    tags = sorted(await registry.tag_names(name))
-    revisions = await registry.manifest_digests(name)
-    if not tags and not revisions:
+    ledger, images = request.app[LEDGER], request.app[IMAGES]
+    repo = await request.app[LISTING].repository(name)
+    if repo is None:
         raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {name}")
     size = _int_param(request, "n", PAGE_SIZE, MAX_PAGE_SIZE)
-    pages = max(1, math.ceil(len(tags) / size))
+    pages = max(1, math.ceil(repo.tags / size))
     number = min(_int_param(request, "page", 1, 10**9), pages)
-    repo = catalog.repositories.get(name)
+    tagged = await ledger.read(queries.tags_of, name, (number - 1) * size, size)
+    untagged = await ledger.read(queries.manifests_of, name, True, UNTAGGED_SHOWN)
+    pulled = await request.app[LISTING].pulled(name, sorted({d for _, d in tagged} | {d for d, _ in untagged}))
     rows = []
-    tagged = set()
-    for tag in tags[(number - 1) * size:number * size]:
-        digest = await registry.tag(name, tag)
-        summary = await images.summary(name, digest) if digest else None
-        if digest:
-            tagged.add(digest)
-        rows.append({"tag": tag, "digest": digest, "summary": summary,
-                     "pulled": catalog.last_pulled(name, digest or ""),
-                     "commands": pull_commands(request, name, tag, repo)})
-    untagged: list[str] = []
-    if len(tags) <= TAGS_READ:  # which manifests no tag names: a read per tag, so not for huge repositories
-        all_tagged = {await registry.tag(name, t) for t in tags} if len(tags) > len(rows) else tagged
-        untagged = [d for d in revisions if d not in all_tagged][:UNTAGGED_SHOWN]
+    for tag, digest in tagged:
+        rows.append({"tag": tag, "digest": digest, "summary": await images.summary(name, digest),
+                     "pulled": pulled.get(digest), "commands": pull_commands(request, name, tag, repo)})
     return render(request, "repository.html", {
-        "name": name, "repo": repo, "rows": rows, "tag_count": len(tags), "page": number, "pages": pages, "n": size,
-        "untagged": [(d, catalog.last_pulled(name, d)) for d in untagged],
-        "may_delete": guard.may_delete(request, repo_route), "pulled": catalog.last_pulled(name),
-        "deleted": request.query.get("deleted", "")[:300],
+        "name": name, "repo": repo, "rows": rows, "tag_count": repo.tags, "page": number, "pages": pages, "n": size,
+        "untagged": [(d, pulled.get(d)) for d, _ in untagged], "may_delete": guard.may_delete(request, repo_route),
+        "pulled": await request.app[LISTING].last_pulled(name), "deleted": request.query.get("deleted", "")[:300],
     })
 
 
@@ -217,15 +193,14 @@ async def manifest(request: web.Request) -> web.StreamResponse:
     repo_route = await _repository(request)
     name = repo_route.local
     digest = parse_digest(request.match_info["digest"])
-    registry, catalog = request.app[REGISTRY], request.app[CATALOG]
+    registry, ledger = request.app[REGISTRY], request.app[LEDGER]
     view = await request.app[IMAGES].view(name, str(digest))
     referrers = await registry.referrers(repo_route, digest, None)
-    names = sorted(await registry.tag_names(name)) if not view.subject else []
-    tags = [t for t in names[:TAGS_READ] if await registry.tag(name, t) == view.digest]
+    tags = [] if view.subject else (await ledger.read(queries.tags_pointing, name, view.digest))[:TAGS_SHOWN]
+    pulled = await request.app[LISTING].pulled(name, [view.digest])
     return render(request, "manifest.html", {
         "name": name, "view": view, "config": config_section(view.image_config), "referrers": referrers,
-        "tags": tags, "may_delete": guard.may_delete(request, repo_route),
-        "pulled": catalog.last_pulled(name, view.digest),
+        "tags": tags, "may_delete": guard.may_delete(request, repo_route), "pulled": pulled.get(view.digest),
     })
 
 
@@ -259,8 +234,7 @@ async def confirm_delete(request: web.Request) -> web.StreamResponse:
         digest = reference
         if await registry.stored_manifest(name, digest) is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}@{digest}")
-        also = [t for t in sorted(await registry.tag_names(name))
-                if await registry.tag(name, t) == digest]
+        also = await request.app[LEDGER].read(queries.tags_pointing, name, digest)
     return render(request, "confirm.html", {"name": name, "kind": kind, "reference": reference, "digest": digest,
                                             "also": also, "token": guard.token(request, name, reference)})
 
@@ -280,7 +254,6 @@ async def delete(request: web.Request) -> web.StreamResponse:
         raise RegistryError("UNSUPPORTED", "tick the confirmation box to delete")
     registry = request.app[REGISTRY]
     await registry.delete_manifest(route, parse_digest(reference) if kind == "digest" else reference)
-    request.app[CATALOG].changed(name)
     what = f"{name}@{reference}" if kind == "digest" else f"{name}:{reference}"
     location = request.app.router["ui_repository"].url_for(name=name).with_query(deleted=what)
     raise web.HTTPSeeOther(location)
@@ -292,9 +265,8 @@ async def delete(request: web.Request) -> web.StreamResponse:
 async def overview(request: web.Request) -> web.StreamResponse:
     """GET /ui/overview: the cache's numbers from the same Metrics object /metrics renders."""
     data = read_overview(request.app[METRICS], request.app[CONFIG])
-    catalog = request.app[CATALOG]
-    age = time.time() - catalog.built_at if catalog.built_at else None
-    return render(request, "overview.html", {"o": data, "repositories": len(catalog.names), "catalog_age": age})
+    listed = (await request.app[LISTING].page("", "", "name", 1, 1, catalog_filter(request)))["all"]
+    return render(request, "overview.html", {"o": data, "repositories": listed})
 
 
 async def api_overview(request: web.Request) -> web.StreamResponse:

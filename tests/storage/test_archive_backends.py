@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mirror.commands.archive import ArchiveError, export, import_archive
+from mirror.commands.archive import ArchiveError, export
 from mirror.names import Digest, parse_digest
 from mirror.storage import NotFound, Storage, layout
+from tests.test_archive import imported_from
 
 MiB = 1 << 20
 
@@ -68,7 +69,7 @@ async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> 
     await storage.delete("blobs")
     assert await listing(storage) == {}
 
-    imported = await import_archive(storage, archive)
+    imported = await imported_from(storage, archive, tmp_path)
     assert imported.new_blobs == 6
     assert await listing(storage) == before
 
@@ -81,5 +82,5 @@ async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> 
     (tmp_path / "bad.tar").write_bytes(bytes(damaged))
     partial = await listing(storage)
     with pytest.raises(ArchiveError, match="do not match the digest"):
-        await import_archive(storage, tmp_path / "bad.tar")
+        await imported_from(storage, tmp_path / "bad.tar", tmp_path)
     assert await listing(storage) == partial

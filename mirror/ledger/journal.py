@@ -1,0 +1,227 @@
+"""The journal: how replicas on one storage learn each other's writes. Every write's ops go into a
+record in storage (`_mirror/journal/<hour>/<minute>/<ms>-<replica>-<seq>`, layout.py), written by one
+task per process in the order of the writes (records waiting while one is written go out together
+as the next); each replica lists the minutes since it last looked and applies the records it has
+not seen.
+
+Visibility is bounded, not instant: a record is in storage within LAG of the time its name carries
+(a write slower than half of that is written again under a later time; applying twice is harmless).
+So a poll that lists at time T has seen every record older than T - LAG: the *horizon*, which a
+replica keeps with its ledger and resumes from. Records are kept RETENTION; a replica behind by
+more rebuilds its ledger from storage instead. Each process also keeps a heartbeat under
+`_mirror/replicas/`, so a deletion pass knows whether anyone else may be writing (fence.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mirror.clock import Clock
+from mirror.ledger.ops import Op
+from mirror.storage import NotFound, Storage, layout
+
+log = logging.getLogger("mirror.ledger")
+
+LAG = 10.0  # seconds within which a record is readable by everyone (name time to visible)
+RETENTION = 7 * 86400.0  # records are kept this long; a replica behind by more rebuilds
+HEARTBEAT = 10.0  # seconds between a replica's heartbeats; three missed and it counts as gone
+READS = 8  # records read at once while catching up
+
+
+def now_ms(clock: Clock) -> int:
+    return int(clock.time() * 1000)
+
+
+@dataclass
+class Record:
+    key: str
+    ops: list[Op]
+    replica: str
+
+
+class JournalWriter:
+    """This process's records, in write order, one PUT at a time with whatever queued meanwhile."""
+
+    def __init__(self, storage: Storage, clock: Clock, replica: str, lag: float = LAG) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.replica = replica
+        self.lag = lag
+        self._seq = 0
+        self._pending: list[tuple[list[Op], asyncio.Future[str] | None, int]] = []
+        self._task: asyncio.Task[None] | None = None
+        # told each key this process writes, with the tag its ops came with (the ledger generation)
+        self.written: Callable[[str, int], None] = lambda key, tag: None
+
+    async def append(self, ops: list[Op], *, wait: bool, tag: int = 0) -> str | None:
+        """Queue `ops`; with `wait`, return once they are in storage (the key), else at once."""
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._pending.append((ops, future, tag))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future if future is not None else None
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            ops = [op for group, _, _ in batch for op in group]
+            try:
+                key = await self._put(ops, {tag for _, _, tag in batch})
+            except Exception as e:
+                log.warning("journal record of %d ops not written: %s", len(ops), e)
+                for _, future, _ in batch:
+                    if future is not None and not future.done():
+                        future.set_exception(e)
+                continue
+            for _, future, _ in batch:
+                if future is not None and not future.done():
+                    future.set_result(key)
+
+    async def _put(self, ops: list[Op], tags: set[int]) -> str:
+        body = json.dumps({"replica": self.replica, "ops": ops}, separators=(",", ":")).encode()
+        while True:
+            ms = now_ms(self.clock)
+            self._seq += 1
+            key = layout.journal_record(ms, self.replica, self._seq)
+            for tag in tags:
+                self.written(key, tag)
+            await self.storage.put_bytes(key, body)
+            if now_ms(self.clock) - ms < self.lag * 500:
+                return key
+            # Slow: readers may have passed its time already. The same ops again under a later one.
+            log.warning("journal record %s took %.1fs to write; writing it again", key, (now_ms(self.clock) - ms) / 1e3)
+
+    async def flush(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+
+@dataclass
+class Tail:
+    """Where this replica's ledger stands in the journal: everything before `horizon` (ms) applied,
+    and the records at or after it already applied by name."""
+
+    horizon: int
+    seen: set[str] = field(default_factory=set)
+
+
+async def poll(storage: Storage, clock: Clock, tail: Tail, apply: Callable[[list[Record]], Awaitable[None]],
+               lag: float = LAG, batch: int = 256) -> int:
+    """Read the records written since `tail.horizon` that are not yet applied, and `apply` them in name
+    (time) order, in batches; then move the horizon. The number applied."""
+    start = now_ms(clock)
+    first_minute = tail.horizon // 60_000
+    names: list[str] = []
+    for hour in range(tail.horizon // 3_600_000, start // 3_600_000 + 1):
+        minutes = [int(m) for m in await storage.list(layout.journal_hour(hour)) if m.isdigit()]
+        for minute in sorted(m for m in minutes if m >= first_minute):
+            prefix = layout.journal_minute(minute)
+            for name in await storage.list(prefix):
+                ms = layout.journal_time(name)
+                key = f"{prefix}/{name}"
+                if ms is not None and ms >= tail.horizon and key not in tail.seen:
+                    names.append(key)
+    applied = 0
+    for i in range(0, len(names), batch):
+        keys = names[i:i + batch]
+        records = [r for r in await _read_all(storage, keys) if r is not None]
+        await apply(records)
+        tail.seen.update(keys)
+        applied += len(records)
+    horizon = max(tail.horizon, start - int(lag * 1000))
+    tail.seen = {k for k in tail.seen if (layout.journal_time(k.rsplit("/", 1)[1]) or 0) >= horizon}
+    tail.horizon = horizon
+    return applied
+
+
+async def _read_all(storage: Storage, keys: list[str]) -> list[Record | None]:
+    limit = asyncio.Semaphore(READS)
+
+    async def read(key: str) -> Record | None:
+        async with limit:
+            try:
+                raw = json.loads(await storage.get_bytes(key))
+            except NotFound:
+                return None  # pruned meanwhile
+            except ValueError:
+                log.warning("journal record %s is not JSON: skipped", key)
+                return None
+        ops = raw.get("ops") if isinstance(raw, dict) else None
+        if not isinstance(ops, list):
+            return None
+        return Record(key, [op for op in ops if isinstance(op, list) and op and isinstance(op[0], str)],
+                      str(raw.get("replica", "")))
+
+    return list(await asyncio.gather(*(read(k) for k in keys)))
+
+
+async def prune(storage: Storage, clock: Clock, retention: float = RETENTION) -> int:
+    """Delete the hours of records older than `retention`, and heartbeats gone silent for as long."""
+    oldest = int((clock.time() - retention) * 1000) // 3_600_000
+    removed = 0
+    for hour in await storage.list(layout.JOURNAL):
+        if hour.isdigit() and int(hour) < oldest:
+            await storage.delete(layout.journal_hour(int(hour)))
+            removed += 1
+    async for key, st in storage.scan(layout.REPLICAS):
+        if st.mtime < clock.time() - retention:
+            await storage.delete(key)
+    return removed
+
+
+# --- heartbeats -------------------------------------------------------------------------------------
+
+
+def new_replica_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Heartbeat:
+    """`_mirror/replicas/<id>`: this process is alive and may write (every HEARTBEAT seconds)."""
+
+    def __init__(self, storage: Storage, replica: str, role: str) -> None:
+        self.storage = storage
+        self.key = layout.replica(replica)
+        self.body = json.dumps({"role": role, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        self.beat_at = 0.0  # monotonic time of the last beat
+        self.mtime = 0.0  # storage's time of it (peers are judged on storage's clock)
+
+    async def beat(self) -> None:
+        await self.storage.put_bytes(self.key, self.body)
+        st = await self.storage.stat(self.key)
+        self.mtime = st.mtime if st is not None else time.time()
+        self.beat_at = time.monotonic()
+
+    async def fresh(self) -> None:
+        """Before a write others must know of: a heartbeat younger than HEARTBEAT."""
+        if time.monotonic() - self.beat_at >= HEARTBEAT:
+            await self.beat()
+
+    async def peers(self) -> list[str]:
+        """Other processes that have beaten within three periods of our last beat."""
+        await self.fresh()
+        found = []
+        async for key, st in self.storage.scan(layout.REPLICAS):
+            if key != self.key and st.mtime >= self.mtime - 3 * HEARTBEAT:
+                found.append(key.rsplit("/", 1)[1])
+        return found
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.storage.delete(self.key)
+
+
+def record_time(key: str) -> int:
+    return layout.journal_time(key.rsplit("/", 1)[1]) or 0
+
+
+__all__ = ["LAG", "RETENTION", "Heartbeat", "JournalWriter", "Record", "Tail", "poll", "prune"]
