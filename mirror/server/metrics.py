@@ -103,6 +103,12 @@ class Metrics:
                                       ["backend", "operation"], registry=r)
         self.hot_tier_bytes = Gauge("mirror_hot_tier_bytes", "Bytes of blobs on local disk in front of remote storage.",
                                     registry=r)
+        self.storage_full = Gauge("mirror_storage_full",
+                                  "1 while local storage refuses writes for lack of space (until one succeeds).",
+                                  registry=r)
+        self.storage_full_errors = Counter("mirror_storage_full_errors",
+                                           "Writes refused for lack of space (pushes answered 507, fetches not kept).",
+                                           registry=r)
         self.notifications_queued = Gauge("mirror_notifications_queued",
                                           "Events waiting (on disk) for a notification endpoint.", ["endpoint"],
                                           registry=r)
