@@ -70,6 +70,8 @@ class Registry:
                                 ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
                                 low=cache.low_watermark)
         self._blobs.on_growth = self._evictor.grew
+        if storage.name == "filesystem":  # on OSS a full local disk is the hot tier's, which evicts itself
+            storage.space.on_full.append(self._evictor.pressure)
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect
 
@@ -82,9 +84,8 @@ class Registry:
                    every(EPOCH_CHECK_SECONDS, self._notice_storage_changes, first=False),
                    every(STORAGE_SCAN_SECONDS * (1 if self._storage.name == "filesystem" else 10),
                          self._count_storage))
-        cache, purging = self._config.cache, self._config.storage.uploadpurging
-        if cache.max_size is not None or cache.content_ttl is not None:
-            jobs.start(self._evictor.run_forever())
+        purging = self._config.storage.uploadpurging
+        jobs.start(self._evictor.run_forever())  # passes without a cap or TTL only when the disk fills
         if purging.enabled:
             jobs.start(self._uploads.purge_forever(purging.age, purging.interval, purging.dryrun))
         try:

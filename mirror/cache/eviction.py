@@ -5,8 +5,10 @@ used within `cache.min_idle`: a manifest served that recently keeps everything i
 an image being pulled keeps its layers.
 
 Last use comes from the index (batched access times), else the object's mtime. One pass walks
-storage once (`Census`); the server runs passes in the background, and at once when a new blob
-takes usage past the high watermark.
+storage once (`Census`); the server runs passes in the background, at once when a new blob
+takes usage past the high watermark, and at once when a write finds the disk full: that pass
+treats what storage holds as the cap, so least recently used proxied content goes down to the
+low watermark of it (cached content is what a full disk can spare; private content never goes).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Evictor:
         self.max_size, self.ttl, self.min_idle, self.high, self.low = max_size, ttl, min_idle, high, low
         self.usage: int | None = None  # bytes in storage: from the last census plus what arrived since
         self.wake = asyncio.Event()
+        self._pressed = False  # a write found the disk full: the next pass makes room
         self._lock = asyncio.Lock()
         self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
@@ -122,13 +125,25 @@ class Evictor:
         if self.max_size is not None and self.usage + (0 if committed else size) > self.max_size * self.high:
             self.wake.set()
 
+    def pressure(self) -> None:
+        """A write found the disk full: make room now."""
+        self._pressed = True
+        self.wake.set()
+
+    @property
+    def configured(self) -> bool:
+        """Whether passes have anything to do without pressure (a size cap or a TTL)."""
+        return self.max_size is not None or self.ttl is not None
+
     async def run_forever(self) -> None:
-        """A pass at start, then every EVICTION_SECONDS or as soon as a new blob passes the high watermark."""
+        """A pass at start, then every EVICTION_SECONDS or as soon as a new blob passes the high
+        watermark or a write finds the disk full (only those, without a cap or a TTL)."""
         while True:
-            try:
-                await self.run()
-            except Exception:
-                log.exception("eviction pass failed")
+            if self.configured or self._pressed:
+                try:
+                    await self.run()
+                except Exception:
+                    log.exception("eviction pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), EVICTION_SECONDS)
 
@@ -140,6 +155,7 @@ class Evictor:
         max_size = self.max_size if max_size is None else max_size
         async with self._lock:
             self.wake.clear()
+            pressed, self._pressed = self._pressed, False
             now = time.time() if now is None else now
             census = await take_census(self.storage, self.is_private, progress=progress)
             self._times = await asyncio.to_thread(self.index.flushed_access_times)
@@ -148,8 +164,11 @@ class Evictor:
             protected = self._protected(census, now, result)
             protected |= await self._referenced_by_recent_manifests(census, now)
             candidates = sorted((self._last_use(d, census), d) for d in census.blobs if d not in protected)
-            # Only past the high watermark does size evict, and then down to the low one.
+            # Only past the high watermark does size evict, and then down to the low one; a full
+            # disk caps storage at what it holds.
             target = max_size * self.low if max_size is not None and census.total > max_size * self.high else None
+            if pressed:
+                target = min(target if target is not None else census.total, census.total * self.low)
             usage = census.total
             victims: list[str] = []
             for last_use, digest in candidates:  # least recently used first
@@ -174,9 +193,9 @@ class Evictor:
             if not dry_run:
                 self.usage = result.usage_after
             if victims:
-                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(victims),
+                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s%s", len(victims),
                          result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
-                         " (dry run)" if dry_run else "")
+                         " (dry run)" if dry_run else "", " to make room on a full disk" if pressed else "")
             if max_size is not None and result.usage_after > max_size:
                 log.warning("storage holds %d bytes, over cache.max_size %d: the rest is private or in use",
                             result.usage_after, max_size)
