@@ -337,8 +337,13 @@ class Registry:
             raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
 
     async def mount(self, route: Route, digest: Digest, source: str) -> bool:
-        """Cross-repository mount: link the blob if `source` has it here."""
+        """Cross-repository mount: link the blob if `source` has it here and it verifies (a damaged
+        one is not linked: the client uploads the bytes instead, which replaces it)."""
         if await self._blobs.find(source, digest) is None:
+            return False
+        if not await self._blobs.intact(digest):
+            log.error("blob %s does not match its digest: not mounted into %s (the upload that follows "
+                      "replaces it)", digest, route.local)
             return False
         await self._blobs.link(route.local, digest)
         return True

@@ -5,6 +5,7 @@ pull-through rules on top, and private repositories use these stores directly.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from pathlib import Path
 
 from mirror.cache.index import Index
 from mirror.names import Digest, parse_digest
-from mirror.registry import manifest_schema, mediatypes
+from mirror.registry import integrity, manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
 from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
+log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
+DAMAGE_REPORTED = 10_000  # digests whose damage was logged (once each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,10 @@ class _Links:
 
 
 class ManifestStore:
+    """Manifests are verified whenever their bytes come from storage (they are small): a damaged
+    one is never served (a cached one is fetched again, a private one is unknown until re-pushed
+    or scrubbed), and a put replaces a damaged stored copy."""
+
     def __init__(self, storage: Storage, memory: int, added: Callable[[int], None]) -> None:
         self.storage = storage
         self.added = added  # BlobStore.added: bytes entered storage
@@ -59,6 +66,7 @@ class ManifestStore:
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
         self._links = _Links()
+        self._reported: set[str] = set()
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -74,6 +82,9 @@ class ManifestStore:
                 body = await self.storage.get_bytes(layout.blob(d))
             except NotFound:
                 return None
+            if Digest.of(body, d.algorithm) != d:
+                self._damaged(digest)
+                return None
             manifest = Manifest(digest, mediatypes.detect(body), body)
             self._remember(manifest)
         self._links.add(repository, digest)
@@ -81,9 +92,13 @@ class ManifestStore:
 
     async def put(self, repository: str, manifest: Manifest) -> None:
         d = parse_digest(manifest.digest)
-        if await self.storage.stat(layout.blob(d)) is None:
+        stored = await integrity.intact(self.storage, layout.blob(d), d)
+        if stored is not True:  # absent, or damaged: these bytes verified, they replace it
+            if stored is False:
+                log.warning("replacing the damaged stored copy of manifest %s", manifest.digest)
             await self.storage.put_bytes(layout.blob(d), manifest.body)
-            self.added(len(manifest.body))
+            if stored is None:
+                self.added(len(manifest.body))
         await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
@@ -113,6 +128,14 @@ class ManifestStore:
         self._memory.clear()
         self._memory_size = 0
         self._links = _Links()
+
+    def _damaged(self, digest: str) -> None:
+        if digest not in self._reported:
+            if len(self._reported) > DAMAGE_REPORTED:
+                self._reported.clear()
+            self._reported.add(digest)
+            log.error("stored manifest %s does not match its digest: not served (a cached one is fetched "
+                      "again; push it again or run mirror scrub)", digest)
 
     def forget(self, digest: str) -> None:
         """Drop a manifest from memory (it was evicted from storage)."""
@@ -154,6 +177,10 @@ class BlobStore:
 
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(layout.blob(digest))
+
+    async def intact(self, digest: Digest) -> bool | None:
+        """Whether the stored blob hashes to its digest (reads it whole); None if it is not there."""
+        return await integrity.intact(self.storage, layout.blob(digest), digest)
 
     async def find(self, repository: str, digest: Digest) -> StoredBlob | None:
         """The blob in storage if `repository` may serve it."""

@@ -87,18 +87,23 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 await self._delete(repository, upload_id)
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
-            if await self.blobs.stat(digest) is None:
-                if size == 0:
-                    await self.storage.put_bytes(layout.blob(digest), b"")
-                else:
-                    await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
+            # Verified bytes always replace a stored copy: it may be damaged, and a re-push is the
+            # usual repair (a rename here, not a read of the old copy to find out).
+            new = await self.blobs.stat(digest) is None
+            if size == 0:
+                await self.storage.put_bytes(layout.blob(digest), b"")
+            else:
+                await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
+            if new:
                 self.blobs.added(size)
             await self.blobs.link(repository, digest)
             await self._delete(repository, upload_id)
             return size
 
     async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
-        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
+        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches
+        (replacing a stored copy, which may be damaged)."""
+        new = await self.blobs.stat(digest) is None
         hasher = digest.hasher()
         writer = await self.storage.writer(layout.blob(digest))
         async with writer:
@@ -109,7 +114,8 @@ class Uploads:
                 await writer.cancel()
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             await writer.commit()
-        self.blobs.added(writer.size)
+        if new:
+            self.blobs.added(writer.size)
         await self.blobs.link(repository, digest)
         return writer.size
 
