@@ -19,6 +19,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.flight import Flight
 from mirror.cache.index import Index
 from mirror.cache.manifest_cache import ManifestCache, Served
+from mirror.cache.scrub import Scrubber
 from mirror.clock import SYSTEM, Clock
 from mirror.config import Config
 from mirror.errors import RegistryError
@@ -72,6 +73,8 @@ class Registry:
         self._blobs.on_growth = self._evictor.grew
         if storage.name == "filesystem":  # on OSS a full local disk is the hot tier's, which evicts itself
             storage.space.on_full.append(self._evictor.pressure)
+        self._scrubber = Scrubber(storage, self._router.is_private, reads=storage.bulk(), manifests=self._manifests,
+                                  metrics=metrics)
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect
 
@@ -86,6 +89,9 @@ class Registry:
                          self._count_storage))
         purging = self._config.storage.uploadpurging
         jobs.start(self._evictor.run_forever())  # passes without a cap or TTL only when the disk fills
+        scrub = self._config.scrub
+        if scrub.enabled:
+            jobs.start(self._scrubber.run_forever(scrub.interval, scrub.rate, self._index))
         if purging.enabled:
             jobs.start(self._uploads.purge_forever(purging.age, purging.interval, purging.dryrun))
         try:

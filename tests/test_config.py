@@ -163,6 +163,10 @@ def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
         ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
         ("version: 0.1\nui: {enabled: sometimes}\n", r"^ui\.enabled: expected true or false"),
         ("version: 0.1\nui: {enabled: true, theme: dark}\n", r"^ui\.theme: unknown configuration key"),
+        ("version: 0.1\nscrub: {rate: fast}\n", r"^scrub\.rate"),
+        ("version: 0.1\nscrub: {rate: 0}\n", r"^scrub\.rate"),
+        ("version: 0.1\nscrub: {interval: 0s}\n", r"^scrub\.interval"),
+        ("version: 0.1\nscrub: {pace: 1}\n", r"^scrub\.pace: unknown"),
         ("- a\n- b\n", r"mapping"),
     ],
 )
@@ -297,3 +301,13 @@ def test_ui_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, "version: 0.1\n"), {}).ui.enabled
     assert not load(write(tmp_path, "version: 0.1\nui: {enabled: false}\n"), {}).ui.enabled
     assert not load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_UI_ENABLED": "false"}).ui.enabled
+
+
+def test_scrub_keys_and_env(tmp_path: Path) -> None:
+    default = load(write(tmp_path, "version: 0.1\n"), {}).scrub
+    assert default.enabled and default.rate == 20 << 20 and default.interval == 7 * 24 * 3600
+    c = load(write(tmp_path, "version: 0.1\nscrub: {enabled: false, rate: 5MiB, interval: 24h}\n"), {}).scrub
+    assert (c.enabled, c.rate, c.interval) == (False, 5 << 20, 24 * 3600)
+    c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_SCRUB_ENABLED": "false", "REGISTRY_SCRUB_RATE": "1MiB",
+                                                   "REGISTRY_SCRUB_INTERVAL": "1h"}).scrub
+    assert (c.enabled, c.rate, c.interval) == (False, 1 << 20, 3600)

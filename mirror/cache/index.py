@@ -191,6 +191,14 @@ class Index:
         moved, self._epoch = epoch != self._epoch, epoch
         return moved
 
+    def scrubbed_at(self) -> float | None:
+        """When the server's last complete scrub pass ended (None: never)."""
+        at = self.db.get("scrubbed_at")
+        return None if at is None else float(at)
+
+    def scrub_finished(self, at: float) -> None:
+        self._try(lambda: self.db.set("scrubbed_at", at))
+
     def clear(self) -> None:
         """Forget everything (`mirror index rebuild` refills it from storage)."""
         self._tags.clear()

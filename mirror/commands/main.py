@@ -1,4 +1,4 @@
-"""`mirror serve | gc | du | evict | index | prefetch | export | import | check-config`."""
+"""`mirror serve | gc | du | evict | scrub | index | prefetch | export | import | check-config`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("evict"))
+    p = sub.add_parser("scrub", help="hash every blob and manifest; take damaged ones out of what is served")
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--rate", type=_bytes, help="hash at most this many bytes a second (e.g. 50MiB; default: "
+                                               "as fast as storage reads)")
+    p.add_argument("--dry-run", action="store_true", help="only report what is damaged")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_lazy("scrub"))
     p = sub.add_parser("index", help="the local index (diskcache)")
     p.add_argument("action", choices=["rebuild"], help="rebuild: recreate it from storage")
     p.add_argument("--config", help=CONFIG_HELP)

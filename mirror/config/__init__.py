@@ -34,6 +34,7 @@ from mirror.config.model import (
     NotificationsConfig,
     OssConfig,
     PrivateConfig,
+    ScrubConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -66,6 +67,6 @@ __all__ = [
     "ACTIONS", "ANONYMOUS", "ANY_USER", "DEFAULT_CONFIG", "ENV_KEYS", "SIGNING_ALGORITHMS", "TLS_VERSIONS",
     "AccessConfig", "AccessRule", "AuthConfig", "CacheConfig", "Config", "ConfigError", "EndpointConfig",
     "HtpasswdConfig", "HttpConfig", "LimitsConfig", "LogConfig", "MetricsConfig", "NotificationsConfig",
-    "OssConfig", "PrivateConfig", "StorageConfig", "TLSConfig", "TokenConfig", "UIConfig", "UploadPurging",
-    "UpstreamConfig", "apply_env", "load", "parse", "parse_addr", "parse_duration", "parse_size",
+    "OssConfig", "PrivateConfig", "ScrubConfig", "StorageConfig", "TLSConfig", "TokenConfig", "UIConfig",
+    "UploadPurging", "UpstreamConfig", "apply_env", "load", "parse", "parse_addr", "parse_duration", "parse_size",
 ]

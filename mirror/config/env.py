@@ -61,6 +61,9 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_CACHE_HOT_SIZE": ("cache", "hot_size"),
     "REGISTRY_CACHE_MAX_SIZE": ("cache", "max_size"),
     "REGISTRY_UI_ENABLED": ("ui", "enabled"),
+    "REGISTRY_SCRUB_ENABLED": ("scrub", "enabled"),
+    "REGISTRY_SCRUB_RATE": ("scrub", "rate"),
+    "REGISTRY_SCRUB_INTERVAL": ("scrub", "interval"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 

@@ -201,6 +201,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    """The server's background scrub (ours): every blob and manifest hashed against its digest."""
+
+    enabled: bool = True
+    rate: int = 20 << 20  # bytes hashed a second: what a pass may take from the disk
+    interval: float = 7 * 24 * 3600.0  # a pass at most this often (the first 10 minutes after the first start)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
     addr: tuple[str, int] | None = None  # a listener of its own; None = the main port
@@ -250,5 +259,6 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 

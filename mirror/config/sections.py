@@ -27,6 +27,7 @@ from mirror.config.model import (
     NotificationsConfig,
     OssConfig,
     PrivateConfig,
+    ScrubConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -327,6 +328,18 @@ def _limits(s: Section) -> LimitsConfig:
     return limits
 
 
+def _scrub(s: Section) -> ScrubConfig:
+    scrub = ScrubConfig(
+        enabled=s.flag("enabled", ScrubConfig.enabled),
+        rate=parse_size(s.take("rate", ScrubConfig.rate), s.key("rate")),
+        interval=s.duration("interval", ScrubConfig.interval),
+    )
+    if scrub.rate <= 0 or scrub.interval <= 0:
+        raise ConfigError(f"{s.key('rate' if scrub.rate <= 0 else 'interval')}: expected a value above 0")
+    s.done()
+    return scrub
+
+
 def _ui(s: Section) -> UIConfig:
     ui = UIConfig(enabled=s.flag("enabled", UIConfig.enabled))
     s.done()
@@ -448,10 +461,11 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
         warnings = [*(warnings or ()), "notifications.events.includereferences: events carry no references "
                                        "in this version (the rest of each event is as registry:2's)"]
     ui = _ui(s.section("ui"))
+    scrub = _scrub(s.section("scrub"))
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  notifications=notifications, ui=ui, warnings=tuple(warnings or ()))
+                  notifications=notifications, ui=ui, scrub=scrub, warnings=tuple(warnings or ()))
 
 
 def _share(s: Section, name: str, default: float) -> float:

@@ -126,6 +126,11 @@ class Storage(abc.ABC):
         """A short-lived URL clients can fetch the object from directly, where the backend has one."""
         return None
 
+    def bulk(self) -> Storage:
+        """The storage to read everything once from (a scrub): past a cache in front of it, which
+        such a read would only flush."""
+        return self
+
     async def check(self) -> None:
         """Fail at start, clearly, when the backend cannot be used (raises StorageUnavailable)."""
         return None

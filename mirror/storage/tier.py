@@ -121,6 +121,9 @@ class HotTier(Storage):
     def redirect_url(self, key: str) -> str | None:
         return self.backend.redirect_url(key)
 
+    def bulk(self) -> Storage:
+        return self.backend
+
     async def check(self) -> None:
         await self.backend.check()
 
