@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.add_argument("--grace", type=_duration, default=3600.0,
                    help="keep blobs younger than this (default 1h)")
+    p.add_argument("--upload-idle", type=_duration, default=3600.0,
+                   help="an upload that received nothing this long is abandoned: it no longer keeps the blobs "
+                        "younger than it (default 1h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("gc"))
     p = sub.add_parser("du", help="storage used by repository and upstream, cached vs private")

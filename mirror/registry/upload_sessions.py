@@ -26,6 +26,7 @@ class UploadInfo:
     repository: str
     upload_id: str
     started: float
+    active: float  # when it last received bytes (its files' latest mtime): an abandoned one stays old
 
 
 class Uploads:
@@ -173,8 +174,9 @@ def range_headers(size: int) -> dict[str, str]:
     return {"Range": f"0-{max(size - 1, 0)}"}
 
 
-async def live_uploads(storage: Storage) -> list[UploadInfo]:
-    """Every upload in storage with its start time."""
+async def live_uploads(storage: Storage, activity: bool = False) -> list[UploadInfo]:
+    """Every upload in storage with its start time (and, with `activity`, when it last received
+    bytes: one listing of its files each)."""
     found = []
     for repository, marks in await inventory.repository_names(storage):
         if "_uploads" not in marks:
@@ -184,5 +186,9 @@ async def live_uploads(storage: Storage) -> list[UploadInfo]:
                 started = float(await storage.get_bytes(layout.upload_started(repository, upload_id)))
             except (NotFound, ValueError):
                 started = 0.0  # half-created: as old as can be
-            found.append(UploadInfo(repository, upload_id, started))
+            active = started
+            if activity:
+                async for _, st in storage.scan(layout.upload(repository, upload_id)):
+                    active = max(active, st.mtime)
+            found.append(UploadInfo(repository, upload_id, started, active))
     return found
