@@ -36,6 +36,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_LIMITS_MANIFEST_SIZE": ("limits", "manifest_size"),
     "REGISTRY_LIMITS_UPLOADS_PER_CLIENT": ("limits", "uploads_per_client"),
     "REGISTRY_LIMITS_BODY_TIMEOUT": ("limits", "body_timeout"),
+    "REGISTRY_LIMITS_BODY_MIN_BYTES": ("limits", "body_min_bytes"),
     "REGISTRY_HTTP_DEBUG_ADDR": ("http", "debug", "addr"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": ("http", "debug", "prometheus", "enabled"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_PATH": ("http", "debug", "prometheus", "path"),

@@ -195,7 +195,8 @@ class LimitsConfig:
 
     manifest_size: int = 4 << 20  # pushed and fetched manifests
     uploads_per_client: int = 16  # upload requests in progress per user (or address); 0 = no limit
-    body_timeout: float = 60.0  # a request body that sends nothing this long is cut
+    body_timeout: float = 60.0  # a request body that sends less than body_min_bytes in this long is cut
+    body_min_bytes: int = 16 << 10  # ...so a drip (a byte every 10 s) cannot hold an upload slot for ever
     header_size: int = 8190  # longest request line or header field (aiohttp's max_line_size/max_field_size)
     headers: int = 128  # most header fields in one request
 

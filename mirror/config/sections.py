@@ -316,6 +316,7 @@ def _limits(s: Section) -> LimitsConfig:
         manifest_size=parse_size(s.take("manifest_size", d.manifest_size), s.key("manifest_size")),
         uploads_per_client=s.integer("uploads_per_client", d.uploads_per_client),
         body_timeout=s.duration("body_timeout", d.body_timeout),
+        body_min_bytes=parse_size(s.take("body_min_bytes", d.body_min_bytes), s.key("body_min_bytes")),
         header_size=parse_size(s.take("header_size", d.header_size), s.key("header_size")),
         headers=s.integer("headers", d.headers, minimum=16),
     )
