@@ -30,7 +30,7 @@ from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlo
 from mirror.registry.upload_sessions import Uploads, live_uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Storage, inventory, layout
+from mirror.storage import NotFound, Storage, StorageUnavailable, inventory, layout
 
 log = logging.getLogger("mirror")
 EPOCH_CHECK_SECONDS = 2.0
@@ -192,10 +192,25 @@ class Registry:
             served = await self._manifest_cache.get(route, reference)
             self._index.touch_blob(served.manifest.digest)  # its pull is under way: eviction keeps what it references
             return served
-        digest = str(reference) if isinstance(reference, Digest) else await self._manifests.tag(route.local, reference)
+        stale = False
+        if isinstance(reference, Digest):
+            digest: str | None = str(reference)
+        else:
+            try:
+                digest = await self._manifests.tag(route.local, reference)
+            except StorageUnavailable as e:
+                # A replica keeps serving what its memory holds: the tag as last read here (its
+                # manifest too, if still in memory; else the 503 stands).
+                digest = self._manifests.remembered_tag(route.local, reference)
+                if digest is None:
+                    raise
+                stale = True
+                log.warning("serving stale private tag %s:%s from memory: %s", route.local, reference, e)
         found = await self._manifests.get(route.local, digest) if digest else None
         if found is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
+        if stale:
+            return Served(found, "stale", '110 - "Response is Stale"')
         return Served(found, "private")
 
     async def blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:

@@ -19,6 +19,7 @@ from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
+TAGS_REMEMBERED = 100_000  # private tags last read, served from memory while storage is down
 DAMAGE_REPORTED = 10_000  # digests whose damage was logged (once each)
 
 
@@ -67,6 +68,7 @@ class ManifestStore:
         self._memory_size = 0
         self._links = _Links()
         self._reported: set[str] = set()
+        self._tags: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -110,14 +112,29 @@ class ManifestStore:
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
-            return (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
+            digest = (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
         except NotFound:
+            self._tags.pop((repository, tag), None)
             return None
+        self._remember_tag(repository, tag, digest)
+        return digest
+
+    def remembered_tag(self, repository: str, tag: str) -> str | None:
+        """What `tag` pointed to when last read or written here: for when storage cannot be asked."""
+        return self._tags.get((repository, tag))
+
+    def _remember_tag(self, repository: str, tag: str, digest: str) -> None:
+        self._tags[(repository, tag)] = digest
+        self._tags.move_to_end((repository, tag))
+        if len(self._tags) > TAGS_REMEMBERED:
+            self._tags.popitem(last=False)
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
         await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        self._remember_tag(repository, tag, digest)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
+        self._tags.pop((repository, tag), None)
         return await _remove(self.storage, layout.tag(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
@@ -128,6 +145,7 @@ class ManifestStore:
         self._memory.clear()
         self._memory_size = 0
         self._links = _Links()
+        self._tags.clear()
 
     def _damaged(self, digest: str) -> None:
         if digest not in self._reported:
