@@ -125,7 +125,8 @@ class Flight:
         self._notify()
 
     def _writer_done(self, writer: asyncio.Task[None]) -> None:
-        if writer.cancelled() or writer.exception() is None:
+        """The writer ended: if it failed, the flight ends now (also called by whoever notices first)."""
+        if self._write_error is not None or writer.cancelled() or writer.exception() is None:
             return
         error = writer.exception()
         assert isinstance(error, Exception)
@@ -196,10 +197,10 @@ class Flight:
 
     def _check(self, writer: asyncio.Task[None]) -> None:
         """Raise what stopped the writer, if it stopped: nothing more is fetched."""
+        if writer.done():
+            self._writer_done(writer)  # before its callback runs, maybe: the same translation
         if self._write_error is not None:
             raise self._write_error
-        if writer.done() and not writer.cancelled():
-            writer.result()
 
     async def _put(self, queue: asyncio.Queue[tuple[int, bytes] | None], item: tuple[int, bytes] | None,
                    writer: asyncio.Task[None]) -> None:
