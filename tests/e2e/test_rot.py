@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mirror.names import parse_digest
 from mirror.storage import layout
-from tests.e2e.push_helpers import push_config
+from tests.e2e.push_helpers import push_config, sha
 from tests.e2e.test_operator_cli import json_out, mirror_cli
 from tests.support.clients import skopeo_copy
 from tests.support.images import Layout
 from tests.support.procs import Distribution, Mirror, http, wait_for
 from tests.support.registry import check_oci_copy
+from tests.test_eviction import run_on_a_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -101,3 +104,22 @@ def test_rot_is_repaired_by_a_push_and_by_scrub(skopeo_required: None, mirror_fa
     check_oci_copy(out, small)
     r = mirror_cli("scrub", "--json", "--config", mirror.config_path)
     assert r.returncode == 0 and json.loads(r.stdout)["damaged"] == [], r.stdout
+
+
+def test_scrub_shows_progress_on_a_terminal_and_keeps_to_its_rate(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    data = os.urandom(3 << 20)
+    path = root / layout.blob(parse_digest(sha(data)))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"version": 0.1, "storage": {"filesystem": {"rootdirectory": str(root)}}}))
+    code, out, terminal = run_on_a_terminal("scrub", "--config", str(config))
+    assert code == 0 and b"scrubbing" in terminal and "scrubbing" not in out and "0 damaged" in out
+    start = time.monotonic()
+    code, out, terminal = run_on_a_terminal("scrub", "--config", str(config), "--json", "--rate", "1MiB")
+    assert code == 0 and b"scrubbing" not in terminal and json.loads(out)["bytes"] == len(data)
+    assert time.monotonic() - start >= 2.5, "3 MiB at 1 MiB a second took less than 3 s"
+    flip(path)
+    code, out, _ = run_on_a_terminal("scrub", "--config", str(config))
+    assert code == 1 and "damaged sha256:" in out and "1 damaged" in out, out
