@@ -22,6 +22,8 @@ from mirror.storage.base import NotFound, Stat, Storage, Writer, check_key
 from mirror.storage.space import Space, is_full
 
 CHUNK = 1 << 20
+# File data is synced with fdatasync (the data and the size that reads need, not the times); the
+# directory that names it with fsync, after the rename.
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,7 +38,7 @@ def fsync_dir(path: Path) -> None:
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -59,7 +61,7 @@ class _LocalFileWriter(Writer):
             with self.storage.room(self.key):
                 await self.file.flush()
                 if self.storage.durable:
-                    await asyncio.to_thread(os.fsync, self.file.fileno())
+                    await asyncio.to_thread(os.fdatasync, self.file.fileno())
         finally:
             await self._close()
 
@@ -226,7 +228,7 @@ class FilesystemStorage(Storage):
                 f.write(data)
                 f.flush()
                 if self.durable:
-                    os.fsync(f.fileno())
+                    os.fdatasync(f.fileno())
             self.place(temp, dest, key)
         finally:
             temp.unlink(missing_ok=True)
