@@ -108,27 +108,27 @@ async def drip(client: TestClient, request_line: str, headers: str, every: float
 
 
 async def test_a_dripping_body_is_cut_and_frees_its_upload_slot(registry: Factory) -> None:
-    client = await registry(limits={"uploads_per_client": 1, "body_timeout": "1s", "body_min_bytes": "1KiB"})
+    client = await registry(limits={"uploads_per_client": 1, "body_timeout": "500ms", "body_min_bytes": "1KiB"})
     location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
-    took = await drip(client, f"PATCH {location} HTTP/1.1", "", every=0.1, seconds=10)
-    assert took < 4, f"a drip held the upload for {took:.1f}s"
+    took = await drip(client, f"PATCH {location} HTTP/1.1", "", every=0.05, seconds=10)
+    assert took < 2, f"a drip held the upload for {took:.1f}s"
     r = await client.get(location)
     assert r.status == 204 and int(r.headers["Range"].split("-")[1]) >= 1  # what arrived is kept
     r = await client.patch(location, data=io.BytesIO(b"more"))  # the slot is free again
     assert r.status == 202
     took = await drip(client, "PUT /v2/team/app/manifests/v1 HTTP/1.1", f"Content-Type: {OCI_MANIFEST}\r\n",
-                      every=0.1, seconds=10)
-    assert took < 4, f"a manifest drip held its connection for {took:.1f}s"
+                      every=0.05, seconds=10)
+    assert took < 2, f"a manifest drip held its connection for {took:.1f}s"
 
 
 async def test_a_body_above_the_minimum_rate_is_not_cut(registry: Factory) -> None:
-    client = await registry(limits={"body_timeout": "1s", "body_min_bytes": "1KiB"})
+    client = await registry(limits={"body_timeout": "250ms", "body_min_bytes": 512})
     data = b"y" * 6000
 
     async def slow() -> Any:
-        for i in range(0, len(data), 500):  # 2.5 KiB a second, over 1.2 s: two windows of 1 s
+        for i in range(0, len(data), 500):  # 10 KB a second, over 0.6 s: two windows and more
             yield data[i:i + 500]
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
 
     r = await client.post(f"/v2/team/app/blobs/uploads/?digest={sha(data)}", data=slow())
     assert r.status == 201, await r.text()

@@ -167,7 +167,7 @@ async def test_the_server_scrubs_in_the_background(registry: Factory, tmp_path: 
     await server.start_server()
     try:
         root = tmp_path / "data"
-        client = await registry(root=root, scrub={"interval": "1s", "rate": "64MiB"},
+        client = await registry(root=root, scrub={"interval": "200ms", "rate": "64MiB"},
                                 upstreams=[{"name": "hub", "url": str(server.make_url("")), "dockerhub": True}])
         assert await (await client.get(f"/v2/library/app/blobs/{digest}")).read() == blob
         for _ in range(100):
@@ -179,7 +179,7 @@ async def test_the_server_scrubs_in_the_background(registry: Factory, tmp_path: 
         async def metrics() -> Samples:
             return Samples(await (await client.get("/metrics")).text())
 
-        for _ in range(200):  # bounded: a pass every second
+        for _ in range(200):  # bounded: a pass every 200 ms
             m = await metrics()
             if m.value("mirror_scrub_damaged_total", kind="cached") and m.value(
                     "mirror_scrub_last_pass_timestamp_seconds"):
