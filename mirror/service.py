@@ -71,8 +71,6 @@ class Registry:
                                 ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
                                 low=cache.low_watermark)
         self._blobs.on_growth = self._evictor.grew
-        if storage.name == "filesystem":  # on OSS a full local disk is the hot tier's, which evicts itself
-            storage.space.on_full.append(self._evictor.pressure)
         self._scrubber = Scrubber(storage, self._router.is_private, reads=storage.bulk(), manifests=self._manifests,
                                   metrics=metrics)
         self.deletes_enabled = config.storage.delete_enabled
@@ -83,6 +81,15 @@ class Registry:
         """The background jobs of what this service owns, for as long as the server runs; on the way
         out, fetches under way finish and commit (their clients already have the bytes), within bounds."""
         jobs = Jobs()
+        # A write that finds the disk full (often in a worker thread) makes room at once; on OSS a full
+        # local disk is the hot tier's, which evicts itself.
+        loop = asyncio.get_running_loop()
+
+        def pressure() -> None:
+            loop.call_soon_threadsafe(self._evictor.pressure)
+
+        if self._storage.name == "filesystem":
+            self._storage.space.on_full.append(pressure)
         jobs.start(self._index.flush_forever(), self._blob_cache.clear_staging_forever(),
                    every(EPOCH_CHECK_SECONDS, self._notice_storage_changes, first=False),
                    every(STORAGE_SCAN_SECONDS * (1 if self._storage.name == "filesystem" else 10),
@@ -97,6 +104,8 @@ class Registry:
         try:
             yield
         finally:
+            if pressure in self._storage.space.on_full:
+                self._storage.space.on_full.remove(pressure)
             await jobs.stop()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.http.draintimeout):
