@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections import deque
@@ -41,7 +42,19 @@ Commit = Callable[[Path], Awaitable[None]]
 
 def _hash_and_write(hasher: Any, fd: int, data: bytes, offset: int) -> None:
     hasher.update(data)  # hashlib releases the GIL: this thread runs beside the event loop
-    os.pwrite(fd, data, offset)
+    write_all(fd, data, offset)
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data`. A disk at the brim writes part of it and says so in the count (the
+    next write fails): ignoring the count left a hole of zeros in a spool whose hash, taken from
+    the bytes received, still matched, once space came back for the writes after it."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[written:], offset + written
 
 
 class Flight:

@@ -69,7 +69,9 @@ def test_cold_pulls_and_pushes_past_full_then_the_same_after_a_remount_without_r
     for command in (["du"], ["evict", "--older-than", "1s"], ["gc"], ["scrub"]):
         ran = mirror_cli(*command, "--json", "--config", mirror.config_path)
         assert ran.returncode == 0, (command, ran.stdout, ran.stderr)
-        json_out(ran)
+        # scrub: whatever was stored while the disk filled and drained is whole (a spool write cut
+        # short at the brim once left a hole of zeros in a blob whose digest had checked)
+        assert json_out(ran).get("damaged", []) == [], ran.stdout
     r = http("DELETE", f"{mirror.url}/v2/team/small/manifests/{small_digest}")
     assert r.status == 202, (r.status, r.body[:300])
     for ref in ("v1", small_digest):

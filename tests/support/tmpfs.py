@@ -38,16 +38,20 @@ class Tmpfs:
         return st.f_bavail * st.f_frsize
 
     def fill(self, name: str = "filler", leave: int = 0) -> Path:
-        """A file taking all free space but `leave` bytes (tmpfs counts in pages)."""
+        """A file taking all free space but `leave` bytes (a multiple of the 4 KiB page)."""
         path = self.path / name
-        with open(path, "ab") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
             block = b"\0" * (64 << 10)
-            while self.free > leave:
+            size = os.fstat(fd).st_size
+            while True:
                 try:
-                    f.write(block[:max(4096, min(len(block), self.free - leave))])
-                    f.flush()
+                    size += os.write(fd, block if self.free >= len(block) else block[:4096])
                 except OSError:
                     break
+            os.ftruncate(fd, max(0, size - leave))
+        finally:
+            os.close(fd)
         return path
 
     def unmount(self) -> None:
