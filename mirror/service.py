@@ -19,6 +19,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.flight import Flight
 from mirror.cache.index import Index
 from mirror.cache.manifest_cache import ManifestCache, Served
+from mirror.cache.scrub import Scrubber
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster
 from mirror.config import Config
@@ -30,7 +31,7 @@ from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlo
 from mirror.registry.upload_sessions import Uploads, live_uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Storage, inventory, layout
+from mirror.storage import NotFound, Storage, StorageUnavailable, inventory, layout
 
 log = logging.getLogger("mirror")
 EPOCH_CHECK_SECONDS = 2.0
@@ -76,6 +77,8 @@ class Registry:
                                 ttl=cache.content_ttl, min_idle=cache.min_idle, high=cache.high_watermark,
                                 low=cache.low_watermark, clock=clock)
         self._blobs.on_growth = self._evictor.grew
+        self._scrubber = Scrubber(storage, self._namespace.configured_private, reads=storage.bulk(),
+                                  manifests=self._manifests, metrics=metrics)
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect
 
@@ -86,18 +89,31 @@ class Registry:
         jobs = Jobs()
         if self._cluster is not None:
             jobs.start(self._cluster.run())
+        # A write that finds the disk full (often in a worker thread) makes room at once; on OSS a full
+        # local disk is the hot tier's, which evicts itself.
+        loop = asyncio.get_running_loop()
+
+        def pressure() -> None:
+            loop.call_soon_threadsafe(self._evictor.pressure)
+
+        if self._storage.name == "filesystem":
+            self._storage.space.on_full.append(pressure)
         jobs.start(self._index.flush_forever(), self._blob_cache.clear_staging_forever(),
                    every(EPOCH_CHECK_SECONDS, self._notice_storage_changes, first=False),
                    every(STORAGE_SCAN_SECONDS * (1 if self._storage.name == "filesystem" else 10),
                          self._count_storage))
-        cache, purging = self._config.cache, self._config.storage.uploadpurging
-        if cache.max_size is not None or cache.content_ttl is not None:
-            jobs.start(self._evictor.run_forever())
+        purging = self._config.storage.uploadpurging
+        jobs.start(self._evictor.run_forever())  # passes without a cap or TTL only when the disk fills
+        scrub = self._config.scrub
+        if scrub.enabled:
+            jobs.start(self._scrubber.run_forever(scrub.interval, scrub.rate, self._index))
         if purging.enabled:
             jobs.start(self._uploads.purge_forever(purging.age, purging.interval, purging.dryrun))
         try:
             yield
         finally:
+            if pressure in self._storage.space.on_full:
+                self._storage.space.on_full.remove(pressure)
             await jobs.stop()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.http.draintimeout):
@@ -172,10 +188,25 @@ class Registry:
                 await self._namespace.vouch(route)
             self._index.touch_blob(served.manifest.digest)  # its pull is under way: eviction keeps what it references
             return served
-        digest = str(reference) if isinstance(reference, Digest) else await self._manifests.tag(route.local, reference)
+        stale = False
+        if isinstance(reference, Digest):
+            digest: str | None = str(reference)
+        else:
+            try:
+                digest = await self._manifests.tag(route.local, reference)
+            except StorageUnavailable as e:
+                # A replica keeps serving what its memory holds: the tag as last read here (its
+                # manifest too, if still in memory; else the 503 stands).
+                digest = self._manifests.remembered_tag(route.local, reference)
+                if digest is None:
+                    raise
+                stale = True
+                log.warning("serving stale private tag %s:%s from memory: %s", route.local, reference, e)
         found = await self._manifests.get(route.local, digest) if digest else None
         if found is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
+        if stale:
+            return Served(found, "stale", '110 - "Response is Stale"')
         return Served(found, "private")
 
     async def blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
@@ -335,13 +366,18 @@ class Registry:
 
     async def mount(self, route: Route, digest: Digest, source: Route) -> bool:
         """Cross-repository mount: link the blob if `source` (resolved, and the caller may pull it) has
-        it here."""
+        it here and it verifies (a damaged one is not linked: the client uploads the bytes instead,
+        which replaces it)."""
         if await self._blobs.find(source.local, digest) is None:
             return False
         try:
             await self._namespace.vouch(source)
         except namespace.NameNowPrivate:
             return False  # claimed meanwhile: the caller's pull right was judged on a cache
+        if not await self._blobs.intact(digest):
+            log.error("blob %s does not match its digest: not mounted into %s (the upload that follows "
+                      "replaces it)", digest, route.local)
+            return False
         await self._blobs.link(route.local, digest)
         return True
 

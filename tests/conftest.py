@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from mirror.config import parse
 from mirror.server.app import create_app
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.clock import ManualClock
+from tests.support.tmpfs import Tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +73,23 @@ def mirror(upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[...
         return await registry(upstreams=[settings])
 
     return start
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Tmpfs]]:
+    """`make(size)` -> a tmpfs of `size` bytes mounted under tmp_path, unmounted at teardown. Needs
+    root: skipped without it, except under CI=true, where that is a failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs needs root")
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Tmpfs] = []
+
+    def make(size: int) -> Tmpfs:
+        fs = Tmpfs(tmp_path / f"tmpfs-{len(mounted)}", size).mount()
+        mounted.append(fs)
+        return fs
+
+    yield make
+    for fs in mounted:
+        fs.unmount()

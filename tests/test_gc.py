@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mirror.commands.gc import collect
+from mirror.storage import layout
 from mirror.storage.filesystem import FilesystemStorage
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
 
@@ -72,6 +73,26 @@ async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory,
     assert result.swept == [] and result.kept_young == 1
     age_everything(root, seconds=4 * 3600)
     assert (await collect(FilesystemStorage(root))).swept == [young]
+
+
+async def test_an_idle_upload_stops_protecting_younger_blobs(registry: Factory, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    client = await registry(storage={"filesystem": {"rootdirectory": str(root)}})
+    young = await upload(client, "team/app", b"pushed, manifest never came")
+    location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(location, data=b"some bytes")).status == 202
+    upload_dir = root / layout.upload("team/app", location.rsplit("/", 1)[1])
+    (upload_dir / "startedat").write_text(str(time.time() - 3 * 3600))
+    age_everything(root, seconds=2 * 3600)
+    # Receiving bytes until now: in progress, it keeps what is younger than its start.
+    assert (await collect(FilesystemStorage(root))).swept == []
+    # Silent for two hours: abandoned, it keeps nothing (purging removes it later).
+    past = time.time() - 2 * 3600
+    for f in upload_dir.iterdir():
+        os.utime(f, (past, past))
+    assert (await collect(FilesystemStorage(root), upload_idle=3 * 3600, dry_run=True)).swept == []
+    assert (await collect(FilesystemStorage(root))).swept == [young]
+    assert upload_dir.exists()
 
 
 @pytest.mark.e2e  # runs `python -m mirror` processes

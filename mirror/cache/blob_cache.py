@@ -83,7 +83,8 @@ class BlobCache:
     def _start(self, route: Route, digest: Digest) -> Flight:
         key = str(digest)
         spool = self.staging / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
-        flight = Flight(digest, spool, route, self.metrics.upstream_bytes.labels(route.proxy.config.name).inc)
+        flight = Flight(digest, spool, route, self.store.storage.space,
+                        self.metrics.upstream_bytes.labels(route.proxy.config.name).inc)
         self.flights[key] = flight
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:

@@ -8,8 +8,10 @@ that client (the open file stays readable), so nothing else needs protecting. Wh
 keeps the cache over its cap, that is said once and the next pass comes as soon as it ends.
 
 Last use comes from the index (batched access times), else the object's mtime. One pass walks
-storage once (`Census`); the server runs passes in the background, and at once when a new blob
-takes usage past the high watermark.
+storage once (`Census`); the server runs passes in the background, at once when a new blob
+takes usage past the high watermark, and at once when a write finds the disk full: that pass
+treats what storage holds as the cap, so least recently used proxied content goes down to the
+low watermark of it (cached content is what a full disk can spare; private content never goes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from mirror.cache.index import Index
 from mirror.clock import SYSTEM, Clock
 from mirror.names import Digest, parse_digest
+from mirror.registry import namespace
 from mirror.registry.stores import BlobStore, ManifestStore, manifest_refs
 from mirror.storage import Storage, inventory, layout
 from mirror.storage.base import Stat
@@ -61,7 +64,9 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool],
     closure of what private manifests reference."""
     census = Census(await inventory.take(storage, progress=progress))
     for name, repo in census.inventory.repositories.items():
-        private = census.repositories[name] = repo.marked_private or is_private(name)
+        # registry/namespace.py's rule: patterns, markers, and content without a marker is private
+        private = census.repositories[name] = \
+            namespace.classify(is_private(name), repo.marks, bool(repo.linked)) == namespace.PRIVATE
         if private:
             census.private |= repo.linked
             continue
@@ -117,6 +122,7 @@ class Evictor:
         self.wake = asyncio.Event()
         self.over_cap = False  # the last pass left the cache over its cap because pulls were in progress
         self._next_due: float | None = None  # wall time the protection that kept it over ends
+        self._pressed = False  # a write found the disk full: the next pass makes room
         self._lock = asyncio.Lock()
         self._times: dict[str, float] = {}  # last use by digest, read once per pass
 
@@ -130,14 +136,26 @@ class Evictor:
         if self.max_size is not None and self.usage + (0 if committed else size) > self.max_size * self.high:
             self.wake.set()
 
+    def pressure(self) -> None:
+        """A write found the disk full: make room now."""
+        self._pressed = True
+        self.wake.set()
+
+    @property
+    def configured(self) -> bool:
+        """Whether passes have anything to do without pressure (a size cap or a TTL)."""
+        return self.max_size is not None or self.ttl is not None
+
     async def run_forever(self) -> None:
-        """A pass at start, then every EVICTION_SECONDS, as soon as a new blob passes the high watermark,
-        or as soon as the protection that kept the cache over its cap ends."""
+        """A pass at start, then every EVICTION_SECONDS, as soon as a new blob passes the high watermark
+        or a write finds the disk full (only those, without a cap or a TTL), or as soon as the protection
+        that kept the cache over its cap ends."""
         while True:
-            try:
-                await self.run()
-            except Exception:
-                log.exception("eviction pass failed")
+            if self.configured or self._pressed:
+                try:
+                    await self.run()
+                except Exception:
+                    log.exception("eviction pass failed")
             wait = EVICTION_SECONDS
             if self._next_due is not None:
                 wait = min(wait, max(0.1, self._next_due - self.clock.time()))
@@ -152,6 +170,7 @@ class Evictor:
         max_size = self.max_size if max_size is None else max_size
         async with self._lock:
             self.wake.clear()
+            pressed, self._pressed = self._pressed, False
             now = self.clock.time() if now is None else now
             census = await take_census(self.storage, self.is_private, progress=progress)
             self._times = await asyncio.to_thread(self.index.flushed_access_times)
@@ -162,9 +181,12 @@ class Evictor:
             protected = census.private | set(self.in_use()) | pulling.keys()
             result.kept_recent = len(protected - census.private)
             candidates = sorted((self._last_use(d, census), d) for d in census.blobs if d not in protected)
-            # Only proxied content counts: past the high watermark it goes, down to the low one.
+            # Only proxied content counts: past the high watermark it goes, down to the low one; a full
+            # disk caps it at what it holds.
             proxied = sum(st.size for d, st in census.blobs.items() if d not in census.private)
             target = max_size * self.low if max_size is not None and proxied > max_size * self.high else None
+            if pressed:
+                target = min(target if target is not None else proxied, proxied * self.low)
             usage = proxied
             victims: list[str] = []
             for last_use, digest in candidates:  # least recently used first
@@ -190,9 +212,9 @@ class Evictor:
             if not dry_run:
                 self.usage = result.proxied_after
             if victims:
-                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(victims),
+                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s%s", len(victims),
                          result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
-                         " (dry run)" if dry_run else "")
+                         " (dry run)" if dry_run else "", " to make room on a full disk" if pressed else "")
             self._say_if_over(result, max_size, pulling, census, dry_run)
             return result
 

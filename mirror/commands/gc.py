@@ -2,7 +2,9 @@
 
 Safe while the server runs: a blob is only swept when it is older than the grace period and
 older than the oldest upload still in progress (its manifest may not be pushed yet), so a push
-or a cache fill racing the collection keeps what it wrote.
+or a cache fill racing the collection keeps what it wrote. An upload that has received nothing
+for `upload_idle` is abandoned, not in progress: it protects nothing (else one upload left
+behind would keep every younger blob until upload purging removes it, days later).
 """
 
 from __future__ import annotations
@@ -45,14 +47,19 @@ async def mark(repositories: Inventory, storage: Storage) -> set[str]:
     return marked
 
 
-async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
+UPLOAD_IDLE = 3600.0
+
+
+async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 3600.0,
+                  upload_idle: float = UPLOAD_IDLE) -> GcResult:
     result = GcResult()
     # Mark before listing blobs: a blob written after the mark is young, and kept.
     repositories = await inventory.take(storage, blobs=False)
     marked = await mark(repositories, storage)
     result.marked = len(marked)
-    cutoff = time.time() - grace
-    live = await live_uploads(storage)
+    now = time.time()
+    cutoff = now - grace
+    live = [u for u in await live_uploads(storage, activity=True) if u.active >= now - upload_idle]
     if live:
         cutoff = min(cutoff, min(u.started for u in live))
     blobs = (await inventory.take(storage, repositories=False)).blobs
@@ -80,9 +87,10 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
 
 
 def command(args: argparse.Namespace) -> int:
-    """`mirror gc [--dry-run] [--grace] [--json]`."""
+    """`mirror gc [--dry-run] [--grace] [--upload-idle] [--json]`."""
     config = runner.load_config(args.config)
-    result = runner.run(config, lambda storage: collect(storage, dry_run=args.dry_run, grace=args.grace))
+    result = runner.run(config, lambda storage: collect(storage, dry_run=args.dry_run, grace=args.grace,
+                                                        upload_idle=args.upload_idle))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, **dataclasses.asdict(result)}))
         return 0

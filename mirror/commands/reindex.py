@@ -25,7 +25,7 @@ async def rebuild_index(config: Config, storage: Storage) -> RebuildResult:
     falls back to each blob's mtime."""
     is_private = namespace.configured_private(config.private, bool(config.upstreams))
     census = await take_census(storage, is_private)
-    index = runner.open_index(config)
+    index = runner.open_index(config, required=True)
     try:
         index.clear()
         result = RebuildResult(blobs=len(census.blobs))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -76,10 +77,14 @@ def run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
         raise CommandError(f"storage error: {e}") from None
     except OSError as e:
         raise CommandError(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+    except sqlite3.Error as e:
+        raise CommandError(f"cache.index {config.cache.index_dir(config.storage)}: {e}") from None
 
 
-def open_index(config: Config) -> Index:
-    return Index(config.cache.index_dir(config.storage))
+def open_index(config: Config, required: bool = False) -> Index:
+    """The local index; unless `required`, one in memory when it cannot be opened on a full disk
+    (commands that only read it, or write what may be lost, still run)."""
+    return Index(config.cache.index_dir(config.storage), required=required)
 
 
 def show_progress(as_json: bool) -> bool:

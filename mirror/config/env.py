@@ -40,6 +40,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_LIMITS_HEADERS": ("limits", "headers"),
     "REGISTRY_PRIVATE_PATTERNS": ("private", "patterns"),
     "REGISTRY_PRIVATE_CLAIM_ON_PUSH": ("private", "claim_on_push"),
+    "REGISTRY_LIMITS_BODY_MIN_BYTES": ("limits", "body_min_bytes"),
     "REGISTRY_HTTP_DEBUG_ADDR": ("http", "debug", "addr"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": ("http", "debug", "prometheus", "enabled"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_PATH": ("http", "debug", "prometheus", "path"),
@@ -79,6 +80,9 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_REDIS_POOL_MAXACTIVE": ("redis", "pool", "maxactive"),
     "REGISTRY_REDIS_POOL_IDLETIMEOUT": ("redis", "pool", "idletimeout"),
     "REGISTRY_REDIS_TLS_ENABLED": ("redis", "tls", "enabled"),
+    "REGISTRY_SCRUB_ENABLED": ("scrub", "enabled"),
+    "REGISTRY_SCRUB_RATE": ("scrub", "rate"),
+    "REGISTRY_SCRUB_INTERVAL": ("scrub", "interval"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 

@@ -28,6 +28,7 @@ from mirror.config.model import (
     OssConfig,
     PrivateConfig,
     RedisConfig,
+    ScrubConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -323,6 +324,7 @@ def _limits(s: Section) -> LimitsConfig:
         manifest_size=parse_size(s.take("manifest_size", d.manifest_size), s.key("manifest_size")),
         uploads_per_client=s.integer("uploads_per_client", d.uploads_per_client),
         body_timeout=s.duration("body_timeout", d.body_timeout),
+        body_min_bytes=parse_size(s.take("body_min_bytes", d.body_min_bytes), s.key("body_min_bytes")),
         header_size=parse_size(s.take("header_size", d.header_size), s.key("header_size")),
         headers=s.integer("headers", d.headers, minimum=16),
     )
@@ -333,6 +335,18 @@ def _limits(s: Section) -> LimitsConfig:
         raise ConfigError(f"{s.key(key)}: expected at least 1KiB")
     s.done()
     return limits
+
+
+def _scrub(s: Section) -> ScrubConfig:
+    scrub = ScrubConfig(
+        enabled=s.flag("enabled", ScrubConfig.enabled),
+        rate=parse_size(s.take("rate", ScrubConfig.rate), s.key("rate")),
+        interval=s.duration("interval", ScrubConfig.interval),
+    )
+    if scrub.rate <= 0 or scrub.interval <= 0:
+        raise ConfigError(f"{s.key('rate' if scrub.rate <= 0 else 'interval')}: expected a value above 0")
+    s.done()
+    return scrub
 
 
 def _ui(s: Section) -> UIConfig:
@@ -459,10 +473,12 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
         warnings = [*(warnings or ()), "notifications.events.includereferences: events carry no references "
                                        "in this version (the rest of each event is as registry:2's)"]
     ui = _ui(s.section("ui"))
+    scrub = _scrub(s.section("scrub"))
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  notifications=notifications, ui=ui, redis=redis, warnings=tuple(warnings or ()))
+                  notifications=notifications, ui=ui, redis=redis, scrub=scrub,
+                  warnings=tuple(warnings or ()))
 
 
 def _redis(s: Section) -> RedisConfig:

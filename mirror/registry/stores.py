@@ -5,6 +5,7 @@ pull-through rules on top, and private repositories use these stores directly.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,11 +13,14 @@ from pathlib import Path
 
 from mirror.cache.index import Index
 from mirror.names import Digest, parse_digest
-from mirror.registry import manifest_schema, mediatypes
+from mirror.registry import integrity, manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
 from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
+log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
+TAGS_REMEMBERED = 100_000  # private tags last read, served from memory while storage is down
+DAMAGE_REPORTED = 10_000  # digests whose damage was logged (once each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,10 @@ class _Links:
 
 
 class ManifestStore:
+    """Manifests are verified whenever their bytes come from storage (they are small): a damaged
+    one is never served (a cached one is fetched again, a private one is unknown until re-pushed
+    or scrubbed), and a put replaces a damaged stored copy."""
+
     def __init__(self, storage: Storage, memory: int, added: Callable[[int], None]) -> None:
         self.storage = storage
         self.added = added  # BlobStore.added: bytes entered storage
@@ -59,6 +67,8 @@ class ManifestStore:
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
         self._links = _Links()
+        self._reported: set[str] = set()
+        self._tags: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -74,6 +84,9 @@ class ManifestStore:
                 body = await self.storage.get_bytes(layout.blob(d))
             except NotFound:
                 return None
+            if Digest.of(body, d.algorithm) != d:
+                self._damaged(digest)
+                return None
             manifest = Manifest(digest, mediatypes.detect(body), body)
             self._remember(manifest)
         self._links.add(repository, digest)
@@ -81,9 +94,13 @@ class ManifestStore:
 
     async def put(self, repository: str, manifest: Manifest) -> None:
         d = parse_digest(manifest.digest)
-        if await self.storage.stat(layout.blob(d)) is None:
+        stored = await integrity.intact(self.storage, layout.blob(d), d)
+        if stored is not True:  # absent, or damaged: these bytes verified, they replace it
+            if stored is False:
+                log.warning("replacing the damaged stored copy of manifest %s", manifest.digest)
             await self.storage.put_bytes(layout.blob(d), manifest.body)
-            self.added(len(manifest.body))
+            if stored is None:
+                self.added(len(manifest.body))
         await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
@@ -95,14 +112,29 @@ class ManifestStore:
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
-            return (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
+            digest = (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
         except NotFound:
+            self._tags.pop((repository, tag), None)
             return None
+        self._remember_tag(repository, tag, digest)
+        return digest
+
+    def remembered_tag(self, repository: str, tag: str) -> str | None:
+        """What `tag` pointed to when last read or written here: for when storage cannot be asked."""
+        return self._tags.get((repository, tag))
+
+    def _remember_tag(self, repository: str, tag: str, digest: str) -> None:
+        self._tags[(repository, tag)] = digest
+        self._tags.move_to_end((repository, tag))
+        if len(self._tags) > TAGS_REMEMBERED:
+            self._tags.popitem(last=False)
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
         await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        self._remember_tag(repository, tag, digest)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
+        self._tags.pop((repository, tag), None)
         return await _remove(self.storage, layout.tag(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
@@ -113,6 +145,15 @@ class ManifestStore:
         self._memory.clear()
         self._memory_size = 0
         self._links = _Links()
+        self._tags.clear()
+
+    def _damaged(self, digest: str) -> None:
+        if digest not in self._reported:
+            if len(self._reported) > DAMAGE_REPORTED:
+                self._reported.clear()
+            self._reported.add(digest)
+            log.error("stored manifest %s does not match its digest: not served (a cached one is fetched "
+                      "again; push it again or run mirror scrub)", digest)
 
     def forget(self, digest: str) -> None:
         """Drop a manifest from memory (it was evicted from storage)."""
@@ -154,6 +195,10 @@ class BlobStore:
 
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(layout.blob(digest))
+
+    async def intact(self, digest: Digest) -> bool | None:
+        """Whether the stored blob hashes to its digest (reads it whole); None if it is not there."""
+        return await integrity.intact(self.storage, layout.blob(digest), digest)
 
     async def find(self, repository: str, digest: Digest) -> StoredBlob | None:
         """The blob in storage if `repository` may serve it."""

@@ -26,6 +26,7 @@ class UploadInfo:
     repository: str
     upload_id: str
     started: float
+    active: float  # when it last received bytes (its files' latest mtime): an abandoned one stays old
 
 
 class Uploads:
@@ -87,18 +88,23 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 await self._delete(repository, upload_id)
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
-            if await self.blobs.stat(digest) is None:
-                if size == 0:
-                    await self.storage.put_bytes(layout.blob(digest), b"")
-                else:
-                    await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
+            # Verified bytes always replace a stored copy: it may be damaged, and a re-push is the
+            # usual repair (a rename here, not a read of the old copy to find out).
+            new = await self.blobs.stat(digest) is None
+            if size == 0:
+                await self.storage.put_bytes(layout.blob(digest), b"")
+            else:
+                await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
+            if new:
                 self.blobs.added(size)
             await self.blobs.link(repository, digest)
             await self._delete(repository, upload_id)
             return size
 
     async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
-        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
+        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches
+        (replacing a stored copy, which may be damaged)."""
+        new = await self.blobs.stat(digest) is None
         hasher = digest.hasher()
         writer = await self.storage.writer(layout.blob(digest))
         async with writer:
@@ -109,7 +115,8 @@ class Uploads:
                 await writer.cancel()
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             await writer.commit()
-        self.blobs.added(writer.size)
+        if new:
+            self.blobs.added(writer.size)
         await self.blobs.link(repository, digest)
         return writer.size
 
@@ -167,8 +174,9 @@ def range_headers(size: int) -> dict[str, str]:
     return {"Range": f"0-{max(size - 1, 0)}"}
 
 
-async def live_uploads(storage: Storage) -> list[UploadInfo]:
-    """Every upload in storage with its start time."""
+async def live_uploads(storage: Storage, activity: bool = False) -> list[UploadInfo]:
+    """Every upload in storage with its start time (and, with `activity`, when it last received
+    bytes: one listing of its files each)."""
     found = []
     for repository, marks in await inventory.repository_names(storage):
         if "_uploads" not in marks:
@@ -178,5 +186,9 @@ async def live_uploads(storage: Storage) -> list[UploadInfo]:
                 started = float(await storage.get_bytes(layout.upload_started(repository, upload_id)))
             except (NotFound, ValueError):
                 started = 0.0  # half-created: as old as can be
-            found.append(UploadInfo(repository, upload_id, started))
+            active = started
+            if activity:
+                async for _, st in storage.scan(layout.upload(repository, upload_id)):
+                    active = max(active, st.mtime)
+            found.append(UploadInfo(repository, upload_id, started, active))
     return found

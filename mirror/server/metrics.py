@@ -109,6 +109,19 @@ class Metrics:
                                       ["backend", "operation"], registry=r)
         self.hot_tier_bytes = Gauge("mirror_hot_tier_bytes", "Bytes of blobs on local disk in front of remote storage.",
                                     registry=r)
+        self.storage_full = Gauge("mirror_storage_full",
+                                  "1 while local storage refuses writes for lack of space (until one succeeds).",
+                                  registry=r)
+        self.storage_full_errors = Counter("mirror_storage_full_errors",
+                                           "Writes refused for lack of space (pushes answered 507, fetches not kept).",
+                                           registry=r)
+        self.scrub_bytes = Counter("mirror_scrub_bytes", "Bytes of blobs and manifests the background scrub hashed.",
+                                   registry=r)
+        self.scrub_damaged = Counter("mirror_scrub_damaged",
+                                     "Stored objects the scrub found damaged: cached (removed, fetched again) or "
+                                     "private (quarantined).", ["kind"], registry=r)
+        self.scrub_last_pass = Gauge("mirror_scrub_last_pass_timestamp_seconds",
+                                     "When the last complete scrub pass ended (0: none yet).", registry=r)
         self.notifications_queued = Gauge("mirror_notifications_queued",
                                           "Events waiting (on disk) for a notification endpoint.", ["endpoint"],
                                           registry=r)
@@ -133,6 +146,8 @@ class Metrics:
             for source in ("cache", "upstream"):
                 self.served_bytes.labels(kind, source)
             self.evictions.labels(kind)
+        for kind in ("cached", "private"):
+            self.scrub_damaged.labels(kind)
         for up in upstreams:
             for kind in UPSTREAM_KINDS:
                 self.upstream_duration.labels(up, kind)

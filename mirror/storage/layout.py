@@ -9,6 +9,7 @@ inventory.py.
     repositories/<name>/_mirror/{private,cached}                 what this name is here (registry/namespace.py)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   a manifest naming that subject
     repositories/<name>/_uploads/<id>/{data,startedat,hashstate} an upload in progress
+    _quarantine/<algorithm>/<hex>                                a damaged private blob, kept, never served
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from mirror.names import Digest, parse_digest
 
 BLOBS = "blobs"
 REPOSITORIES = "repositories"
+QUARANTINE = "_quarantine"
 
 
 def blob(digest: Digest) -> str:
     return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def quarantined(digest: Digest) -> str:
+    """Where `mirror scrub` moves a private blob whose bytes no longer match its digest: out of what
+    is served (a push of the right bytes repairs it), kept for whoever wants to look."""
+    return f"{QUARANTINE}/{digest.algorithm}/{digest.hex}"
 
 
 def repository(name: str) -> str:
@@ -109,8 +117,8 @@ def upload_hashstate(name: str, upload_id: str) -> str:
 
 # --- keys back into objects ---------------------------------------------------------------------
 
-BLOB, LAYER, REVISION, TAG, MARKER, REFERRER, UPLOAD = "blob", "layer", "revision", "tag", "marker", \
-    "referrer", "upload"
+BLOB, LAYER, REVISION, TAG, MARKER, REFERRER, UPLOAD, QUARANTINED = "blob", "layer", "revision", "tag", \
+    "marker", "referrer", "upload", "quarantined"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +150,9 @@ def parse(key: str) -> Parsed | None:
             d = digest_of(parts[1], parts[3])
             return Parsed(BLOB, digest=d) if d else None
         return None
+    if parts[0] == QUARANTINE:
+        d = digest_of(parts[1], parts[2]) if len(parts) == 3 else None
+        return Parsed(QUARANTINED, digest=d) if d else None
     if parts[0] != REPOSITORIES:
         return None
     mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)
