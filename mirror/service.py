@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.flight import Flight
 from mirror.cache.index import Index
 from mirror.cache.manifest_cache import ManifestCache, Served
+from mirror.cache.peers import Peers, advertised, signed
 from mirror.cache.scrub import Scrubber
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster
@@ -69,7 +71,9 @@ class Registry:
         self._blobs = BlobStore(storage, index, metrics)
         self._manifests = ManifestStore(storage, config.cache.memory, self._blobs.added)
         self._manifest_cache = ManifestCache(self._manifests, index, clock, self._namespace.filling, cluster)
-        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling)
+        self._secret = (config.http.secret or "").encode()
+        peers = Peers(cluster, session, advertised(config), self._secret) if cluster is not None else None
+        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling, peers)
         self._uploads = Uploads(storage, self._blobs)
         cache = config.cache
         self._evictor = Evictor(storage, index, self._manifests, self._blobs, self._namespace.configured_private,
@@ -231,6 +235,19 @@ class Registry:
         if local is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
         return local
+
+    def peer_signed(self, digest: str, signature: str) -> bool:
+        """Whether a replica of this registry (one that knows http.secret) asks for `digest`."""
+        return bool(self._secret) and signed(self._secret, digest, signature, time.time())
+
+    async def peer_source(self, digest: Digest) -> Flight | StoredBlob | None:
+        """What a following replica streams `digest` from: our fetch of it, or the blob once stored."""
+        flight = self._blob_cache.flights.get(str(digest))
+        if flight is not None:
+            return flight
+        st = await self._blobs.stat(digest)
+        return None if st is None else StoredBlob(layout.blob(digest), st.size, self._storage.local_path(
+            layout.blob(digest)))
 
     def redirect_url(self, blob: StoredBlob) -> str | None:
         """Where to send a client for a blob not on local disk, when storage.redirect is on."""

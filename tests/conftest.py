@@ -35,11 +35,12 @@ async def registry(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Callable
     """`start(**config)` -> a client of a mirror app (config: parse()'s raw dict) on loopback."""
     clients: list[TestClient] = []
 
-    async def start(root: Path | None = None, **config: Any) -> TestClient:
+    async def start(root: Path | None = None, port: int | None = None, **config: Any) -> TestClient:
         # A test's own storage keys (delete, redirect, ...) join the root, never replace it.
         storage = {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}, **config.pop("storage", {})}
         raw = {"storage": storage, **config}
-        client = TestClient(TestServer(create_app(parse(raw), clock)))
+        app = create_app(parse(raw), clock)
+        client = TestClient(TestServer(app, port=port) if port else TestServer(app))
         await client.start_server()
         clients.append(client)
         return client

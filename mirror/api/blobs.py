@@ -36,7 +36,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         await source.started.wait()
         if source.error is not None and not source.verified:  # failed already: an error, not a short body
             raise _as_registry_error(source.error)
-        return await _send(request, digest, source.size, range_header, source.read)
+        return await send_blob(request, digest, source.size, range_header, source.read)
     if source.path is not None:
         start, end = parse_range(range_header, source.size) if range_header else (0, source.size)
         request[SERVED_BYTES] = end - start  # parse_range: a clear OCI error before FileResponse's own 416
@@ -45,11 +45,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if url is not None:
         return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)})
     stored = source
-    return await _send(request, digest, stored.size, range_header,
+    return await send_blob(request, digest, stored.size, range_header,
                        lambda start, end: registry.read_blob(stored, start, end))
 
 
-async def _send(request: web.Request, digest: Digest, size: int | None, range_header: str | None,
+async def send_blob(request: web.Request, digest: Digest, size: int | None, range_header: str | None,
                 read: Callable[[int, int | None], AsyncIterator[bytes | memoryview]]) -> web.StreamResponse:
     """Stream `read(start, end)` as the body; a failure once headers are out cuts the connection."""
     start, end, status = 0, size, 200

@@ -18,6 +18,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_HTTP_NET": ("http", "net"),
     "REGISTRY_HTTP_HOST": ("http", "host"),
     "REGISTRY_HTTP_SECRET": ("http", "secret"),
+    "REGISTRY_HTTP_ADVERTISE": ("http", "advertise"),
     "REGISTRY_HTTP_RELATIVEURLS": ("http", "relativeurls"),
     "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
     "REGISTRY_HTTP_TLS_CERTIFICATE": ("http", "tls", "certificate"),

@@ -59,7 +59,8 @@ class HttpConfig:
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     draintimeout: float = 10.0
     tls: TLSConfig | None = None
-    secret: str | None = field(default=None, repr=False)  # signs the web UI's delete forms (else random per process)
+    secret: str | None = field(default=None, repr=False)  # signs the UI's delete forms, and replicas' requests
+    advertise: str | None = None  # the URL other replicas reach this one at (with redis:)
 
 
 @dataclass(frozen=True)

@@ -126,11 +126,15 @@ def _http(s: Section) -> HttpConfig:
     # secret: as registry:2, what replicas share to trust each other's signed state; here only the
     # web UI's delete forms are signed (upload state lives in storage).
     secret = s.string("secret") or None
+    advertise = s.string("advertise") or None  # ours: where other replicas reach this one (redis:)
+    if advertise is not None:
+        advertise = _url(advertise, s.key("advertise"))
     # Accepted: host and relativeurls (we answer with relative Location headers), http2. http.debug
     # is read by _debug_metrics.
     s.ignore("host", "relativeurls", "http2", "h2c")
     s.done()
-    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret)
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret,
+                      advertise=advertise)
 
 
 def _tls(s: Section) -> TLSConfig:
@@ -465,6 +469,9 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
     s.ignore("health", "validation", "compatibility")
     redis = _redis(s.section("redis")) if s.has("redis") else None
+    if redis is not None and not http.secret:
+        raise ConfigError("http.secret: required with redis (the same on every replica): replicas stream cold "
+                          "blobs to each other, signed with it")
     auth = _auth(s.section("auth"))
     access = _access(s.section("access"), auth)
     limits = _limits(s.section("limits"))

@@ -24,7 +24,7 @@ from prometheus_client import (
 
 from mirror import __version__
 
-ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "other")
+ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "peers", "other")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")
@@ -98,6 +98,10 @@ class Metrics:
                                  ["kind"], registry=r)
         self.redis_up = Gauge("mirror_redis_up", "1 while Redis (redis:) answers and state is shared with the other "
                               "replicas; 0 while this replica works on its own.", registry=r)
+        self.peer_follows = Counter("mirror_blob_peer_follows", "Cold blobs streamed from the replica fetching "
+                                    "them (redis:), instead of from the upstream.", registry=r)
+        self.peer_takeovers = Counter("mirror_blob_peer_takeovers", "Fetches taken over from a replica that died "
+                                      "mid-fetch.", registry=r)
         self.redis_errors = Counter("mirror_redis_errors", "Calls to Redis that failed or timed out.", registry=r)
         self.cache_protected_bytes = Gauge("mirror_cache_protected_bytes",
                                            "Bytes of proxied content kept over cache.max_size because pulls of it "
