@@ -35,6 +35,7 @@ RECONNECT_SECONDS = 1.0
 FAILURES = (RedisError, OSError, TimeoutError)
 # Release a lease only if it is still ours (a lease that expired may be someone else's by now).
 RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 
 
 def scope(config: Config) -> str:
@@ -115,6 +116,14 @@ class Cluster:
         if got is None and not self.up:
             return "local"
         return token if got else None
+
+    async def renew(self, token: str, ttl: float, *parts: str) -> bool:
+        """Keep a lease we hold for `ttl` more seconds; False if it is not ours any more."""
+        if token == "local":
+            return True
+        renewed = await self._call(lambda: self.redis.eval(RENEW, 1, self.key("lease", *parts), token,
+                                                           str(int(ttl * 1000))), None)
+        return renewed is None or bool(renewed)  # Redis gone: nobody else can hold it either
 
     async def release(self, token: str, *parts: str) -> None:
         if token != "local":

@@ -45,6 +45,7 @@ CODES = _table(
     ErrorCode("UNAVAILABLE", 503, "service unavailable"),
     ErrorCode("NOT_FOUND", 404, "no such API endpoint"),
     ErrorCode("TOO_LARGE", 413, "payload too large"),
+    ErrorCode("STORAGE_FULL", 507, "storage full"),  # WebDAV's Insufficient Storage: the write may work later
 )
 
 

@@ -8,6 +8,7 @@ import bisect
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from mirror.cache.blob_cache import BlobCache
 from mirror.cache.eviction import Evictor
 from mirror.cache.flight import Flight
 from mirror.cache.manifest_cache import ManifestCache, Served
+from mirror.cache.peers import Peers, advertised, signed
+from mirror.cache.scrub import Scrubber
 from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster
 from mirror.config import Config
@@ -32,7 +35,7 @@ from mirror.registry.stores import BlobStore, Manifest, ManifestStore, StoredBlo
 from mirror.registry.upload_sessions import Uploads
 from mirror.registry.upstream import UpstreamAnswer, UpstreamClient, translate
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Stat, Storage, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, StorageUnavailable, inventory, layout
 
 log = logging.getLogger("mirror")
 GAUGE_SECONDS = 10.0  # the storage gauges, from the ledger's totals (a read, not a walk)
@@ -67,12 +70,15 @@ class Registry:
         self._cluster = cluster
         if cluster is not None:
             self._namespace.share(cluster)
+            ledger.share(cluster)
             for up in upstreams:
                 up.client.share(cluster)
         self._blobs = BlobStore(storage, ledger, metrics)
         self._manifests = ManifestStore(storage, ledger, config.cache.memory, self._blobs.added)
         self._manifest_cache = ManifestCache(self._manifests, ledger, clock, self._namespace.filling, cluster)
-        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling)
+        self._secret = (config.http.secret or "").encode()
+        peers = Peers(cluster, session, advertised(config), self._secret) if cluster is not None else None
+        self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling, peers)
         self._uploads = Uploads(storage, self._blobs, ledger)
         cache = config.cache
         self._evictor = Evictor(ledger, self._manifests, metrics, in_use=lambda: self._blob_cache.flights.keys(),
@@ -81,6 +87,7 @@ class Registry:
         self._blobs.on_growth = self._evictor.grew
         ledger.on_change(self._manifests.heard)  # another replica removed links or blobs: memory forgets them
         ledger.on_change(self._blobs.heard)
+        self._scrubber = Scrubber(storage, ledger, reads=storage.bulk(), manifests=self._manifests, metrics=metrics)
         self.deletes_enabled = config.storage.delete_enabled
         self._redirect = config.storage.redirect
 
@@ -91,15 +98,28 @@ class Registry:
         jobs = Jobs()
         if self._cluster is not None:
             jobs.start(self._cluster.run())
+        # A write that finds the disk full (often in a worker thread) makes room at once; on OSS a full
+        # local disk is the hot tier's, which evicts itself.
+        loop = asyncio.get_running_loop()
+
+        def pressure() -> None:
+            loop.call_soon_threadsafe(self._evictor.pressure)
+
+        if self._storage.name == "filesystem":
+            self._storage.space.on_full.append(pressure)
         jobs.start(self.ledger.run(), self._blob_cache.clear_staging_forever(), self._gauges())
-        cache, purging = self._config.cache, self._config.storage.uploadpurging
-        if cache.max_size is not None or cache.content_ttl is not None:
-            jobs.start(self._evictor.run_forever())
+        purging = self._config.storage.uploadpurging
+        jobs.start(self._evictor.run_forever())  # passes without a cap or TTL only when the disk fills
+        scrub = self._config.scrub
+        if scrub.enabled:
+            jobs.start(self._scrubber.run_forever(scrub.interval, scrub.rate))
         if purging.enabled:
             jobs.start(self._uploads.purge_forever(purging.age, purging.interval, purging.dryrun))
         try:
             yield
         finally:
+            if pressure in self._storage.space.on_full:
+                self._storage.space.on_full.remove(pressure)
             await jobs.stop()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.http.draintimeout):
@@ -116,9 +136,9 @@ class Registry:
 
     async def _count_storage(self) -> None:
         """The storage gauges, from the ledger's totals (other replicas' writes included)."""
+        since = self._metrics.storage_changes
         totals = await self.ledger.totals()
-        self._metrics.storage_blobs.labels(self._storage.name).set(totals.blobs)
-        self._metrics.storage_bytes.labels(self._storage.name).set(totals.bytes)
+        self._metrics.storage_counted(totals.blobs, totals.bytes, since)
         self._metrics.uploads_in_progress.set(totals.uploads)
 
     async def _marked(self, name: str, mark: str, written: bool) -> None:
@@ -167,10 +187,25 @@ class Registry:
                 await self._namespace.vouch(route)
             self.ledger.touch(served.manifest.digest)  # its pull is under way: eviction keeps what it references
             return served
-        digest = str(reference) if isinstance(reference, Digest) else await self._manifests.tag(route.local, reference)
+        stale = False
+        if isinstance(reference, Digest):
+            digest: str | None = str(reference)
+        else:
+            try:
+                digest = await self._manifests.tag(route.local, reference)
+            except StorageUnavailable as e:
+                # A replica keeps serving what its memory holds: the tag as last read here (its
+                # manifest too, if still in memory; else the 503 stands).
+                digest = self._manifests.remembered_tag(route.local, reference)
+                if digest is None:
+                    raise
+                stale = True
+                log.warning("serving stale private tag %s:%s from memory: %s", route.local, reference, e)
         found = await self._manifests.get(route.local, digest) if digest else None
         if found is None:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {route.local}:{reference}")
+        if stale:
+            return Served(found, "stale", '110 - "Response is Stale"')
         return Served(found, "private")
 
     async def blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
@@ -195,6 +230,19 @@ class Registry:
         if local is None:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {route.local}@{digest}")
         return local
+
+    def peer_signed(self, digest: str, signature: str) -> bool:
+        """Whether a replica of this registry (one that knows http.secret) asks for `digest`."""
+        return bool(self._secret) and signed(self._secret, digest, signature, time.time())
+
+    async def peer_source(self, digest: Digest) -> Flight | StoredBlob | None:
+        """What a following replica streams `digest` from: our fetch of it, or the blob once stored."""
+        flight = self._blob_cache.flights.get(str(digest))
+        if flight is not None:
+            return flight
+        st = await self._blobs.stat(digest)
+        return None if st is None else StoredBlob(layout.blob(digest), st.size, self._storage.local_path(
+            layout.blob(digest)))
 
     def redirect_url(self, blob: StoredBlob) -> str | None:
         """Where to send a client for a blob not on local disk, when storage.redirect is on."""
@@ -335,7 +383,8 @@ class Registry:
 
     async def mount(self, route: Route, digest: Digest, source: Route) -> bool:
         """Cross-repository mount: link the blob if `source` (resolved, and the caller may pull it) has
-        it here."""
+        it here and it verifies (a damaged one is not linked: the client uploads the bytes instead,
+        which replaces it)."""
         found = await self._blobs.find(source.local, digest)
         if found is None:
             return False
@@ -343,6 +392,10 @@ class Registry:
             await self._namespace.vouch(source)
         except namespace.NameNowPrivate:
             return False  # claimed meanwhile: the caller's pull right was judged on a cache
+        if not await self._blobs.intact(digest):
+            log.error("blob %s does not match its digest: not mounted into %s (the upload that follows "
+                      "replaces it)", digest, route.local)
+            return False
         await self._blobs.link(route.local, digest, Stat(found.size, self._clock.time()), durable=True)
         return True
 

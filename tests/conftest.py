@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from mirror.config import parse
 from mirror.server.app import create_app
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.clock import ManualClock
+from tests.support.tmpfs import Tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +35,12 @@ async def registry(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Callable
     """`start(**config)` -> a client of a mirror app (config: parse()'s raw dict) on loopback."""
     clients: list[TestClient] = []
 
-    async def start(root: Path | None = None, **config: Any) -> TestClient:
+    async def start(root: Path | None = None, port: int | None = None, **config: Any) -> TestClient:
         # A test's own storage keys (delete, redirect, ...) join the root, never replace it.
         storage = {"filesystem": {"rootdirectory": str(root or tmp_path / "data")}, **config.pop("storage", {})}
         raw = {"storage": storage, **config}
-        client = TestClient(TestServer(create_app(parse(raw), clock)))
+        app = create_app(parse(raw), clock)
+        client = TestClient(TestServer(app, port=port) if port else TestServer(app))
         await client.start_server()
         clients.append(client)
         return client
@@ -72,3 +74,23 @@ def mirror(upstream: tuple[ScriptedUpstream, TestServer], registry: Callable[...
         return await registry(upstreams=[settings])
 
     return start
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Tmpfs]]:
+    """`make(size)` -> a tmpfs of `size` bytes mounted under tmp_path, unmounted at teardown. Needs
+    root: skipped without it, except under CI=true, where that is a failure."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs needs root")
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Tmpfs] = []
+
+    def make(size: int) -> Tmpfs:
+        fs = Tmpfs(tmp_path / f"tmpfs-{len(mounted)}", size).mount()
+        mounted.append(fs)
+        return fs
+
+    yield make
+    for fs in mounted:
+        fs.unmount()

@@ -38,6 +38,7 @@ class ScriptedUpstream:
     redirect_blobs_to: str | None = None  # base URL of a CDN app serving /cdn/<digest>
     page_size: int = 0  # paginate tags/list with Link when > 0
     headers: dict[str, str] = field(default_factory=dict)  # added to every /v2/ answer (e.g. ratelimit-*)
+    streaming: int = 0  # blob bodies being sent right now (a client that lets go ends its one)
 
     def add_manifest(self, repo: str, tag: str | None, body: dict | bytes,
                      media_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
@@ -133,17 +134,21 @@ class ScriptedUpstream:
         await resp.prepare(request)
         cut = self.cut_after.pop(d, None)
         pos = start
-        while pos < len(data):
-            if cut is not None and pos >= cut:
-                assert request.transport is not None
-                request.transport.abort()
-                return resp
-            end = min(pos + 65536, len(data), cut if cut is not None and cut > pos else len(data))
-            await resp.write(data[pos:end])
-            pos = end
-            if self.slow:
-                await asyncio.sleep(self.slow)
-        await resp.write_eof()
+        self.streaming += 1
+        try:
+            while pos < len(data):
+                if cut is not None and pos >= cut:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                end = min(pos + 65536, len(data), cut if cut is not None and cut > pos else len(data))
+                await resp.write(data[pos:end])
+                pos = end
+                if self.slow:
+                    await asyncio.sleep(self.slow)
+            await resp.write_eof()
+        finally:
+            self.streaming -= 1
         return resp
 
     async def _cdn(self, request: web.Request) -> web.Response:

@@ -44,12 +44,14 @@ async def imported_from(storage: Storage, archive: Path, tmp: Path) -> ImportRes
         return await import_archive(storage, ledger, archive)
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """Every file under `root` but a running server's own (its ledger in `_index/`, the replicas' journal
-    and heartbeats under `_mirror/`): path -> (size, sha256). Storage 'unchanged' means this is equal."""
+def snapshot(root: Path, journal: bool = False) -> dict[str, tuple[int, str]]:
+    """Every file under `root` but this machine's ledger (`_index/`, local state any process that reads
+    storage keeps up to date) and, unless `journal`, the replicas' journal and heartbeats (`_mirror/`,
+    which a running server writes to): path -> (size, sha256). Storage 'unchanged' means this is equal."""
     out = {}
+    skip = {"_index"} | (set() if journal else {layout.MIRROR})
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.relative_to(root).parts[0] not in ("_index", layout.MIRROR):
+        if p.is_file() and p.relative_to(root).parts[0] not in skip:
             data = p.read_bytes()
             out[str(p.relative_to(root))] = (len(data), hashlib.sha256(data).hexdigest())
     return out

@@ -39,8 +39,9 @@ def stored_blobs(tmp_path: Path) -> list[Path]:
 
 
 async def committed(tmp_path: Path, digest: str) -> None:
+    """The blob is stored and its commit done (the link written: nothing left in staging)."""
     for _ in range(200):
-        if any(p.name == digest.split(":")[1] for p in stored_blobs(tmp_path)):
+        if any(p.name == digest.split(":")[1] for p in stored_blobs(tmp_path)) and not staging(tmp_path):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{digest} was never committed")

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.service import REGISTRY
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.clock import ManualClock
+from tests.support.procs import free_port
 from tests.support.redis import REDIS_SERVER, RedisServer
 from tests.test_cache import image
 
@@ -42,9 +44,16 @@ async def replicas(registry: Callable[..., Any], upstream: tuple[ScriptedUpstrea
     async def make(n: int = 2, **up: Any) -> list[TestClient]:
         settings = {"name": "hub", "url": str(server.make_url("")), "hosts": ["docker.io"], "dockerhub": True,
                     "tag_ttl": "5m", "retries": 1, **up}
-        made = [await registry(root=tmp_path / "data", upstreams=[settings],
-                               redis={"addr": redis_server.addr, "dialtimeout": "200ms", "readtimeout": "200ms",
-                                      "writetimeout": "200ms"}) for _ in range(n)]
+        made = []
+        for _ in range(n):
+            port = free_port()  # where the others follow its fetches: known before it starts
+            made.append(await registry(
+                root=tmp_path / "data", port=port, upstreams=[settings],
+                # no drain on close: a replica closed mid-fetch goes as one that died would
+                http={"secret": "shared by the replicas", "advertise": f"http://127.0.0.1:{port}",
+                      "draintimeout": "0s"},
+                redis={"addr": redis_server.addr, "dialtimeout": "200ms", "readtimeout": "200ms",
+                       "writetimeout": "200ms"}))
         for client in made:
             await until(_redis_is(client, 1.0), "replicas joined")
         return made
@@ -148,4 +157,54 @@ def _redis_is(client: TestClient, value: float) -> Callable[[], Awaitable[bool]]
     async def check() -> bool:
         return await metric(client, "mirror_redis_up") == value
 
+    return check
+
+
+async def test_a_cold_blob_is_fetched_once_and_streamed_to_the_other_replicas(
+        replicas: Callable[..., Any], upstream: tuple[ScriptedUpstream, TestServer]) -> None:
+    script, _ = upstream
+    data = os.urandom(4 << 20)
+    blob = script.add_blob(data)
+    script.add_manifest("library/big", "latest", {"schemaVersion": 2, "layers": [{"digest": blob, "size": len(data)}]})
+    script.slow = 0.002  # a fetch that lasts a while: everyone arrives while it runs
+    a, b, c = await replicas(3)
+    answers = await asyncio.gather(*(r.get(f"/v2/big/blobs/{blob}") for r in (a, b, c) for _ in range(3)))
+    bodies = [await x.read() for x in answers]
+    assert {x.status for x in answers} == {200} and all(body == data for body in bodies)
+    assert script.calls[f"GET /v2/library/big/blobs/{blob}"] == 1
+    follows = [await metric(r, "mirror_blob_peer_follows_total") for r in (a, b, c)]
+    assert sum(f or 0 for f in follows) == 2, follows  # the two replicas that did not get the lease
+
+
+async def test_a_fetch_is_taken_over_when_its_replica_goes(
+        replicas: Callable[..., Any], upstream: tuple[ScriptedUpstream, TestServer]) -> None:
+    script, _ = upstream
+    data = os.urandom(4 << 20)
+    blob = script.add_blob(data)
+    script.slow = 0.01
+    a, b = await replicas(2)
+    first = asyncio.create_task(a.get(f"/v2/big/blobs/{blob}"))
+    await until(_fetching(script, blob), "A's fetch to start")
+    second = asyncio.create_task(b.get(f"/v2/big/blobs/{blob}"))
+    await until(_following(b), "B to follow A")
+    # A's fetch dies mid-way (its flights cancelled, as a replica that dies takes them): B takes over from
+    # the upstream, from what it has
+    await a.app[REGISTRY]._blob_cache.close()
+    r = await second
+    assert r.status == 200 and await r.read() == data
+    assert script.calls[f"GET /v2/library/big/blobs/{blob}"] == 2  # A's, and B's ranged one
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert await metric(b, "mirror_blob_peer_takeovers_total") == 1
+
+
+def _fetching(script: ScriptedUpstream, blob: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return script.calls[f"GET /v2/library/big/blobs/{blob}"] >= 1
+    return check
+
+
+def _following(client: TestClient) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await metric(client, "mirror_blob_peer_follows_total") or 0) >= 1
     return check

@@ -163,6 +163,10 @@ def test_bad_env_value_names_the_key(tmp_path: Path) -> None:
         ("version: 0.1\ncache: {memory: lots}\n", r"cache\.memory"),
         ("version: 0.1\nui: {enabled: sometimes}\n", r"^ui\.enabled: expected true or false"),
         ("version: 0.1\nui: {enabled: true, theme: dark}\n", r"^ui\.theme: unknown configuration key"),
+        ("version: 0.1\nscrub: {rate: fast}\n", r"^scrub\.rate"),
+        ("version: 0.1\nscrub: {rate: 0}\n", r"^scrub\.rate"),
+        ("version: 0.1\nscrub: {interval: 0s}\n", r"^scrub\.interval"),
+        ("version: 0.1\nscrub: {pace: 1}\n", r"^scrub\.pace: unknown"),
         ("- a\n- b\n", r"mapping"),
     ],
 )
@@ -261,7 +265,7 @@ def test_tls_auth_access_and_limits() -> None:
                    {"repositories": ["team/**"], "push": ["alice", "ci"], "delete": ["alice"]},
                    {"repositories": ["public/*"], "pull": ["*", "anonymous"]}]},
                "limits": {"manifest_size": "1MiB", "uploads_per_client": 4, "body_timeout": "30s",
-                          "header_size": "16KiB", "headers": 64}})
+                          "body_min_bytes": "1KiB", "header_size": "16KiB", "headers": 64}})
     assert c.http.tls is not None and c.http.tls.clientcas == ("/ca.pem",) and c.http.tls.minimumtls == "tls1.2"
     assert c.auth is not None and c.auth.htpasswd is not None and c.auth.token is None
     assert (c.auth.htpasswd.realm, c.auth.htpasswd.path) == ("basic", "/etc/mirror/htpasswd")
@@ -270,9 +274,10 @@ def test_tls_auth_access_and_limits() -> None:
     assert (team.repositories, team.pull, team.push, team.delete) == (("team/**",), None, ("alice", "ci"), ("alice",))
     assert public.users("pull") == ("*", "anonymous")
     assert (c.limits.manifest_size, c.limits.uploads_per_client, c.limits.body_timeout) == (1 << 20, 4, 30)
-    assert (c.limits.header_size, c.limits.headers) == (16 << 10, 64)
+    assert (c.limits.header_size, c.limits.headers, c.limits.body_min_bytes) == (16 << 10, 64, 1 << 10)
     default = parse({})
     assert default.auth is None and default.http.tls is None and default.limits.manifest_size == 4 << 20
+    assert default.limits.body_min_bytes == 16 << 10
 
 
 def test_token_auth_keys_and_registry_env(tmp_path: Path) -> None:
@@ -297,3 +302,15 @@ def test_ui_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, "version: 0.1\n"), {}).ui.enabled
     assert not load(write(tmp_path, "version: 0.1\nui: {enabled: false}\n"), {}).ui.enabled
     assert not load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_UI_ENABLED": "false"}).ui.enabled
+
+
+def test_scrub_keys_and_env(tmp_path: Path) -> None:
+    default = load(write(tmp_path, "version: 0.1\n"), {}).scrub
+    assert default.enabled and default.rate == 20 << 20 and default.interval == 7 * 24 * 3600
+    c = load(write(tmp_path, "version: 0.1\nscrub: {enabled: false, rate: 5MiB, interval: 24h}\n"), {}).scrub
+    assert (c.enabled, c.rate, c.interval) == (False, 5 << 20, 24 * 3600)
+    c = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_SCRUB_ENABLED": "false", "REGISTRY_SCRUB_RATE": "1MiB",
+                                                   "REGISTRY_SCRUB_INTERVAL": "1h"}).scrub
+    assert (c.enabled, c.rate, c.interval) == (False, 1 << 20, 3600)
+    limits = load(write(tmp_path, "version: 0.1\n"), {"REGISTRY_LIMITS_BODY_MIN_BYTES": "1KiB"}).limits
+    assert limits.body_min_bytes == 1 << 10

@@ -54,12 +54,16 @@ SAMPLES: dict[str, tuple[str, Callable[[Config], Any], Any]] = {
     "limits.manifest_size": ("1MiB", lambda c: c.limits.manifest_size, 1 << 20),
     "limits.uploads_per_client": ("4", lambda c: c.limits.uploads_per_client, 4),
     "limits.body_timeout": ("5s", lambda c: c.limits.body_timeout, 5.0),
+    "limits.body_min_bytes": ("1KiB", lambda c: c.limits.body_min_bytes, 1024),
     "limits.header_size": ("4096", lambda c: c.limits.header_size, 4096),
     "limits.headers": ("64", lambda c: c.limits.headers, 64),
     "metrics.enabled": ("false", lambda c: c.metrics.enabled, False),
     "metrics.addr": ("127.0.0.1:9100", lambda c: c.metrics.addr, ("127.0.0.1", 9100)),
     "metrics.path": ("/m", lambda c: c.metrics.path, "/m"),
     "ui.enabled": ("false", lambda c: c.ui.enabled, False),
+    "scrub.enabled": ("false", lambda c: c.scrub.enabled, False),
+    "scrub.rate": ("5MiB", lambda c: c.scrub.rate, 5 << 20),
+    "scrub.interval": ("24h", lambda c: c.scrub.interval, 86400.0),
 }
 # Keys that only make sense together: what the sample of each needs beside it.
 TOGETHER: dict[str, dict[str, str]] = {

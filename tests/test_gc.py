@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,26 +15,27 @@ import pytest
 
 from mirror.commands import gc
 from mirror.commands.gc import GcResult
+from mirror.storage import layout
 from mirror.storage.filesystem import FilesystemStorage
 from tests.support import ledgers
-from tests.support.clock import ManualClock
 from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, upload
 
 
 def age_everything(root: Path, seconds: float = 7200) -> None:
-    """Blobs and links as if written `seconds` ago (gc keeps what was written or linked within its grace)."""
+    """Blobs and links as if written `seconds` ago (gc keeps what was written or linked within its grace);
+    uploads keep their own times. Their journal records go too: records that old are behind the
+    horizon of any ledger read from storage now (a rebuild replays only what came during its walk)."""
     past = time.time() - seconds
     for top in ("blobs", "repositories"):
         for p in (root / top).rglob("*"):
-            os.utime(p, (past, past))
+            if "_uploads" not in p.parts:
+                os.utime(p, (past, past))
+    shutil.rmtree(root / layout.JOURNAL, ignore_errors=True)
 
 
-async def collect(storage: FilesystemStorage, tmp: Path, ahead: float = 2 * 3600, **kwargs: Any) -> GcResult:
-    """`mirror gc` as the command runs it, on a ledger read from storage, on a clock `ahead`: the writes
-    the test aged happened long before (the journal's records of them are behind the ledger's horizon)."""
-    clock = ManualClock()
-    clock.advance(ahead)
-    async with ledgers.opened(storage, tmp, clock=clock) as ledger:
+async def collect(storage: FilesystemStorage, tmp: Path, **kwargs: Any) -> GcResult:
+    """`mirror gc` as the command runs it: on a ledger read from storage as it is now."""
+    async with ledgers.opened(storage, tmp) as ledger:
         return await gc.collect(ledger, **kwargs)
 
 
@@ -76,7 +78,7 @@ async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory,
     root = tmp_path / "data"
     client = await registry(storage={"filesystem": {"rootdirectory": str(root)}})
     young = await upload(client, "team/app", b"just pushed, manifest on its way")
-    result = await collect(FilesystemStorage(root), tmp_path, ahead=0)
+    result = await collect(FilesystemStorage(root), tmp_path)
     assert result.swept == [] and result.kept_young == 1
     # An upload that started an hour ago holds back everything younger than it.
     location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
@@ -87,6 +89,26 @@ async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory,
     assert result.swept == [] and result.kept_young == 1
     age_everything(root, seconds=4 * 3600)
     assert (await collect(FilesystemStorage(root), tmp_path)).swept == [young]
+
+
+async def test_an_idle_upload_stops_protecting_younger_blobs(registry: Factory, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    client = await registry(storage={"filesystem": {"rootdirectory": str(root)}})
+    young = await upload(client, "team/app", b"pushed, manifest never came")
+    location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(location, data=b"some bytes")).status == 202
+    upload_dir = root / layout.upload("team/app", location.rsplit("/", 1)[1])
+    (upload_dir / "startedat").write_text(str(time.time() - 3 * 3600))
+    age_everything(root, seconds=2 * 3600)
+    # Receiving bytes until now: in progress, it keeps what is younger than its start.
+    assert (await collect(FilesystemStorage(root), tmp_path)).swept == []
+    # Silent for two hours: abandoned, it keeps nothing (purging removes it later).
+    past = time.time() - 2 * 3600
+    for f in upload_dir.iterdir():
+        os.utime(f, (past, past))
+    assert (await collect(FilesystemStorage(root), tmp_path, upload_idle=3 * 3600, dry_run=True)).swept == []
+    assert (await collect(FilesystemStorage(root), tmp_path)).swept == [young]
+    assert upload_dir.exists()
 
 
 @pytest.mark.e2e  # runs `python -m mirror` processes

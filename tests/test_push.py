@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.server.state import LEDGER
 from tests.scripted_upstream import ScriptedUpstream
 from tests.test_cache import image as upstream_image
 
@@ -118,6 +119,7 @@ async def test_bad_digest_leaves_nothing(registry: Factory, tmp_path: Path) -> N
     assert r.status == 400 and await error_code(r) == "DIGEST_INVALID"
     assert (await client.head(f"/v2/team/app/blobs/{wrong}")).status == 404
     assert not list((tmp_path / "data" / "blobs").rglob("*")) if (tmp_path / "data" / "blobs").exists() else True
+    await client.app[LEDGER].writer.flush()  # its journal records (written in the background) are in place
     assert not list((tmp_path / "data" / "_staging").iterdir())
     r = await client.put(f"{location}?digest=sha256:nothex")
     assert r.status in (400, 404)

@@ -381,10 +381,15 @@ async def auth_mirror(registry: Factory, upstream: tuple[ScriptedUpstream, TestS
 async def test_anonymous_sees_cached_only_and_no_delete_buttons(auth_mirror: TestClient) -> None:
     client = auth_mirror
     alice = basic("alice", "alice-pw")
+    # The push and the pull are read into the list one after the other: wait for both rows.
+    for _ in range(200):
+        data = await (await client.get("/ui/api/repositories", headers=alice)).json()
+        if listed(data) == ["library/app", "team/app"]:
+            break
+        await asyncio.sleep(0.05)
+    assert listed(data) == ["library/app", "team/app"]
     data = await ready(client, lambda d: "library/app" in listed(d))
     assert listed(data) == ["library/app"]  # anonymous: cached content only (anonymous_pull)
-    data = await (await client.get("/ui/api/repositories", headers=alice)).json()
-    assert listed(data) == ["library/app", "team/app"]
     html = await (await client.get("/ui/repo/library/app")).text()
     assert "Log in" in html and 'class="delete' not in html and "docker pull" in html
     r = await client.get("/ui/repo/team/app")

@@ -8,7 +8,7 @@ from mirror.cache.flight import Flight, FlightFailed
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest, parse_range
 from mirror.server.logs import CACHE, SERVED_BYTES
-from mirror.storage import NotFound, StorageUnavailable
+from mirror.storage import NotFound, StorageFull, StorageUnavailable
 
 log = logging.getLogger("mirror.api")
 
@@ -34,9 +34,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     range_header = request.headers.get("Range")
     if isinstance(source, Flight):
         await source.started.wait()
-        if source.error is not None and source.written == 0:
+        if source.error is not None and not source.verified:  # failed already: an error, not a short body
             raise _as_registry_error(source.error)
-        return await _send(request, digest, source.size, range_header, source.read)
+        return await send_blob(request, digest, source.size, range_header, source.read)
     if source.path is not None:
         start, end = parse_range(range_header, source.size) if range_header else (0, source.size)
         request[SERVED_BYTES] = end - start  # parse_range: a clear OCI error before FileResponse's own 416
@@ -45,11 +45,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if url is not None:
         return web.Response(status=307, headers={"Location": url, "Docker-Content-Digest": str(digest)})
     stored = source
-    return await _send(request, digest, stored.size, range_header,
+    return await send_blob(request, digest, stored.size, range_header,
                        lambda start, end: registry.read_blob(stored, start, end))
 
 
-async def _send(request: web.Request, digest: Digest, size: int | None, range_header: str | None,
+async def send_blob(request: web.Request, digest: Digest, size: int | None, range_header: str | None,
                 read: Callable[[int, int | None], AsyncIterator[bytes | memoryview]]) -> web.StreamResponse:
     """Stream `read(start, end)` as the body; a failure once headers are out cuts the connection."""
     start, end, status = 0, size, 200
@@ -64,6 +64,8 @@ async def _send(request: web.Request, digest: Digest, size: int | None, range_he
             chunk = await anext(chunks, b"")  # a failure before any byte is still an OCI error
         except NotFound:
             raise RegistryError("BLOB_UNKNOWN", f"blob unknown: {digest}") from None
+        except FlightFailed as e:
+            raise _as_registry_error(e.__cause__ if isinstance(e.__cause__, Exception) else e) from None
         resp = web.StreamResponse(status=status, headers=headers)
         if end is not None:
             resp.content_length = end - start
@@ -75,8 +77,10 @@ async def _send(request: web.Request, digest: Digest, size: int | None, range_he
                 request[SERVED_BYTES] += len(chunk)
                 chunk = await anext(chunks, b"")
         except (FlightFailed, StorageUnavailable, NotFound) as e:
-            # Headers are gone: the only honest signal left is to cut the connection short.
-            log.warning("cutting %s for %s: %s", request.path, request.remote, e)
+            # Headers are gone: the only honest signal left is to cut the connection short. A full
+            # disk was logged once already: not again per client.
+            level = logging.INFO if isinstance(e.__cause__, StorageFull) else logging.WARNING
+            log.log(level, "cutting %s for %s: %s", request.path, request.remote, e)
             if request.transport is not None:
                 request.transport.abort()
             return resp  # already prepared: aiohttp finds the connection closed and logs it as sent
@@ -97,4 +101,7 @@ async def delete_blob(request: web.Request) -> web.Response:
 def _as_registry_error(error: Exception) -> RegistryError:
     if isinstance(error, RegistryError):
         return error
+    if isinstance(error, StorageFull):
+        return RegistryError("STORAGE_FULL", f"{error} (this blob cannot be cached now)",
+                             headers={"Retry-After": "60"})
     return RegistryError("UPSTREAM_UNAVAILABLE", str(error))

@@ -12,9 +12,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
-AREAS = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui")
+AREAS = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "peers")
 # What auth asks of the caller: an action on the repository in `{name}`, or one of the others.
-ACTIONS = ("pull", "push", "delete", "catalog", "base", "ui")
+ACTIONS = ("pull", "push", "delete", "catalog", "base", "ui", "peer")  # peer: signed by a replica, not a user
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 from aiohttp import web
 
-from mirror.api.request import LIMITS, pull_route, push_route
+from mirror.api.request import LIMITS, body, pull_route, push_route
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_reference
 from mirror.registry import mediatypes
@@ -42,11 +42,11 @@ async def put_manifest(request: web.Request) -> web.Response:
     registry, r = await push_route(request)
     reference = parse_reference(request.match_info["reference"])
     limit = request.app[LIMITS].manifest_size
-    body = await read_manifest(request.content, request.content_length, limit)
-    if body is None:
+    manifest = await read_manifest(body(request), request.content_length, limit)  # stalls and drips are cut
+    if manifest is None:
         raise RegistryError("TOO_LARGE", f"manifests are limited to {limit} bytes (limits.manifest_size)")
-    pushed = await registry.put_manifest(r, reference, body, request.headers.get("Content-Type"))
-    request[PUSHED_BYTES] = len(body)
+    pushed = await registry.put_manifest(r, reference, manifest, request.headers.get("Content-Type"))
+    request[PUSHED_BYTES] = len(manifest)
     headers = {"Location": f"/v2/{r.local}/manifests/{pushed.digest}", "Docker-Content-Digest": pushed.digest}
     if pushed.subject:
         headers["OCI-Subject"] = pushed.subject

@@ -22,8 +22,9 @@ BODY_CHUNK = 1 << 20
 
 
 class ClientStalled(ConnectionResetError):
-    """The client sent nothing of a request body for limits.body_timeout: its connection is cut
-    (what an upload received so far stays, reported by its Range)."""
+    """The client sent a request body too slowly (nothing, or a drip: less than limits.body_min_bytes
+    in a limits.body_timeout): its connection is cut (what an upload received so far stays,
+    reported by its Range)."""
 
 
 async def route(request: web.Request) -> Route:
@@ -51,18 +52,28 @@ async def push_route(request: web.Request) -> tuple[Registry, Route]:
 
 
 async def body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives, never whole in memory; a stall of limits.body_timeout cuts
-    the connection."""
-    seconds = request.app[LIMITS].body_timeout
+    """The request body as it arrives, never whole in memory. Every limits.body_timeout must bring
+    at least limits.body_min_bytes (and at least a byte): a body that stalls, or drips to hold a
+    slot, is cut."""
+    limits = request.app[LIMITS]
+    window, least = limits.body_timeout, max(1, limits.body_min_bytes)
+    loop = asyncio.get_running_loop()
+    deadline, got = loop.time() + window, 0  # the current window, and what it brought
     while True:
         try:
-            async with asyncio.timeout(seconds):
-                chunk = await request.content.read(BODY_CHUNK)
+            async with asyncio.timeout_at(deadline):
+                chunk: bytes | None = await request.content.read(BODY_CHUNK)
         except TimeoutError:
-            log.info("%s %s: no body bytes for %.0fs from %s, cutting", request.method, request.path, seconds,
-                     request.remote)
-            # the errors middleware cuts the connection once the handler kept what arrived
-            raise ClientStalled(f"no request body bytes for {seconds:.0f}s") from None
-        if not chunk:
+            chunk = None  # the window ended while waiting
+        if chunk == b"":
             return
-        yield chunk
+        if chunk is not None:
+            got += len(chunk)
+            yield chunk
+        if loop.time() >= deadline:
+            if got < least:
+                log.info("%s %s: %d body bytes in %.0fs from %s (limits.body_min_bytes %d), cutting",
+                         request.method, request.path, got, window, request.remote, least)
+                # the errors middleware cuts the connection once the handler kept what arrived
+                raise ClientStalled(f"request body sent {got} bytes in {window:.0f}s, less than {least}")
+            deadline, got = loop.time() + window, 0

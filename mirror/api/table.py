@@ -1,6 +1,6 @@
 """The v2 API as data: one route table; handlers live in one module per API area."""
 
-from mirror.api import base, blobs, catalog, manifests, referrers, tags, uploads
+from mirror.api import base, blobs, catalog, manifests, peers, referrers, tags, uploads
 from mirror.api.endpoints import Endpoint, get
 
 # Names have several components, so `{name:.+}`: the handler validates it against the grammar
@@ -23,4 +23,6 @@ ROUTES: list[Endpoint] = [
     *get(f"{NAME}/blobs/{{digest}}", blobs.get_blob, "blobs", "pull"),
     Endpoint("DELETE", f"{NAME}/blobs/{{digest}}", blobs.delete_blob, "blobs", "delete"),
     *get(f"{NAME}/referrers/{{digest}}", referrers.list_referrers, "referrers", "pull"),
+    # replicas following each other's fetches (redis:): signed with http.secret, checked by the handler
+    *get("/_mirror/flights/{digest}", peers.peer_flight, "peers", "peer"),
 ]

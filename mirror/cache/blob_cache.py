@@ -15,8 +15,9 @@ from pathlib import Path
 import aiohttp
 
 from mirror.background import every
-from mirror.cache.flight import DigestMismatch, Flight
+from mirror.cache.flight import DigestMismatch, Flight, FlightFailed
 from mirror.cache.manifest_cache import Filling
+from mirror.cache.peers import LEASE_SECONDS, Peers, stop
 from mirror.names import Digest
 from mirror.registry.namespace import Route
 from mirror.registry.stores import BlobStore, StoredBlob
@@ -29,8 +30,10 @@ STAGING_IDLE_SECONDS = 3600.0
 
 
 class BlobCache:
-    def __init__(self, store: BlobStore, staging: Path, metrics: Metrics, filling: Filling) -> None:
+    def __init__(self, store: BlobStore, staging: Path, metrics: Metrics, filling: Filling,
+                 peers: Peers | None = None) -> None:
         self.filling = filling
+        self.peers = peers  # replicas sharing state (redis:): one upstream fetch per blob across them
         self.store = store
         self.staging = staging
         self.metrics = metrics
@@ -59,7 +62,30 @@ class BlobCache:
             flight = self.flights.get(key)
             if flight is not None:
                 return self._join(flight)
+        if self.peers is not None and self.peers.up:
+            return await self._cluster_flight(route, digest)
         return self._start(route, digest), "miss"
+
+    async def _cluster_flight(self, route: Route, digest: Digest) -> tuple[StoredBlob | Flight, str]:
+        """Fetch it, if we get the lease; else follow the replica that fetches it (a hit: no upstream)."""
+        assert self.peers is not None
+        key = str(digest)
+        token = await self.peers.claim(key)
+        url = None if token is not None else await self.peers.holder(key)
+        flight = self.flights.get(key)  # another request here may have started or followed it meanwhile
+        if flight is not None:
+            if token is not None:
+                await self.peers.release(key, token)
+            return self._join(flight)
+        stored = await self.store.find(route.local, digest)  # the holder may have committed it meanwhile
+        if stored is not None:
+            if token is not None:
+                await self.peers.release(key, token)
+            return stored, "hit"
+        if url is not None:
+            self.metrics.peer_follows.inc()
+            return self._start(route, digest, follow=url), "hit"
+        return self._start(route, digest, lease=token), "miss"
 
     def _join(self, flight: Flight) -> tuple[Flight, str]:
         self.metrics.flight_joiners.inc()
@@ -81,13 +107,28 @@ class BlobCache:
         with answering_as("BLOB_UNKNOWN", f"{route.local}@{digest}"):
             return await route.proxy.client.head_blob(route.remote, str(digest))
 
-    def _start(self, route: Route, digest: Digest) -> Flight:
+    def _start(self, route: Route, digest: Digest, follow: str | None = None, lease: str | None = None) -> Flight:
+        """A flight from the upstream, or (`follow`) from the replica at that URL that fetches it."""
         key = str(digest)
         spool = self.staging / f"f-{digest.hex[:16]}-{uuid.uuid4().hex[:8]}"
-        flight = Flight(digest, spool, route, self.metrics.upstream_bytes.labels(route.proxy.config.name).inc)
+        source: dict[str, str | None] = {"peer": follow, "lease": lease}
+        upstream_bytes = self.metrics.upstream_bytes.labels(route.proxy.config.name)
+
+        def received(n: int) -> None:
+            if source["peer"] is None:
+                upstream_bytes.inc(n)
+
+        flight = Flight(digest, spool, route, self.store.storage.space, received)
         self.flights[key] = flight
+        keeper: list[asyncio.Task[None]] = []
+        if self.peers is not None and lease not in (None, "local"):
+            keeper.append(asyncio.create_task(self.peers.keep(key, lease)))
 
         async def open_upstream(offset: int) -> aiohttp.ClientResponse:
+            if source["peer"] is not None:
+                resp = await self._from_peer(key, offset, source, keeper)
+                if resp is not None:
+                    return resp
             with answering_as("BLOB_UNKNOWN", f"{route.local}@{digest}"):
                 resp = await route.proxy.client.open_blob(route.remote, key, offset)
             if offset == 0 and resp.content_length:
@@ -96,16 +137,23 @@ class BlobCache:
 
         async def commit(spool: Path) -> None:
             await self.filling(route)  # the name holds cached content from now on (clients have the bytes)
-            await self.store.storage.put_file(layout.blob(digest), spool)
-            await self.store.link(route.local, digest, Stat(flight.received, time.time()), durable=False, new=True)
+            new = await self.store.stat(digest) is None  # the replica we followed may have committed it
+            if new:
+                await self.store.storage.put_file(layout.blob(digest), spool)
+            await self.store.link(route.local, digest, Stat(flight.received, time.time()), durable=False, new=new)
             self.store.ledger.touch(key)
 
         async def run() -> None:
             upstream = route.proxy.config.name
             self.metrics.flights_in_progress.inc()
             try:
-                await flight.run(open_upstream, commit, route.proxy.config.retries)
+                # a follower may need a try for each holder it outlives, and one for the upstream
+                await flight.run(open_upstream, commit, route.proxy.config.retries + (3 if follow else 0))
             finally:
+                for task in keeper:
+                    await stop(task)
+                if self.peers is not None and source["lease"] is not None:
+                    await self.peers.release(key, source["lease"])
                 self.metrics.flights_in_progress.dec()
                 if isinstance(flight.error, DigestMismatch):
                     self.metrics.upstream_errors.labels(upstream, "digest").inc()
@@ -116,6 +164,31 @@ class BlobCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flight
+
+    async def _from_peer(self, key: str, offset: int, source: dict[str, str | None],
+                         keeper: list[asyncio.Task[None]]) -> aiohttp.ClientResponse | None:
+        """The followed replica's stream from `offset`; if it is gone, the next holder's, or None once we
+        hold the lease ourselves (then the upstream, with Range, from what we have)."""
+        assert self.peers is not None
+        deadline = time.monotonic() + LEASE_SECONDS + 5
+        while source["peer"] is not None:
+            try:
+                return await self.peers.open(source["peer"], key, offset)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("the replica serving %s (%s) is gone (%s)", key, source["peer"], e)
+            token = await self.peers.claim(key)
+            if token is not None:
+                log.warning("taking over the fetch of %s from the upstream at %d bytes", key, offset)
+                source["peer"], source["lease"] = None, token
+                if token != "local":
+                    keeper.append(asyncio.create_task(self.peers.keep(key, token)))
+                self.metrics.peer_takeovers.inc()
+                return None
+            if time.monotonic() > deadline:
+                raise FlightFailed(f"no replica serves {key}, and its lease is held")
+            source["peer"] = await self.peers.holder(key, wait=1.0) or source["peer"]
+            await asyncio.sleep(0.5)
+        return None
 
     async def clear_staging_forever(self) -> None:
         await every(STAGING_IDLE_SECONDS / 4, self.clear_staging)

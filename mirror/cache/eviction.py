@@ -10,9 +10,11 @@ keeps the cache over its cap, that is said once and the next pass comes as soon 
 Everything a pass needs is in the ledger (mirror/ledger/): the unpinned blobs in last-use order (an
 index: a pass reads its victims and stops, whatever storage holds; private content is never read),
 the totals, what recent manifests reference. Last use is the last access (batched), else the blob's
-mtime. The server runs passes in the background, and at once when a new blob takes usage past the
-high watermark; the deletes go through the ledger's fence (a push on another replica that references
-a victim meanwhile keeps it).
+mtime. The server runs passes in the background, at once when a new blob takes usage past the high
+watermark, and at once when a write finds the disk full: that pass treats what storage holds as the
+cap, so least recently used proxied content goes down to the low watermark of it (cached content is
+what a full disk can spare; private content never goes). The deletes go through the ledger's fence
+(a push on another replica that references a victim meanwhile keeps it).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Evictor:
         self.wake = asyncio.Event()
         self.over_cap = False  # the last pass left the cache over its cap because pulls were in progress
         self._next_due: float | None = None  # wall time the protection that kept it over ends
+        self._pressed = False  # a write found the disk full: the next pass makes room
         self._lock = asyncio.Lock()
 
     def grew(self, size: int, committed: bool) -> None:
@@ -132,16 +135,26 @@ class Evictor:
         if self.max_size is not None and self.usage + (0 if committed else size) > self.max_size * self.high:
             self.wake.set()
 
+    def pressure(self) -> None:
+        """A write found the disk full: make room now."""
+        self._pressed = True
+        self.wake.set()
+
+    @property
+    def configured(self) -> bool:
+        """Whether passes have anything to do without pressure (a size cap or a TTL)."""
+        return self.max_size is not None or self.ttl is not None
+
     async def run_forever(self) -> None:
         """Once the ledger is ready: a pass, then every EVICTION_SECONDS, as soon as a new blob passes the
-        high watermark, or as soon as the protection that kept the cache over its cap ends. Between
-        passes the ledger's totals are looked at every RECHECK_SECONDS (one read): what other replicas
-        added counts too."""
+        high watermark or a write finds the disk full (only those, without a cap or a TTL), or as soon as
+        the protection that kept the cache over its cap ends. Between passes the ledger's totals are
+        looked at every RECHECK_SECONDS (one read): what other replicas added counts too."""
         await self.ledger.ready.wait()
         last = -math.inf
         while True:
             due = self.clock.monotonic() - last >= EVICTION_SECONDS or self.wake.is_set() or await self._over()
-            if due:
+            if due and (self.configured or self._pressed):
                 last = self.clock.monotonic()
                 try:
                     await self.run()
@@ -168,6 +181,7 @@ class Evictor:
         max_size = self.max_size if max_size is None else max_size
         async with self._lock:
             self.wake.clear()
+            pressed, self._pressed = self._pressed, False
             now = self.clock.time() if now is None else now
             await self.ledger.flush()  # access times batched in memory count too
             totals = await self.ledger.totals()
@@ -177,6 +191,8 @@ class Evictor:
             protected = set(self.in_use()) | pulling.keys()
             result.kept_recent = len(protected)
             target = int(max_size * self.low) if max_size is not None and proxied > max_size * self.high else None
+            if pressed:  # a full disk caps proxied content at what it holds
+                target = min(target if target is not None else proxied, int(proxied * self.low))
             victims = await self.ledger.read(plan, ttl, now, target, proxied, protected)
             planned = {v.digest: v for v in victims}
             if dry_run:
@@ -203,9 +219,9 @@ class Evictor:
             if not dry_run:
                 self.usage = result.proxied_after
             if result.evicted:
-                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s", len(result.evicted),
+                log.info("evicted %d objects (%d bytes, %d expired): storage %d -> %d bytes%s%s", len(result.evicted),
                          result.evicted_bytes, result.expired, result.usage_before, result.usage_after,
-                         " (dry run)" if dry_run else "")
+                         " (dry run)" if dry_run else "", " to make room on a full disk" if pressed else "")
             self._say_if_over(result, max_size, pulling, dry_run)
             return result
 

@@ -190,7 +190,7 @@ class ManifestCache:
             served = await self._fetch(route, digest, tag)
         except UpstreamNotFound as e:
             if entry is not None:  # the tag is gone upstream: forget it, keep the content by digest
-                await self.store.delete_tag(route.local, tag, durable=False)
+                await self.store.delete_tag(route.local, tag)
             raise translate(e, "MANIFEST_UNKNOWN", f"{route.local}:{tag}") from None
         except UpstreamAnswer as e:  # failed, rate limited, or refusing us now: the cached copy stands in
             if cached is None:

@@ -6,6 +6,9 @@ asks one index for its candidates instead of marking from every manifest. Safe w
 a blob is only swept when it is older than the grace period, was not linked within it, and is older
 than the oldest upload still in progress (its manifest may not be pushed yet); and the sweep goes
 through the ledger's fence, so a push on any replica that references a candidate meanwhile keeps it.
+An upload that has received nothing for `upload_idle` is abandoned, not in progress: it protects
+nothing (else one upload left behind would keep every younger blob until upload purging removes
+it, days later).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from mirror.commands import runner
 from mirror.ledger import ops, queries
 from mirror.ledger.ledger import BlobState, Ledger
 from mirror.names import parse_digest
+from mirror.registry.upload_sessions import live_uploads
 from mirror.storage import layout
 
 log = logging.getLogger("mirror.gc")
 CHUNK = 1000
+UPLOAD_IDLE = 3600.0
 
 
 @dataclass
@@ -59,11 +64,13 @@ def candidates(conn: sqlite3.Connection, cutoff: float) -> tuple[list[Candidate]
     return sorted(found, key=lambda c: c.digest), young, queries.totals(conn).blobs - unreached
 
 
-async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.0) -> GcResult:
-    cutoff = ledger.clock.time() - grace
-    oldest = await ledger.read(queries.oldest_upload)
-    if oldest is not None:
-        cutoff = min(cutoff, oldest)
+async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.0,
+                  upload_idle: float = UPLOAD_IDLE) -> GcResult:
+    now = ledger.clock.time()
+    cutoff = now - grace
+    live = [u for u in await live_uploads(ledger.storage, ledger, activity=True) if u.active >= now - upload_idle]
+    if live:
+        cutoff = min(cutoff, min(u.started for u in live))
     found, young, marked = await ledger.read(candidates, cutoff)
     result = GcResult(marked=marked, kept_young=young)
     by_digest = {c.digest: c for c in found}
@@ -92,9 +99,10 @@ async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.
 
 
 def command(args: argparse.Namespace) -> int:
-    """`mirror gc [--dry-run] [--grace] [--json]`."""
+    """`mirror gc [--dry-run] [--grace] [--upload-idle] [--json]`."""
     config = runner.load_config(args.config)
-    result = runner.run_with_ledger(config, lambda ledger: collect(ledger, dry_run=args.dry_run, grace=args.grace),
+    result = runner.run_with_ledger(config, lambda ledger: collect(ledger, dry_run=args.dry_run, grace=args.grace,
+                                                                   upload_idle=args.upload_idle),
                                     show=runner.show_progress(args.json))
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, **dataclasses.asdict(result)}))

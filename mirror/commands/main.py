@@ -1,4 +1,4 @@
-"""`mirror serve | gc | du | evict | index | prefetch | export | import | check-config`."""
+"""`mirror serve | gc | du | evict | scrub | index | prefetch | export | import | check-config`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p.add_argument("--grace", type=_duration, default=3600.0,
                    help="keep blobs younger than this (default 1h)")
+    p.add_argument("--upload-idle", type=_duration, default=3600.0,
+                   help="an upload that received nothing this long is abandoned: it no longer keeps the blobs "
+                        "younger than it (default 1h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("gc"))
     p = sub.add_parser("du", help="storage used by repository and upstream, cached vs private")
@@ -84,6 +87,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_lazy("evict"))
+    p = sub.add_parser("scrub", help="hash every blob and manifest; take damaged ones out of what is served")
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--rate", type=_bytes, help="hash at most this many bytes a second (e.g. 50MiB; default: "
+                                               "as fast as storage reads)")
+    p.add_argument("--dry-run", action="store_true", help="only report what is damaged")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_lazy("scrub"))
     p = sub.add_parser("index", help="the ledger of what storage holds (SQLite, on this machine)")
     p.add_argument("action", choices=["rebuild"], help="rebuild: recreate it from a walk of storage")
     p.add_argument("--verify", action="store_true", help="replace nothing: compare the ledger in use with storage "

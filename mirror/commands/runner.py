@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -76,6 +77,8 @@ def run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
         raise CommandError(f"storage error: {e}") from None
     except OSError as e:
         raise CommandError(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+    except sqlite3.Error as e:
+        raise CommandError(f"cache.index {config.cache.index_dir(config.storage)}: {e}") from None
 
 
 def run_with_ledger(config: Config, job: Callable[[Ledger], Awaitable[T]], show: bool = False,

@@ -35,6 +35,7 @@ from mirror.config.model import (
     OssConfig,
     PrivateConfig,
     RedisConfig,
+    ScrubConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -67,7 +68,7 @@ __all__ = [
     "ACTIONS", "ANONYMOUS", "ANY_USER", "DEFAULT_CONFIG", "ENV_KEYS", "SIGNING_ALGORITHMS", "TLS_VERSIONS",
     "AccessConfig", "AccessRule", "AuthConfig", "CacheConfig", "Config", "ConfigError", "EndpointConfig",
     "HtpasswdConfig", "HttpConfig", "LimitsConfig", "LogConfig", "MetricsConfig", "NotificationsConfig",
-    "OssConfig", "PrivateConfig", "RedisConfig", "StorageConfig", "TLSConfig", "TokenConfig", "UIConfig",
-    "UploadPurging",
-    "UpstreamConfig", "apply_env", "load", "parse", "parse_addr", "parse_duration", "parse_size",
+    "OssConfig", "PrivateConfig", "RedisConfig", "ScrubConfig", "StorageConfig", "TLSConfig", "TokenConfig",
+    "UIConfig", "UploadPurging", "UpstreamConfig", "apply_env", "load", "parse", "parse_addr", "parse_duration",
+    "parse_size",
 ]

@@ -18,6 +18,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_HTTP_NET": ("http", "net"),
     "REGISTRY_HTTP_HOST": ("http", "host"),
     "REGISTRY_HTTP_SECRET": ("http", "secret"),
+    "REGISTRY_HTTP_ADVERTISE": ("http", "advertise"),
     "REGISTRY_HTTP_RELATIVEURLS": ("http", "relativeurls"),
     "REGISTRY_HTTP_DRAINTIMEOUT": ("http", "draintimeout"),
     "REGISTRY_HTTP_TLS_CERTIFICATE": ("http", "tls", "certificate"),
@@ -40,6 +41,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_LIMITS_HEADERS": ("limits", "headers"),
     "REGISTRY_PRIVATE_PATTERNS": ("private", "patterns"),
     "REGISTRY_PRIVATE_CLAIM_ON_PUSH": ("private", "claim_on_push"),
+    "REGISTRY_LIMITS_BODY_MIN_BYTES": ("limits", "body_min_bytes"),
     "REGISTRY_HTTP_DEBUG_ADDR": ("http", "debug", "addr"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_ENABLED": ("http", "debug", "prometheus", "enabled"),
     "REGISTRY_HTTP_DEBUG_PROMETHEUS_PATH": ("http", "debug", "prometheus", "path"),
@@ -79,6 +81,9 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_REDIS_POOL_MAXACTIVE": ("redis", "pool", "maxactive"),
     "REGISTRY_REDIS_POOL_IDLETIMEOUT": ("redis", "pool", "idletimeout"),
     "REGISTRY_REDIS_TLS_ENABLED": ("redis", "tls", "enabled"),
+    "REGISTRY_SCRUB_ENABLED": ("scrub", "enabled"),
+    "REGISTRY_SCRUB_RATE": ("scrub", "rate"),
+    "REGISTRY_SCRUB_INTERVAL": ("scrub", "interval"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
 

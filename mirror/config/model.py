@@ -59,7 +59,8 @@ class HttpConfig:
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     draintimeout: float = 10.0
     tls: TLSConfig | None = None
-    secret: str | None = field(default=None, repr=False)  # signs the web UI's delete forms (else random per process)
+    secret: str | None = field(default=None, repr=False)  # signs the UI's delete forms, and replicas' requests
+    advertise: str | None = None  # the URL other replicas reach this one at (with redis:)
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,19 @@ class LimitsConfig:
 
     manifest_size: int = 4 << 20  # pushed and fetched manifests
     uploads_per_client: int = 16  # upload requests in progress per user (or address); 0 = no limit
-    body_timeout: float = 60.0  # a request body that sends nothing this long is cut
+    body_timeout: float = 60.0  # a request body that sends less than body_min_bytes in this long is cut
+    body_min_bytes: int = 16 << 10  # ...so a drip (a byte every 10 s) cannot hold an upload slot for ever
     header_size: int = 8190  # longest request line or header field (aiohttp's max_line_size/max_field_size)
     headers: int = 128  # most header fields in one request
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    """The server's background scrub (ours): every blob and manifest hashed against its digest."""
+
+    enabled: bool = True
+    rate: int = 20 << 20  # bytes hashed a second: what a pass may take from the disk
+    interval: float = 7 * 24 * 3600.0  # a pass at most this often (the first 10 minutes after the first start)
 
 
 @dataclass(frozen=True)
@@ -272,5 +283,6 @@ class Config:
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     ui: UIConfig = field(default_factory=UIConfig)
     redis: RedisConfig | None = None  # shared state of replicas; None: one replica on its own
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
     warnings: tuple[str, ...] = ()  # things accepted but worth telling the operator at start
 

@@ -28,6 +28,7 @@ from mirror.config.model import (
     OssConfig,
     PrivateConfig,
     RedisConfig,
+    ScrubConfig,
     StorageConfig,
     TLSConfig,
     TokenConfig,
@@ -125,11 +126,15 @@ def _http(s: Section) -> HttpConfig:
     # secret: as registry:2, what replicas share to trust each other's signed state; here only the
     # web UI's delete forms are signed (upload state lives in storage).
     secret = s.string("secret") or None
+    advertise = s.string("advertise") or None  # ours: where other replicas reach this one (redis:)
+    if advertise is not None:
+        advertise = _url(advertise, s.key("advertise"))
     # Accepted: host and relativeurls (we answer with relative Location headers), http2. http.debug
     # is read by _debug_metrics.
     s.ignore("host", "relativeurls", "http2", "h2c")
     s.done()
-    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret)
+    return HttpConfig(host=host, port=port, headers=headers, draintimeout=draintimeout, tls=tls, secret=secret,
+                      advertise=advertise)
 
 
 def _tls(s: Section) -> TLSConfig:
@@ -323,6 +328,7 @@ def _limits(s: Section) -> LimitsConfig:
         manifest_size=parse_size(s.take("manifest_size", d.manifest_size), s.key("manifest_size")),
         uploads_per_client=s.integer("uploads_per_client", d.uploads_per_client),
         body_timeout=s.duration("body_timeout", d.body_timeout),
+        body_min_bytes=parse_size(s.take("body_min_bytes", d.body_min_bytes), s.key("body_min_bytes")),
         header_size=parse_size(s.take("header_size", d.header_size), s.key("header_size")),
         headers=s.integer("headers", d.headers, minimum=16),
     )
@@ -333,6 +339,18 @@ def _limits(s: Section) -> LimitsConfig:
         raise ConfigError(f"{s.key(key)}: expected at least 1KiB")
     s.done()
     return limits
+
+
+def _scrub(s: Section) -> ScrubConfig:
+    scrub = ScrubConfig(
+        enabled=s.flag("enabled", ScrubConfig.enabled),
+        rate=parse_size(s.take("rate", ScrubConfig.rate), s.key("rate")),
+        interval=s.duration("interval", ScrubConfig.interval),
+    )
+    if scrub.rate <= 0 or scrub.interval <= 0:
+        raise ConfigError(f"{s.key('rate' if scrub.rate <= 0 else 'interval')}: expected a value above 0")
+    s.done()
+    return scrub
 
 
 def _ui(s: Section) -> UIConfig:
@@ -451,6 +469,9 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
     # validation.manifests.urls (we never fetch foreign layers), compatibility (no schema 1).
     s.ignore("health", "validation", "compatibility")
     redis = _redis(s.section("redis")) if s.has("redis") else None
+    if redis is not None and not http.secret:
+        raise ConfigError("http.secret: required with redis (the same on every replica): replicas stream cold "
+                          "blobs to each other, signed with it")
     auth = _auth(s.section("auth"))
     access = _access(s.section("access"), auth)
     limits = _limits(s.section("limits"))
@@ -459,10 +480,12 @@ def parse(raw: Any, warnings: list[str] | None = None) -> Config:
         warnings = [*(warnings or ()), "notifications.events.includereferences: events carry no references "
                                        "in this version (the rest of each event is as registry:2's)"]
     ui = _ui(s.section("ui"))
+    scrub = _scrub(s.section("scrub"))
     s.done()
     return Config(log=log, http=http, storage=storage, cache=cache, upstreams=tuple(upstreams),
                   private=private, metrics=metrics, auth=auth, access=access, limits=limits,
-                  notifications=notifications, ui=ui, redis=redis, warnings=tuple(warnings or ()))
+                  notifications=notifications, ui=ui, redis=redis, scrub=scrub,
+                  warnings=tuple(warnings or ()))
 
 
 def _redis(s: Section) -> RedisConfig:

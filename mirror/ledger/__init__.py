@@ -9,8 +9,8 @@ and one the reading one (database.py): no SQLite work on the event loop.
 
 Replicas on one storage each keep their own ledger and share what they write through a journal in
 storage (journal.py): every write is a record there, reference-creating ones before they are
-acknowledged; each replica tails the others'. gc and eviction delete behind tombstones (fence.py),
-so a reference created on another replica meanwhile is either seen or refused. `mirror index rebuild`
-(rebuild.py) builds a ledger from a walk of storage, streamed, and checks one against storage.
-ledger.py is the one object the rest of mirror talks to.
+acknowledged; each replica tails the others'. gc and eviction delete behind a marker in storage
+(fence.py), so a reference created on another replica meanwhile is either seen or refused.
+`mirror index rebuild` (rebuild.py) builds a ledger from a walk of storage, streamed, and checks one
+against storage. ledger.py is the one object the rest of mirror talks to.
 """

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from mirror.clock import Clock
 from mirror.ledger.ops import Op
 from mirror.storage import NotFound, Storage, layout
+from mirror.storage.space import StorageFull
 
 log = logging.getLogger("mirror.ledger")
 
@@ -35,6 +36,8 @@ LAG = 10.0  # seconds within which a record is readable by everyone (name time t
 RETENTION = 7 * 86400.0  # records are kept this long; a replica behind by more rebuilds
 HEARTBEAT = 10.0  # seconds between a replica's heartbeats; three missed and it counts as gone
 READS = 8  # records read at once while catching up
+RETRY = (1.0, 30.0)  # a record storage refused is written again after this long, doubling up to the second
+QUEUED = 100_000  # ops waiting to be written past which the oldest are dropped (a replica then verifies)
 
 
 def now_ms(clock: Clock) -> int:
@@ -61,6 +64,8 @@ class JournalWriter:
         self._task: asyncio.Task[None] | None = None
         # told each key this process writes, with the tag its ops came with (the ledger generation)
         self.written: Callable[[str, int], None] = lambda key, tag: None
+        self.failing = False  # storage refused the last record (it is being written again)
+        self.put: Callable[[], None] = lambda: None  # told after each record is in storage
 
     async def append(self, ops: list[Op], *, wait: bool, tag: int = 0) -> str | None:
         """Queue `ops`; with `wait`, return once they are in storage (the key), else at once."""
@@ -71,17 +76,34 @@ class JournalWriter:
         return await future if future is not None else None
 
     async def _drain(self) -> None:
+        """Write what is queued, in order. A record storage refuses (full, unreachable) fails the writes
+        waiting for it and is written again later, before anything newer: the writes it describes
+        happened, and the other replicas must learn of them."""
+        delay = RETRY[0]
         while self._pending:
             batch, self._pending = self._pending, []
             ops = [op for group, _, _ in batch for op in group]
             try:
                 key = await self._put(ops, {tag for _, _, tag in batch})
             except Exception as e:
-                log.warning("journal record of %d ops not written: %s", len(ops), e)
+                self.failing = True
                 for _, future, _ in batch:
                     if future is not None and not future.done():
                         future.set_exception(e)
+                kept = [(group, None, tag) for group, _, tag in batch]
+                self._pending = kept + self._pending
+                if sum(len(group) for group, _, _ in self._pending) > QUEUED:
+                    log.error("journal: over %d ops not written; the oldest are dropped (the other replicas learn "
+                              "of them at their next `mirror index rebuild`)", QUEUED)
+                    self._pending = self._pending[len(self._pending) // 2:]
+                # a full disk is said once, by storage (space.py): here it is only why the record waits
+                log.log(logging.INFO if isinstance(e, StorageFull) else logging.WARNING,
+                        "journal record of %d ops not written (%s): again in %.0fs", len(ops), e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY[1])
                 continue
+            delay, self.failing = RETRY[0], False
+            self.put()
             for _, future, _ in batch:
                 if future is not None and not future.done():
                     future.set_result(key)
@@ -100,9 +122,18 @@ class JournalWriter:
             # Slow: readers may have passed its time already. The same ops again under a later one.
             log.warning("journal record %s took %.1fs to write; writing it again", key, (now_ms(self.clock) - ms) / 1e3)
 
-    async def flush(self) -> None:
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+    async def flush(self, seconds: float = 10.0) -> None:
+        """Until what is queued is written, or storage refuses it, or `seconds` passed."""
+        deadline = time.monotonic() + seconds
+        while self._task is not None and not self._task.done() and not self.failing \
+                and time.monotonic() < deadline:
+            await asyncio.wait({self._task}, timeout=0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
 
 
 @dataclass

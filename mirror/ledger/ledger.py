@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirror.clock import SYSTEM, Clock
+from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.ledger import fence, journal, ops, queries, rebuild, schema
 from mirror.ledger.database import Database
@@ -32,6 +34,7 @@ from mirror.ledger.rebuild import Progress
 from mirror.names import parse_digest
 from mirror.registry.namespace import configured_private
 from mirror.storage import Storage, layout
+from mirror.storage.space import StorageFull
 
 log = logging.getLogger("mirror.ledger")
 T = TypeVar("T")
@@ -39,9 +42,10 @@ T = TypeVar("T")
 POLL = 1.0  # seconds between looks at the journal (and at the generation in use)
 FLUSH = 30.0  # seconds between writes of the batched last-use and pull times
 PRUNE = 3600.0  # seconds between prunes of the journal
-CONDEMN = 5000  # blobs behind one set of tombstones
+CONDEMN = 5000  # blobs one pass marker lists (fence.py)
 DELETE = 500  # blobs deleted per storage call (and per journal record)
 TAGS_REMEMBERED = 100_000
+BACKLOG = 1_000_000  # ops kept in memory while the ledger's disk refuses writes; past it, a rebuild
 POINTER = "ledger.current"
 
 Listener = Callable[[Sequence[ops.Op] | None], None]  # foreign ops applied (None: everything may have changed)
@@ -79,19 +83,21 @@ def for_config(config: Config, storage: Storage, clock: Clock = SYSTEM, role: st
 class Ledger:
     def __init__(self, directory: str | Path, storage: Storage, configured_private: schema.KindOf,
                  kinds: str = "", clock: Clock = SYSTEM, *, role: str | None = "serve", lag: float = journal.LAG,
-                 poll: float = POLL) -> None:
+                 poll: float = POLL, skew: float = fence.SKEW) -> None:
         self.directory = Path(directory)
         self.storage = storage
         self.configured_private = configured_private
         self.kinds = kinds  # fingerprint of what configured_private decides: kinds are recomputed when it moves
         self.clock = clock
-        self.lag = lag
+        self.lag = lag  # how late a record may become readable (journal.LAG)
+        self.skew = skew  # how far apart the replicas' clocks may be (fence.SKEW)
         self.poll_seconds = poll
         self.replica = journal.new_replica_id()
         self.writer = journal.JournalWriter(storage, clock, self.replica, lag)
         self.writer.written = self._written
         # Processes that write references beat, so that deletion passes wait for their records.
         self.heartbeat = journal.Heartbeat(storage, self.replica, role) if role else None
+        self.passes = fence.Passes(storage, clock)
         self.db: Database | None = None
         self.generation = 0
         self.tail = journal.Tail(0)
@@ -107,6 +113,8 @@ class Ledger:
         self._listeners: list[Listener] = []
         self._catching_up = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        self._backlog: list[ops.Op] = []  # ops the ledger's disk refused (full), applied once it takes them
+        self._wake = asyncio.Event()  # another replica wrote a record (redis): look now, not at the next poll
 
     # --- files -----------------------------------------------------------------------------------------
 
@@ -156,8 +164,18 @@ class Ledger:
             await asyncio.to_thread(self._point, generation)
         db = await Database(self._path(generation), self.configured_private).open()
         state = await db.write(self._state)
+        if not state[1] and not await self._holds_anything():
+            state = await db.write(self._empty)  # a new storage: nothing to read, complete as it is
         self._use(generation, db, state)
         return self
+
+    async def _holds_anything(self) -> bool:
+        return bool(await self.storage.list(layout.BLOBS) or await self.storage.list(layout.REPOSITORIES))
+
+    def _empty(self, conn: Any) -> tuple[int, int, object, str]:
+        schema.set_meta(conn, "horizon", journal.now_ms(self.clock) - int(self.lag * 1000))
+        schema.set_meta(conn, "complete", 1)
+        return self._state(conn)
 
     def _state(self, conn: Any) -> tuple[int, int, object, str]:
         horizon = int(str(schema.get_meta(conn, "horizon", 0) or 0))
@@ -199,8 +217,11 @@ class Ledger:
         self.ready.set()
 
     async def close(self) -> None:
-        await self.flush()
-        await self.writer.flush()
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if not self.writer.failing:  # storage refusing records (full): what is queued is lost, said already
+            await self.writer.flush()
+        await self.writer.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         for task in list(self._closing):
@@ -218,6 +239,10 @@ class Ledger:
         while not self.ready.is_set():
             try:
                 await self.prepare()
+            except (sqlite3.OperationalError, StorageFull) as e:  # a full disk: said in one line, tried again
+                self.error = str(e) or type(e).__name__
+                log.warning("the ledger could not be brought up to date (%s); trying again", self.error)
+                await asyncio.sleep(10 * self.poll_seconds)
             except Exception as e:
                 self.error = str(e) or type(e).__name__
                 log.exception("the ledger could not be brought up to date; trying again")
@@ -225,8 +250,13 @@ class Ledger:
         self.error = None
         flushed = pruned = time.monotonic()
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            self._wake.clear()
+            if self.needs_rebuild and not self.ready.is_set():
+                await self._quietly(self.prepare)
             await self._quietly(self._follow_generation)
+            await self._quietly(self._apply_backlog)
             await self._quietly(self.catch_up)
             if self.heartbeat is not None:
                 await self._quietly(self.heartbeat.fresh)
@@ -268,13 +298,14 @@ class Ledger:
             async def apply(records: list[journal.Record]) -> None:
                 foreign = [r for r in records if r.key not in self._own]
                 if foreign:
-                    await db.write(_apply_all, [r.ops for r in foreign])
+                    await self._apply(db, [op for r in foreign for op in r.ops])
                     for record in foreign:
                         self._heard(record.ops)
 
             applied = await journal.poll(self.storage, self.clock, self.tail, apply, self.lag)
-            if applied or self.tail.horizon - before > 60_000:
-                await db.write(schema.set_meta, "horizon", self.tail.horizon)
+            if (applied or self.tail.horizon - before > 60_000) and not self._backlog:
+                with contextlib.suppress(sqlite3.OperationalError):  # kept in memory; written next time
+                    await db.write(schema.set_meta, "horizon", self.tail.horizon)
             self._own = {k for k in self._own if journal.record_time(k) >= self.tail.horizon}
             return applied
 
@@ -284,6 +315,12 @@ class Ledger:
                 self._tags.pop((op[1], op[2]), None)
         for listener in self._listeners:
             listener(applied)
+
+    def share(self, cluster: Cluster) -> None:
+        """With redis: each record written is announced, and the others look at the journal at once
+        (the poll stays, for when redis is away)."""
+        self.writer.put = lambda: cluster.publish("journal", {})
+        cluster.on("journal", lambda event: self._wake.set())
 
     def on_change(self, listener: Listener) -> None:
         """`listener` hears the ops of other processes once applied (to forget what memory holds of them)."""
@@ -339,7 +376,7 @@ class Ledger:
         assert db is not None, "ledger not open"
         if durable and self.heartbeat is not None:
             await self.heartbeat.fresh()
-        await db.write(ops.apply, changes)
+        await self._apply(db, changes)
         for op in changes:
             if op[0] in ("tag", "-tag", "fetched"):
                 self._tags.pop((op[1], op[2]), None)
@@ -348,7 +385,42 @@ class Ledger:
         key = await self.writer.append(changes, wait=durable, tag=self.generation)
         if not durable or key is None:
             return set()
-        return await fence.still_there(self.storage, self.clock, ops.referenced(changes))
+        return await self.passes.still_there(ops.referenced(changes))
+
+    async def _apply(self, db: Database, changes: list[ops.Op]) -> None:
+        """Into the ledger, after what its disk refused before (in order); refused again, kept in memory:
+        the write it describes is done, and the ledger must not hold the request up (a delete on a full
+        disk must work)."""
+        if self._backlog:
+            self._backlog += changes
+            await self._apply_backlog()
+            return
+        try:
+            await db.write(ops.apply, changes)
+        except sqlite3.OperationalError as e:
+            self._refused(changes, e)
+
+    async def _apply_backlog(self) -> None:
+        db = self.db
+        if not self._backlog or db is None:
+            return
+        pending, self._backlog = self._backlog, []
+        try:
+            await db.write(ops.apply, pending)
+        except sqlite3.OperationalError as e:
+            self._refused(pending, e)
+            return
+        log.info("ledger: %d ops its disk refused are applied", len(pending))
+
+    def _refused(self, changes: list[ops.Op], error: Exception) -> None:
+        if not self._backlog:
+            log.warning("ledger write refused (%s): kept in memory and applied once its disk takes writes", error)
+        self._backlog = changes + self._backlog if self._backlog else changes
+        if len(self._backlog) > BACKLOG:
+            log.error("ledger: over %d ops refused: dropped; it is rebuilt from storage once writes work", BACKLOG)
+            self._backlog = []
+            self.needs_rebuild = True
+            self.ready.clear()
 
     def touch(self, digest: str) -> None:
         """A blob or manifest was served (eviction's order): batched, written every FLUSH seconds."""
@@ -406,13 +478,23 @@ class Ledger:
     async def totals(self) -> queries.Totals:
         return await self.read(queries.totals)
 
+    async def scrubbed_at(self) -> float | None:
+        """When this machine's last complete scrub pass ended (None: never)."""
+        at = await self.read(queries.meta, "scrubbed_at")
+        return None if at is None else float(str(at))
+
+    async def scrub_finished(self, at: float) -> None:
+        db = self.db
+        assert db is not None, "ledger not open"
+        await db.write(schema.set_meta, "scrubbed_at", at)
+
     # --- deleting ------------------------------------------------------------------------------------------
 
     async def remove(self, digests: Iterable[str], keep: Callable[[BlobState], bool],
                      progress: Progress | None = None,
                      removed: Callable[[BlobState], None] = lambda state: None) -> list[str]:
         """Delete blobs with the links and tags that name them, safely beside other replicas (fence.py):
-        behind tombstones, `keep` asked again once every record written before them is applied."""
+        behind a pass's marker, `keep` asked again once every record written before it is applied."""
         done: list[str] = []
         pending = list(digests)
         for i in range(0, len(pending), CONDEMN):
@@ -435,10 +517,10 @@ class Ledger:
         return done
 
     async def _settle(self, condemned: fence.Condemnation) -> None:
-        """Until every record written before the tombstones is applied: at once when no other process
-        beats (its own writes are applied before they look for tombstones), else about LAG."""
+        """Until every record written before the pass's marker is applied: at once when no other process
+        beats (its own writes are applied before they look for passes), else about LAG."""
         await self.catch_up()
-        marker = await self.storage.stat(layout.deletion_pass(condemned.id))
+        marker = await self.storage.stat(condemned.key)
         since = marker.mtime if marker is not None else time.time()
         peers = []
         async for key, st in self.storage.scan(layout.REPLICAS):
@@ -446,7 +528,7 @@ class Ledger:
                 peers.append(key)
         if not peers:
             return
-        target = journal.now_ms(self.clock) + int(fence.SKEW * 1000)
+        target = journal.now_ms(self.clock) + int(self.skew * 1000)
         while self.tail.horizon < target:
             await asyncio.sleep(self.poll_seconds / 4)
             await self.catch_up()
@@ -467,11 +549,6 @@ class Ledger:
         await self.storage.delete_many(keys)
         await self.storage.delete_many([layout.blob(parse_digest(s.digest)) for s in victims])
         await self.record(changes + [ops.blob_gone(s.digest) for s in victims], durable=False)
-
-
-def _apply_all(conn: Any, batches: list[list[ops.Op]]) -> None:
-    for batch in batches:
-        ops.apply(conn, batch)
 
 
 def _states(conn: Any, digests: list[str]) -> list[BlobState]:

@@ -241,11 +241,6 @@ def dangling_layers(conn: sqlite3.Connection) -> list[tuple[str, str]]:
                         f"ORDER BY name, digest").fetchall()
 
 
-def oldest_upload(conn: sqlite3.Connection) -> float | None:
-    found = conn.execute("SELECT min(started) FROM uploads").fetchone()
-    return found[0] if found else None
-
-
 def uploads_before(conn: sqlite3.Connection, started: float) -> list[tuple[str, str, float]]:
     return conn.execute("SELECT name, uploads.id, started FROM uploads INDEXED BY uploads_by_start JOIN repos "
                         "ON repos.id = uploads.repo WHERE started < ? ORDER BY started", (started,)).fetchall()

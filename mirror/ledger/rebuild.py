@@ -96,12 +96,18 @@ async def _started(storage: Storage, key: str) -> float:
         return 0.0  # half-created: as old as can be
 
 
+MANIFEST_MAX = 4 << 20  # what is read as a manifest at most (limits.manifest_size's default): never a layer
+
+
 async def references(storage: Storage, db: Database, progress: Progress | None = None) -> None:
-    """What every manifest in storage references, read back by id from the new ledger (bounded)."""
-    after = 0
+    """What every manifest a repository links references, and what those an index names do, read once
+    each through a work table in the new file (memory stays bounded: a page of it at a time)."""
+    await db.write(_seed_work)
     limit = asyncio.Semaphore(READS)
 
-    async def refs(digest: str) -> ops.Op | None:
+    async def read(digest: str, size: int) -> tuple[ops.Op, list[str]] | None:
+        if size > MANIFEST_MAX:
+            return None
         async with limit:
             try:
                 body = await storage.get_bytes(layout.blob(inventory.digests([digest])[0]))
@@ -109,21 +115,30 @@ async def references(storage: Storage, db: Database, progress: Progress | None =
                 return None
         if progress is not None:
             progress.update()
-        return ops.refs(digest, [str(d) for d in manifest_schema.references(body)])
+        refs = ops.refs(digest, [str(d) for d in manifest_schema.references(body)])
+        return refs, [str(d) for d in manifest_schema.child_manifests(body)]
 
-    while True:
-        page = await db.read(_manifests_after, after, CHUNK // 5)
-        if not page:
-            return
-        after = page[-1][0]
-        found = [op for op in await asyncio.gather(*(refs(d) for _, d in page)) if op is not None]
-        await db.write(ops.load, found)
+    while page := await db.read(_work_page, CHUNK // 20):
+        found = [r for r in await asyncio.gather(*(read(d, n) for d, n in page)) if r is not None]
+        await db.write(_worked, [d for d, _ in page], [op for op, _ in found], [c for _, cs in found for c in cs])
+    await db.write(lambda conn: conn.execute("DROP TABLE work"))
 
 
-def _manifests_after(conn: sqlite3.Connection, after: int, n: int) -> list[tuple[int, str]]:
-    return conn.execute(f"SELECT id, digest FROM blobs WHERE id > ? AND size IS NOT NULL AND EXISTS "
-                        f"(SELECT 1 FROM links WHERE blob = blobs.id AND kind = {schema.REVISION}) "
-                        f"ORDER BY id LIMIT ?", (after, n)).fetchall()
+def _seed_work(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE work (digest TEXT PRIMARY KEY, done INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
+    conn.execute(f"INSERT INTO work(digest) SELECT DISTINCT digest FROM links JOIN blobs ON blobs.id = links.blob "
+                 f"WHERE links.kind = {schema.REVISION} AND blobs.size IS NOT NULL")
+
+
+def _work_page(conn: sqlite3.Connection, n: int) -> list[tuple[str, int]]:
+    return conn.execute("SELECT work.digest, blobs.size FROM work JOIN blobs ON blobs.digest = work.digest "
+                        "WHERE done = 0 AND blobs.size IS NOT NULL LIMIT ?", (n,)).fetchall()
+
+
+def _worked(conn: sqlite3.Connection, read: list[str], refs: list[ops.Op], children: list[str]) -> None:
+    ops.load(conn, refs)
+    conn.executemany("UPDATE work SET done = 1 WHERE digest = ?", [(d,) for d in read])
+    conn.executemany("INSERT OR IGNORE INTO work(digest) VALUES (?)", [(c,) for c in children])
 
 
 async def build(storage: Storage, path: Path, configured_private: schema.KindOf, horizon_ms: int,
@@ -187,8 +202,9 @@ FACTS = {
              "ON b.id = l.blob ORDER BY 1, 2, 3",
     "tags": "SELECT r.name, t.tag, b.digest FROM tags t JOIN repos r ON r.id = t.repo JOIN blobs b "
             "ON b.id = t.blob ORDER BY 1, 2",
+    # what a reached manifest references (a rebuild reads those; an unlinked one's references matter to nothing)
     "references": "SELECT p.digest, c.digest FROM refs JOIN blobs p ON p.id = refs.parent JOIN blobs c "
-                  "ON c.id = refs.child WHERE p.size IS NOT NULL ORDER BY 1, 2",
+                  "ON c.id = refs.child WHERE p.size IS NOT NULL AND p.held + p.reach > 0 ORDER BY 1, 2",
     "uploads": "SELECT r.name, u.id FROM uploads u JOIN repos r ON r.id = u.repo ORDER BY 1, 2",
     "totals": "SELECT class, blobs, bytes FROM totals ORDER BY class",
 }

@@ -4,15 +4,13 @@ its subject and artifact type (for the referrers API)."""
 from __future__ import annotations
 
 import contextlib
-import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import StreamReader
-
 from mirror.errors import RegistryError
 from mirror.names import Digest, parse_digest
-from mirror.registry import mediatypes
+from mirror.registry import jsondoc, mediatypes
 
 MAX_MANIFEST = 4 << 20
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -47,12 +45,13 @@ class ParsedManifest:
     annotations: dict[str, str] | None = None
 
 
-async def read_manifest(stream: StreamReader, declared_length: int | None, limit: int = MAX_MANIFEST) -> bytes | None:
+async def read_manifest(chunks: AsyncIterator[bytes], declared_length: int | None,
+                        limit: int = MAX_MANIFEST) -> bytes | None:
     """A manifest body read whole (it is small by definition); None past `limit` bytes."""
     if (declared_length or 0) > limit:
         return None
     body = bytearray()
-    async for chunk in stream.iter_chunked(65536):
+    async for chunk in chunks:
         body += chunk
         if len(body) > limit:
             return None
@@ -87,7 +86,9 @@ def _descriptor(value: Any, where: str) -> Descriptor:
 def parse(body: bytes, content_type: str | None) -> ParsedManifest:
     """Validate a pushed manifest; MANIFEST_INVALID says what is wrong with it."""
     try:
-        doc = json.loads(body)
+        doc = jsondoc.loads(body)
+    except jsondoc.TooDeep:
+        raise _invalid(f"manifest nests arrays and objects deeper than {jsondoc.MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise _invalid("manifest is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -132,18 +133,18 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
                           annotations=annotations)
 
 
-def references(body: bytes) -> list[Digest]:
+def references(body: bytes, keys: tuple[str, ...] = ("layers", "manifests", "blobs")) -> list[Digest]:
     """What a stored manifest references: config, layers, an index's children. Read leniently, not
     with the push validation: upstreams send manifests a push would refuse (descriptors without a
     mediaType, say), and their references count all the same (gc, eviction, export)."""
     try:
-        doc = json.loads(body)
+        doc = jsondoc.loads(body)
     except (ValueError, UnicodeDecodeError):
         return []
     if not isinstance(doc, dict):
         return []
-    descriptors = [doc.get("config")]
-    for key in ("layers", "manifests", "blobs"):
+    descriptors = [doc.get("config")] if "layers" in keys else []
+    for key in keys:
         if isinstance(doc.get(key), list):
             descriptors += doc[key]
     refs = []
@@ -152,3 +153,9 @@ def references(body: bytes) -> list[Digest]:
             with contextlib.suppress(RegistryError):
                 refs.append(parse_digest(descriptor["digest"]))
     return refs
+
+
+def child_manifests(body: bytes) -> list[Digest]:
+    """An index's children: the references that are manifests themselves (read them too to know all
+    a manifest reaches)."""
+    return references(body, ("manifests",))

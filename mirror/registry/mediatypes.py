@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
+
+from mirror.registry import jsondoc
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -17,7 +18,7 @@ def detect(body: bytes, declared: str | None = None) -> str:
     """The media type of a manifest body: its `mediaType` field, else the declared Content-Type,
     else OCI by shape (an OCI manifest may omit mediaType)."""
     try:
-        doc = json.loads(body)
+        doc = jsondoc.loads(body)
     except ValueError:
         doc = None
     if isinstance(doc, dict):
@@ -50,7 +51,7 @@ def acceptable(media_type: str, accept: frozenset[str]) -> bool:
 def default_platform_child(body: bytes) -> str | None:
     """For a client that cannot take an index: the linux/amd64 entry, as distribution answers."""
     try:
-        doc = json.loads(body)
+        doc = jsondoc.loads(body)
         for entry in doc.get("manifests") or []:
             platform = entry.get("platform") or {}
             if platform.get("os") == "linux" and platform.get("architecture") == "amd64":

@@ -8,6 +8,7 @@ references is journaled, and fenced against deletion passes, before the write re
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ from mirror.errors import RegistryError
 from mirror.ledger import ops
 from mirror.ledger.ledger import Ledger
 from mirror.names import Digest, parse_digest
-from mirror.registry import manifest_schema, mediatypes
+from mirror.registry import integrity, manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
 from mirror.storage import NotFound, Stat, Storage, layout
 
+log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
+TAGS_REMEMBERED = 100_000  # private tags last read, served from memory while storage is down
+DAMAGE_REPORTED = 10_000  # digests whose damage was logged (once each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,10 @@ async def record(ledger: Ledger, changes: list[ops.Op], durable: bool, code: str
 
 
 class ManifestStore:
+    """Manifests are verified whenever their bytes come from storage (they are small): a damaged
+    one is never served (a cached one is fetched again, a private one is unknown until re-pushed
+    or scrubbed), and a put replaces a damaged stored copy."""
+
     def __init__(self, storage: Storage, ledger: Ledger, memory: int, added: Callable[[int], None]) -> None:
         self.storage = storage
         self.ledger = ledger
@@ -74,6 +82,8 @@ class ManifestStore:
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
         self._links = _Links()
+        self._reported: set[str] = set()
+        self._tags: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -89,6 +99,9 @@ class ManifestStore:
                 body = await self.storage.get_bytes(layout.blob(d))
             except NotFound:
                 return None
+            if Digest.of(body, d.algorithm) != d:
+                self._damaged(digest)
+                return None
             manifest = Manifest(digest, mediatypes.detect(body), body)
             self._remember(manifest)
         self._links.add(repository, digest)
@@ -97,46 +110,63 @@ class ManifestStore:
     async def put(self, repository: str, manifest: Manifest, *, durable: bool) -> None:
         """Store a manifest and link it to `repository` (a push: `durable`; a cache fill: not)."""
         d = parse_digest(manifest.digest)
-        key = layout.blob(d)
-        st = await self.storage.stat(key)
-        new = st is None
-        if st is None:
-            await self.storage.put_bytes(key, manifest.body)
-            st = Stat(len(manifest.body), self.ledger.clock.time())
+        stored = await integrity.intact(self.storage, layout.blob(d), d)
+        if stored is not True:  # absent, or damaged: these bytes verified, they replace it
+            if stored is False:
+                log.warning("replacing the damaged stored copy of manifest %s", manifest.digest)
+            await self.storage.put_bytes(layout.blob(d), manifest.body)
         await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
         references = [str(r) for r in manifest_schema.references(manifest.body)]
-        await record(self.ledger, [ops.blob(manifest.digest, st.size, st.mtime), ops.refs(manifest.digest, references),
-                                   ops.link(repository, manifest.digest, ops.REVISION, self.ledger.clock.time())],
+        now = self.ledger.clock.time()
+        await record(self.ledger, [ops.blob(manifest.digest, len(manifest.body), now),
+                                   ops.refs(manifest.digest, references),
+                                   ops.link(repository, manifest.digest, ops.REVISION, now)],
                      durable, "MANIFEST_BLOB_UNKNOWN")
-        if new:
-            self.added(st.size)  # after the ledger has it: an eviction pass this wakes counts it
+        if stored is None:
+            self.added(len(manifest.body))  # after the ledger has it: an eviction pass this wakes counts it
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
         if not await _remove(self.storage, layout.revision(repository, digest)):
             return False
-        await self.ledger.record([ops.unlink(repository, str(digest), ops.REVISION)], durable=True)
+        await self.ledger.record([ops.unlink(repository, str(digest), ops.REVISION)], durable=False)
         return True
 
     async def tag(self, repository: str, tag: str) -> str | None:
         try:
-            return (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
+            digest = (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
         except NotFound:
+            self._tags.pop((repository, tag), None)
             return None
+        self._remember_tag(repository, tag, digest)
+        return digest
+
+    def remembered_tag(self, repository: str, tag: str) -> str | None:
+        """What `tag` pointed to when last read or written here: for when storage cannot be asked."""
+        return self._tags.get((repository, tag))
+
+    def _remember_tag(self, repository: str, tag: str, digest: str) -> None:
+        self._tags[(repository, tag)] = digest
+        self._tags.move_to_end((repository, tag))
+        if len(self._tags) > TAGS_REMEMBERED:
+            self._tags.popitem(last=False)
 
     async def set_tag(self, repository: str, tag: str, digest: str, fetched: float | None = None) -> None:
         """Point a tag at a manifest: a push (`fetched` None: durable), or a cache's tag confirmed by
         its upstream at `fetched`."""
         await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        self._remember_tag(repository, tag, digest)
         await self.ledger.record([ops.tag(repository, tag, digest, fetched or 0.0)], durable=fetched is None)
 
-    async def delete_tag(self, repository: str, tag: str, *, durable: bool = True) -> bool:
+    async def delete_tag(self, repository: str, tag: str) -> bool:
+        """Removes a reference, never creates one: told to the ledger without waiting (on a full disk too)."""
+        self._tags.pop((repository, tag), None)
         if not await _remove(self.storage, layout.tag(repository, tag)):
             return False
-        await self.ledger.record([ops.untag(repository, tag)], durable=durable)
+        await self.ledger.record([ops.untag(repository, tag)], durable=False)
         return True
 
     def forget_memory(self) -> None:
@@ -144,6 +174,15 @@ class ManifestStore:
         self._memory.clear()
         self._memory_size = 0
         self._links = _Links()
+        self._tags.clear()
+
+    def _damaged(self, digest: str) -> None:
+        if digest not in self._reported:
+            if len(self._reported) > DAMAGE_REPORTED:
+                self._reported.clear()
+            self._reported.add(digest)
+            log.error("stored manifest %s does not match its digest: not served (a cached one is fetched "
+                      "again; push it again or run mirror scrub)", digest)
 
     def forget(self, digest: str) -> None:
         """Drop a manifest from memory (it was evicted from storage)."""
@@ -161,6 +200,8 @@ class ManifestStore:
                 self._links.discard(op[1], op[3])
             elif op[0] == "-blob":
                 self.forget(op[1])
+            elif op[0] in ("tag", "-tag"):
+                self._tags.pop((op[1], op[2]), None)
 
     def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._memory:
@@ -206,6 +247,10 @@ class BlobStore:
     async def stat(self, digest: Digest) -> Stat | None:
         return await self.storage.stat(layout.blob(digest))
 
+    async def intact(self, digest: Digest) -> bool | None:
+        """Whether the stored blob hashes to its digest (reads it whole); None if it is not there."""
+        return await integrity.intact(self.storage, layout.blob(digest), digest)
+
     async def find(self, repository: str, digest: Digest) -> StoredBlob | None:
         """The blob in storage if `repository` may serve it."""
         key = str(digest)
@@ -238,7 +283,7 @@ class BlobStore:
         self._links.discard(repository, str(digest))
         if not await _remove(self.storage, layout.layer(repository, digest)):
             return False
-        await self.ledger.record([ops.unlink(repository, str(digest), ops.LAYER)], durable=True)
+        await self.ledger.record([ops.unlink(repository, str(digest), ops.LAYER)], durable=False)
         return True
 
 

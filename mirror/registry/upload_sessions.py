@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ class UploadInfo:
     repository: str
     upload_id: str
     started: float
+    active: float  # when it last received bytes (its files' latest mtime): an abandoned one stays old
 
 
 class Uploads:
@@ -93,20 +95,21 @@ class Uploads:
             if hasher.hexdigest() != digest.hex:
                 await self._delete(repository, upload_id)
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
-            st = await self.blobs.stat(digest)
-            new = st is None
-            if st is None:
-                if size == 0:
-                    await self.storage.put_bytes(layout.blob(digest), b"")
-                else:
-                    await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
-                st = Stat(size, time.time())
+            # Verified bytes always replace a stored copy: it may be damaged, and a re-push is the
+            # usual repair (a rename here, not a read of the old copy to find out).
+            new = await self.blobs.stat(digest) is None
+            if size == 0:
+                await self.storage.put_bytes(layout.blob(digest), b"")
+            else:
+                await self.storage.move(layout.upload_data(repository, upload_id), layout.blob(digest))
             await self._delete(repository, upload_id)
-            await self.blobs.link(repository, digest, st, durable=True, new=new)
+            await self.blobs.link(repository, digest, Stat(size, time.time()), durable=True, new=new)
             return size
 
     async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes]) -> int:
-        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches."""
+        """POST ?digest= with the whole blob: an atomic write committed only if the digest matches
+        (replacing a stored copy, which may be damaged)."""
+        new = await self.blobs.stat(digest) is None
         hasher = digest.hasher()
         writer = await self.storage.writer(layout.blob(digest))
         async with writer:
@@ -117,7 +120,7 @@ class Uploads:
                 await writer.cancel()
                 raise RegistryError("DIGEST_INVALID", f"uploaded content does not match digest {digest}")
             await writer.commit()
-        await self.blobs.link(repository, digest, Stat(writer.size, time.time()), durable=True, new=True)
+        await self.blobs.link(repository, digest, Stat(writer.size, time.time()), durable=True, new=new)
         return writer.size
 
     async def cancel(self, repository: str, upload_id: str) -> None:
@@ -135,7 +138,7 @@ class Uploads:
     async def purge(self, older_than: float, dry_run: bool = False) -> list[UploadInfo]:
         """Remove uploads started before `older_than` (epoch seconds), as the ledger knows them."""
         await self.ledger.ready.wait()
-        stale = [UploadInfo(*row) for row in await self.ledger.read(queries.uploads_before, older_than)]
+        stale = [UploadInfo(*row, row[2]) for row in await self.ledger.read(queries.uploads_before, older_than)]
         for u in stale:
             log.info("purging abandoned upload %s/%s%s", u.repository, u.upload_id, " (dry run)" if dry_run else "")
             if not dry_run:
@@ -174,3 +177,16 @@ class Uploads:
 def range_headers(size: int) -> dict[str, str]:
     """`Range: 0-<last byte>` as clients expect it (`0-0` for an empty upload, as distribution)."""
     return {"Range": f"0-{max(size - 1, 0)}"}
+
+
+async def live_uploads(storage: Storage, ledger: Ledger, activity: bool = False) -> list[UploadInfo]:
+    """Every upload in progress on any replica (the ledger's), with its start time and, with `activity`,
+    when it last received bytes (a listing of its files each: uploads in progress are few)."""
+    found = []
+    for repository, upload_id, started in await ledger.read(queries.uploads_before, math.inf):
+        active = started
+        if activity:
+            async for _, st in storage.scan(layout.upload(repository, upload_id)):
+                active = max(active, st.mtime)
+        found.append(UploadInfo(repository, upload_id, started, active))
+    return found

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import json
 import logging
 import math
 import random
@@ -28,6 +27,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster
 from mirror.config import UpstreamConfig
 from mirror.errors import CODES, RegistryError
+from mirror.registry import jsondoc
 from mirror.registry.manifest_schema import MAX_MANIFEST, read_manifest
 from mirror.server.metrics import Metrics, status_class
 
@@ -197,7 +197,7 @@ class UpstreamClient:
         async with await self.request("GET", name, f"manifests/{reference}",
                                       {"Accept": MANIFEST_ACCEPT}) as resp:
             self._check(resp)
-            body = await read_manifest(resp.content, resp.content_length, self.max_manifest)
+            body = await read_manifest(resp.content.iter_chunked(65536), resp.content_length, self.max_manifest)
             if body is None:
                 raise UpstreamError(self.name, f"manifest larger than {self.max_manifest} bytes")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip() or None
@@ -246,7 +246,7 @@ class UpstreamClient:
             async with await self.request("GET", name, suffix) as resp:
                 self._check(resp)
                 try:
-                    body = json.loads(await resp.read())
+                    body = jsondoc.loads(await resp.read())
                     tags.extend(t for t in body.get("tags") or [] if isinstance(t, str))
                 except (ValueError, AttributeError):
                     raise UpstreamError(self.name, "tags/list answered with invalid JSON") from None
@@ -361,7 +361,7 @@ class UpstreamClient:
                     if resp.status != 200:
                         raise UpstreamError(self.name, f"token server answered {resp.status}",
                                             status=resp.status)
-                    body: dict[str, Any] = json.loads(await resp.read())
+                    body: dict[str, Any] = jsondoc.loads(await resp.read())
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise UpstreamError(self.name, f"token server: {type(e).__name__}: {e}") from None
             except ValueError:

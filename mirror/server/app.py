@@ -41,6 +41,9 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         if isinstance(storage, HotTier):
             tier = storage
             metrics.hot_tier_bytes.set_function(lambda: tier.size)
+        space = storage.space
+        metrics.storage_full.set_function(lambda: float(space.full))
+        space.on_refused.append(metrics.storage_full_errors.inc)
         app[STORAGE] = storage
         yield
     finally:

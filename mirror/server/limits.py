@@ -1,6 +1,6 @@
 """Limits against abuse that are not about who the caller is: upload requests in progress per
-client (429 TOOMANYREQUESTS past the limit). Body stalls are cut in mirror/api/context.py, request
-header sizes by aiohttp (mirror/cli.py passes limits.header_size and limits.headers)."""
+client (429 TOOMANYREQUESTS past the limit). Bodies that stall or drip are cut in mirror/api/request.py,
+request header sizes by aiohttp (mirror/commands/serve.py passes limits.header_size and limits.headers)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mirror.config import LogConfig
 
@@ -77,6 +78,42 @@ def _logfmt(value: Any) -> str:
 FORMATTERS = {"json": JsonFormatter, "text": TextFormatter, "logstash": LogstashFormatter}
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a bad request line, a header past the limits) at
+    ERROR with a traceback: a cheap way for anyone to flood the log. Each becomes one INFO line
+    without the traceback, at most `per_minute` a minute; the next line says how many were left out."""
+
+    def __init__(self, per_minute: int = 10) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self.window = -60.0
+        self.count = 0
+        self.left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.window >= 60:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count > self.per_minute or not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            self.left_out += 1
+            return False
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        more = f" ({self.left_out} more left out of the log)" if self.left_out else ""
+        self.left_out = 0
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "malformed request from %s: %s%s", (client, error.message or type(error).__name__,
+                                                                       more)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+MALFORMED = MalformedRequests()
+
+
 def setup(config: LogConfig, stream: TextIO | None = None, level: str | None = None) -> None:
     """Log lines on stdout in `log.formatter`'s format (or to `stream` at `level`: stderr for commands
     whose stdout is their result)."""
@@ -86,6 +123,9 @@ def setup(config: LogConfig, stream: TextIO | None = None, level: str | None = N
     root.handlers[:] = [handler]
     root.setLevel((level or config.level).upper())
     logging.getLogger("aiohttp.access").disabled = True  # ours is richer
+    server = logging.getLogger("aiohttp.server")
+    if MALFORMED not in server.filters:
+        server.addFilter(MALFORMED)
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

@@ -24,7 +24,7 @@ from prometheus_client import (
 
 from mirror import __version__
 
-ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "other")
+ROUTES = ("base", "catalog", "tags", "manifests", "blobs", "uploads", "referrers", "metrics", "ui", "peers", "other")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 CACHE_RESULTS = ("hit", "miss", "revalidated", "stale", "private")
 UPSTREAM_KINDS = ("manifest", "blob", "tags", "token", "other")
@@ -98,6 +98,10 @@ class Metrics:
                                  ["kind"], registry=r)
         self.redis_up = Gauge("mirror_redis_up", "1 while Redis (redis:) answers and state is shared with the other "
                               "replicas; 0 while this replica works on its own.", registry=r)
+        self.peer_follows = Counter("mirror_blob_peer_follows", "Cold blobs streamed from the replica fetching "
+                                    "them (redis:), instead of from the upstream.", registry=r)
+        self.peer_takeovers = Counter("mirror_blob_peer_takeovers", "Fetches taken over from a replica that died "
+                                      "mid-fetch.", registry=r)
         self.redis_errors = Counter("mirror_redis_errors", "Calls to Redis that failed or timed out.", registry=r)
         self.cache_protected_bytes = Gauge("mirror_cache_protected_bytes",
                                            "Bytes of proxied content kept over cache.max_size because pulls of it "
@@ -109,6 +113,19 @@ class Metrics:
                                       ["backend", "operation"], registry=r)
         self.hot_tier_bytes = Gauge("mirror_hot_tier_bytes", "Bytes of blobs on local disk in front of remote storage.",
                                     registry=r)
+        self.storage_full = Gauge("mirror_storage_full",
+                                  "1 while local storage refuses writes for lack of space (until one succeeds).",
+                                  registry=r)
+        self.storage_full_errors = Counter("mirror_storage_full_errors",
+                                           "Writes refused for lack of space (pushes answered 507, fetches not kept).",
+                                           registry=r)
+        self.scrub_bytes = Counter("mirror_scrub_bytes", "Bytes of blobs and manifests the background scrub hashed.",
+                                   registry=r)
+        self.scrub_damaged = Counter("mirror_scrub_damaged",
+                                     "Stored objects the scrub found damaged: cached (removed, fetched again) or "
+                                     "private (quarantined).", ["kind"], registry=r)
+        self.scrub_last_pass = Gauge("mirror_scrub_last_pass_timestamp_seconds",
+                                     "When the last complete scrub pass ended (0: none yet).", registry=r)
         self.notifications_queued = Gauge("mirror_notifications_queued",
                                           "Events waiting (on disk) for a notification endpoint.", ["endpoint"],
                                           registry=r)
@@ -133,6 +150,8 @@ class Metrics:
             for source in ("cache", "upstream"):
                 self.served_bytes.labels(kind, source)
             self.evictions.labels(kind)
+        for kind in ("cached", "private"):
+            self.scrub_damaged.labels(kind)
         for up in upstreams:
             for kind in UPSTREAM_KINDS:
                 self.upstream_duration.labels(up, kind)
@@ -154,6 +173,7 @@ class Metrics:
                 self.storage_duration.labels(backend, operation)
                 self.storage_errors.labels(backend, operation)
         self.backend = backend
+        self.storage_changes = 0  # blobs added or removed here (storage_counted)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._cache_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
@@ -182,13 +202,22 @@ class Metrics:
             children[1].inc(served)
 
     def blob_added(self, size: int) -> None:
-        """A new blob is in storage: the gauges move now, the periodic scan keeps them honest."""
+        """A new blob is in storage: the gauges move now, the ledger's totals keep them honest."""
+        self.storage_changes += 1
         self.storage_blobs.labels(self.backend).inc()
         self.storage_bytes.labels(self.backend).inc(size)
 
     def blob_removed(self, size: int) -> None:
+        self.storage_changes += 1
         self.storage_blobs.labels(self.backend).dec()
         self.storage_bytes.labels(self.backend).dec(size)
+
+    def storage_counted(self, blobs: int, size: int, since: int) -> None:
+        """The ledger's totals, read while `storage_changes` was `since`: set unless a blob came or went
+        meanwhile (its move is in the gauges already, and perhaps not in what was read)."""
+        if self.storage_changes == since:
+            self.storage_blobs.labels(self.backend).set(blobs)
+            self.storage_bytes.labels(self.backend).set(size)
 
     def storage_call(self, operation: str, seconds: float, failed: bool) -> None:
         if seconds:

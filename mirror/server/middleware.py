@@ -18,13 +18,15 @@ from mirror.config import Config
 from mirror.errors import RegistryError
 from mirror.registry.namespace import NameNowPrivate
 from mirror.server.logs import CACHE, REQUEST_ID, SERVED_BYTES
-from mirror.server.state import METRICS
-from mirror.storage import StorageUnavailable
+from mirror.server.state import METRICS, STORAGE
+from mirror.storage import StorageFull, StorageUnavailable
+from mirror.storage.space import is_full
 
 log = logging.getLogger("mirror")
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"})
 # The classic text format every Prometheus 2.x scraper reads (prometheus-client 0.26 says 1.0.0).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FULL_RETRY_SECONDS = "60"  # a full disk is freed by eviction, gc or an operator: not in a second
 
 
 @web.middleware
@@ -78,6 +80,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except StorageUnavailable as e:
         log.error("storage failed on %s %s: %s", request.method, request.path, e)
         return error_response(RegistryError("UNAVAILABLE", "storage backend unavailable, try again later"))
+    except StorageFull as e:  # logged once by storage/space.py, not per request
+        return storage_full(e)
     except ConnectionResetError as e:
         # The client went away mid-request (or stalled, and is cut now): nothing to answer, nothing
         # wrong here. Whatever an upload received so far is kept and reported by its Range.
@@ -89,9 +93,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=499, reason="Client Closed Request")
     except (asyncio.CancelledError, web.HTTPException):
         raise
-    except Exception:
+    except Exception as e:
+        if is_full(e):  # a local write outside the storage interface
+            assert isinstance(e, OSError)
+            return storage_full(request.app[STORAGE].space.refuse(request.path, e))
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(RegistryError("UNKNOWN", "internal server error"))
+
+
+def storage_full(error: StorageFull) -> web.Response:
+    return error_response(RegistryError("STORAGE_FULL", str(error), headers={"Retry-After": FULL_RETRY_SECONDS}))
 
 
 @web.middleware

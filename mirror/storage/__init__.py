@@ -9,9 +9,11 @@ from mirror.config import Config
 from mirror.storage.base import NotFound, Observed, Observer, Stat, Storage, StorageUnavailable, Writer
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.storage.oss import OssStorage
+from mirror.storage.space import Space, StorageFull
 from mirror.storage.tier import HotTier
 
-__all__ = ["NotFound", "Stat", "Storage", "StorageUnavailable", "Writer", "open_storage", "without_hot_tier"]
+__all__ = ["NotFound", "Space", "Stat", "Storage", "StorageFull", "StorageUnavailable", "Writer", "open_storage",
+           "without_hot_tier"]
 
 
 def open_storage(config: Config, observe: Observer | None = None) -> Storage:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from mirror.storage.space import Space
+
 T = TypeVar("T")
 
 
@@ -67,9 +69,14 @@ def check_key(key: str) -> str:
 
 
 class Storage(abc.ABC):
-    """One async interface over every backend (see the contract tests in tests/storage/)."""
+    """One async interface over every backend (see the contract tests in tests/storage/).
+
+    A write that returns is durable: on the filesystem its data and the directory entry that makes
+    it visible are synced; on OSS the PUT (or the multipart completion) has been answered. A write
+    refused for lack of local space raises StorageFull (space.py)."""
 
     name: str
+    space: Space  # whether local storage has room (shared by the wrappers of one backend)
 
     @abc.abstractmethod
     async def stat(self, key: str) -> Stat | None: ...
@@ -125,6 +132,11 @@ class Storage(abc.ABC):
         """A short-lived URL clients can fetch the object from directly, where the backend has one."""
         return None
 
+    def bulk(self) -> Storage:
+        """The storage to read everything once from (a scrub): past a cache in front of it, which
+        such a read would only flush."""
+        return self
+
     async def check(self) -> None:
         """Fail at start, clearly, when the backend cannot be used (raises StorageUnavailable)."""
         return None
@@ -148,6 +160,7 @@ class Observed(Storage):
     def __init__(self, backend: Storage, observe: Observer) -> None:
         self.backend = backend
         self.name = backend.name
+        self.space = backend.space
         self.observe = observe
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:

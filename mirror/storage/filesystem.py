@@ -1,8 +1,14 @@
-"""Filesystem backend: a directory tree in the layout of design.md, written atomically."""
+"""Filesystem backend: a directory tree in the layout of layout.py, written atomically and durably.
+
+A new object is written under _staging, synced, renamed into place, and its directory synced:
+once a write returns, a power cut keeps it (what a 201 or 202 promises). Writes refused for lack
+of space raise StorageFull and mark the space full (space.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -14,27 +20,62 @@ import aiofiles
 import aiofiles.os
 
 from mirror.storage.base import NotFound, Stat, Storage, Writer, check_key
+from mirror.storage.space import Space, is_full
 
 CHUNK = 1 << 20
 SCAN_CHUNK = 2000  # entries a scan hands over per thread hop: memory stays bounded, the loop free
+# File data is synced with fdatasync (the data and the size that reads need, not the times); the
+# directory that names it with fsync, after the rename.
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` durable (a rename or a new file in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class _LocalFileWriter(Writer):
+    storage: FilesystemStorage
+    key: str
     file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
 
     async def write(self, data: bytes) -> None:
         assert self.file is not None, "writer is closed"
-        await self.file.write(data)
+        with self.storage.room(self.key):
+            await self.file.write(data)
         self.size += len(data)
+
+    async def _sync_and_close(self) -> None:
+        """Flush and fsync (if the storage is durable), then close."""
+        assert self.file is not None
+        try:
+            with self.storage.room(self.key):
+                await self.file.flush()
+                if self.storage.durable:
+                    await asyncio.to_thread(os.fdatasync, self.file.fileno())
+        finally:
+            await self._close()
 
     async def _close(self) -> None:
         if self.file is not None:
-            await self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            with contextlib.suppress(OSError):  # a failed flush was reported by write or commit
+                await file.close()
 
 
 class FileWriter(_LocalFileWriter):
-    """A new object: written under _staging, renamed into place at commit."""
+    """A new object: written under _staging, synced and renamed into place at commit."""
 
     def __init__(self, storage: FilesystemStorage, key: str) -> None:
         self.storage = storage
@@ -42,13 +83,17 @@ class FileWriter(_LocalFileWriter):
         self.temp = storage.staging_dir() / f"w-{uuid.uuid4().hex}"
 
     async def open(self) -> FileWriter:
-        self.file = await aiofiles.open(self.temp, "wb")
+        with self.storage.room(self.key):
+            self.file = await aiofiles.open(self.temp, "wb")
         return self
 
     async def commit(self) -> None:
         assert self.file is not None, "writer is closed"
-        await self._close()
-        await self.storage.put_file(self.key, self.temp)
+        try:
+            await self._sync_and_close()
+            await asyncio.to_thread(self.storage.place, self.temp, self.storage.path(self.key), self.key)
+        finally:
+            self.temp.unlink(missing_ok=True)
 
     async def cancel(self) -> None:
         await self._close()
@@ -56,22 +101,30 @@ class FileWriter(_LocalFileWriter):
 
 
 class AppendWriter(_LocalFileWriter):
-    """More bytes at the end of an object, in place (upload data)."""
+    """More bytes at the end of an object, in place (upload data); synced at commit, and the new
+    file's directory entry too."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, storage: FilesystemStorage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self.path = storage.path(key)
+        self.created = False
 
     async def open(self) -> AppendWriter:
-        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
-        self.file = await aiofiles.open(self.path, "ab")
+        with self.storage.room(self.key):
+            await asyncio.to_thread(self.storage.makedirs, self.path.parent)
+            self.created = not self.path.exists()
+            self.file = await aiofiles.open(self.path, "ab")
         self.size = await self.file.tell()
         return self
 
     async def commit(self) -> None:
-        if self.file is not None:
-            await self.file.flush()
-            await asyncio.to_thread(os.fsync, self.file.fileno())
-        await self._close()
+        if self.file is None:
+            return
+        await self._sync_and_close()
+        if self.created and self.storage.durable:
+            await asyncio.to_thread(fsync_dir, self.path.parent)
+            self.created = False
 
     async def cancel(self) -> None:
         await self._close()  # what was written stays: the client resumes from it
@@ -80,10 +133,44 @@ class AppendWriter(_LocalFileWriter):
 class FilesystemStorage(Storage):
     name = "filesystem"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, space: Space | None = None, durable: bool = True) -> None:
         self.root = Path(root).resolve()
+        self.space = space or Space()
+        self.durable = durable  # False for copies that may be lost (the hot tier)
         self._staging = self.root / "_staging"
         self._staging.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def room(self, key: str) -> Iterator[None]:
+        """A write of `key`: lack of space becomes StorageFull (and the space full); success, room."""
+        try:
+            yield
+        except OSError as e:
+            if is_full(e):
+                raise self.space.refuse(key, e) from None
+            raise
+        self.space.wrote()
+
+    def makedirs(self, path: Path) -> None:
+        """mkdir -p; when durable, each new directory's entry is synced in its parent."""
+        missing = []
+        while not path.is_dir():
+            missing.append(path)
+            path = path.parent
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir()
+            if self.durable:
+                fsync_dir(directory.parent)
+
+    def place(self, source: Path, dest: Path, key: str) -> None:
+        """Rename a finished (synced) file over `dest`: atomic, then made durable (blocking)."""
+        with self.room(key):
+            self.makedirs(dest.parent)
+            # rename within one filesystem is atomic: readers see the old object or the new, never half.
+            os.replace(source, dest)
+            if self.durable:
+                fsync_dir(dest.parent)
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -121,7 +208,7 @@ class FilesystemStorage(Storage):
 
     async def writer(self, key: str, append: bool = False) -> Writer:
         if append:
-            return await AppendWriter(self.path(key)).open()
+            return await AppendWriter(self, key).open()
         check_key(key)
         return await FileWriter(self, key).open()
 
@@ -133,22 +220,30 @@ class FilesystemStorage(Storage):
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         # One thread call: a cancelled caller cannot leave the file half-open.
-        await asyncio.to_thread(self._put_bytes, self.path(key), data)
+        await asyncio.to_thread(self._put_bytes, key, data)
 
-    def _put_bytes(self, dest: Path, data: bytes) -> None:
+    def _put_bytes(self, key: str, data: bytes) -> None:
+        dest = self.path(key)
         temp = self._staging / f"p-{uuid.uuid4().hex}"
         try:
-            temp.write_bytes(data)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, dest)
+            with self.room(key), open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self.durable:
+                    os.fdatasync(f.fileno())
+            self.place(temp, dest, key)
         finally:
             temp.unlink(missing_ok=True)
 
     async def put_file(self, key: str, source: Path) -> None:
         dest = self.path(key)
-        await aiofiles.os.makedirs(dest.parent, exist_ok=True)
-        # rename within one filesystem is atomic: readers see the old object or the new, never half.
-        await aiofiles.os.replace(source, dest)
+
+        def sync_and_place() -> None:
+            if self.durable:
+                fsync_file(source)  # the caller may not have: cheap when it did
+            self.place(source, dest, key)
+
+        await asyncio.to_thread(sync_and_place)
 
     async def list(self, prefix: str) -> list[str]:
         try:
@@ -196,4 +291,5 @@ class FilesystemStorage(Storage):
         source = self.path(src)
         if not source.exists():
             raise NotFound(src)
-        await self.put_file(dst, source)
+        # Sources are durable already (upload data is synced at every commit): the rename is what is new.
+        await asyncio.to_thread(self.place, source, self.path(dst), dst)

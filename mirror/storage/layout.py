@@ -9,13 +9,13 @@ inventory.py.
     repositories/<name>/_mirror/{private,cached}                 what this name is here (registry/namespace.py)
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   a manifest naming that subject
     repositories/<name>/_uploads/<id>/{data,startedat,hashstate} an upload in progress
+    _quarantine/<algorithm>/<hex>                                a damaged private blob, kept, never served
 
 Beside registry:2's tree, mirror's own shared state (registry:2 never looks there), the part of the
 layout every replica on this storage reads and writes (mirror/ledger/):
 
     _mirror/journal/<hour>/<minute>/<ms>-<replica>-<seq>     what one write changed (ledger records)
-    _mirror/condemned/<algorithm>/<hex>                      a blob gc or eviction is about to delete
-    _mirror/passes/<id>                                      such a deletion pass is under way
+    _mirror/passes/<id>                                      a gc or eviction pass under way: what it may delete
     _mirror/replicas/<replica>                               a live replica's heartbeat
 """
 
@@ -28,10 +28,17 @@ from mirror.names import Digest, parse_digest
 
 BLOBS = "blobs"
 REPOSITORIES = "repositories"
+QUARANTINE = "_quarantine"
 
 
 def blob(digest: Digest) -> str:
     return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def quarantined(digest: Digest) -> str:
+    """Where `mirror scrub` moves a private blob whose bytes no longer match its digest: out of what
+    is served (a push of the right bytes repairs it), kept for whoever wants to look."""
+    return f"{QUARANTINE}/{digest.algorithm}/{digest.hex}"
 
 
 def repository(name: str) -> str:
@@ -117,7 +124,6 @@ def upload_hashstate(name: str, upload_id: str) -> str:
 
 MIRROR = "_mirror"
 JOURNAL = f"{MIRROR}/journal"
-CONDEMNED = f"{MIRROR}/condemned"
 REPLICAS = f"{MIRROR}/replicas"
 PASSES = f"{MIRROR}/passes"
 
@@ -143,11 +149,6 @@ def journal_time(name: str) -> int | None:
     return int(head) if len(head) == 13 and head.isdigit() else None
 
 
-def condemned(digest: Digest) -> str:
-    """A tombstone: `digest` is about to be deleted (a write that references it must look here first)."""
-    return f"{CONDEMNED}/{digest.algorithm}/{digest.hex}"
-
-
 def replica(replica_id: str) -> str:
     return f"{REPLICAS}/{replica_id}"
 
@@ -158,8 +159,8 @@ def deletion_pass(pass_id: str) -> str:
 
 # --- keys back into objects ---------------------------------------------------------------------
 
-BLOB, LAYER, REVISION, TAG, MARKER, REFERRER, UPLOAD = "blob", "layer", "revision", "tag", "marker", \
-    "referrer", "upload"
+BLOB, LAYER, REVISION, TAG, MARKER, REFERRER, UPLOAD, QUARANTINED = "blob", "layer", "revision", "tag", \
+    "marker", "referrer", "upload", "quarantined"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,9 @@ def parse(key: str) -> Parsed | None:
             d = digest_of(parts[1], parts[3])
             return Parsed(BLOB, digest=d) if d else None
         return None
+    if parts[0] == QUARANTINE:
+        d = digest_of(parts[1], parts[2]) if len(parts) == 3 else None
+        return Parsed(QUARANTINED, digest=d) if d else None
     if parts[0] != REPOSITORIES:
         return None
     mark = next((i for i, p in enumerate(parts) if p.startswith("_")), None)

@@ -24,6 +24,7 @@ import oss2.models
 
 from mirror.config import OssConfig
 from mirror.storage.base import NotFound, Stat, Storage, StorageUnavailable, Writer, check_key
+from mirror.storage.space import Space
 
 log = logging.getLogger("mirror.storage")
 logging.getLogger("oss2").setLevel(logging.WARNING)  # it logs every error answer at info; we log what matters
@@ -66,6 +67,7 @@ class OssStorage(Storage):
         self.config = config
         self.prefix = f"{config.rootdirectory}/" if config.rootdirectory else ""
         self.chunksize = config.chunksize
+        self.space = Space()  # the bucket never fills; its local staging files may
         self._staging = staging
         staging.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="oss")

@@ -17,11 +17,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 
 from mirror.storage.base import Stat, Storage, Writer
 from mirror.storage.filesystem import FilesystemStorage
+from mirror.storage.space import StorageFull
 
 log = logging.getLogger("mirror.storage")
 LOW_WATERMARK = 0.9  # evict down to this share of the size, so eviction is not per blob
@@ -36,7 +38,9 @@ class HotTier(Storage):
     def __init__(self, backend: Storage, directory: Path, max_size: int) -> None:
         self.backend = backend
         self.name = backend.name
-        self.local = FilesystemStorage(directory)
+        self.space = backend.space
+        # Copies that may be lost: not synced, and a full local disk only means no copy.
+        self.local = FilesystemStorage(directory, durable=False)
         self.max_size = max_size
         self.size = 0
         self._files: OrderedDict[str, int] = OrderedDict()  # key -> size, least recently used first
@@ -64,19 +68,27 @@ class HotTier(Storage):
         return path
 
     async def _keep(self, key: str, source: Path) -> None:
-        """Take a verified local file as the copy of `key`."""
+        """Take a verified local file as the copy of `key` (none when the local disk is full)."""
         size = os.stat(source).st_size
         if size > self.max_size:
             os.unlink(source)
             return
-        await self.local.put_file(key, source)
+        try:
+            await self.local.put_file(key, source)
+        except StorageFull:
+            os.unlink(source)
+            return
         self.size += size - self._files.pop(key, 0)
         self._files[key] = size
         self._evict()
 
     async def _keep_bytes(self, key: str, data: bytes) -> None:
         temp = self._temp()
-        temp.write_bytes(data)  # small: manifests
+        try:
+            temp.write_bytes(data)  # small: manifests
+        except OSError:  # the local disk is full: no copy
+            temp.unlink(missing_ok=True)
+            return
         await self._keep(key, temp)
 
     def _forget(self, key: str) -> None:
@@ -109,6 +121,9 @@ class HotTier(Storage):
     def redirect_url(self, key: str) -> str | None:
         return self.backend.redirect_url(key)
 
+    def bulk(self) -> Storage:
+        return self.backend
+
     async def check(self) -> None:
         await self.backend.check()
 
@@ -127,15 +142,32 @@ class HotTier(Storage):
                 async for chunk in chunks:
                     yield chunk
             return
-        # A whole blob read from the backend: keep a copy on the way, if it arrives whole.
+        # A whole blob read from the backend: keep a copy on the way, if it arrives whole and the
+        # local disk has room for it (a full disk only means no copy: the read goes on).
         temp = self._temp()
+        copy: Any = None
         try:
-            async with aiofiles.open(temp, "wb") as f, contextlib.aclosing(self.backend.reader(key)) as chunks:
+            with contextlib.suppress(OSError):
+                copy = await aiofiles.open(temp, "wb")
+            async with contextlib.aclosing(self.backend.reader(key)) as chunks:
                 async for chunk in chunks:  # aclosing: a reader that stops early lets go of the backend now
-                    await f.write(chunk)
+                    if copy is not None:
+                        try:
+                            await copy.write(chunk)
+                        except OSError:
+                            await _closed(copy)
+                            copy = None
                     yield chunk
-            await self._keep(key, temp)
+            if copy is not None:
+                try:
+                    await copy.close()
+                except OSError:
+                    copy = None
+                else:
+                    await self._keep(key, temp)
         finally:
+            if copy is not None:
+                await _closed(copy)
             temp.unlink(missing_ok=True)
 
     async def writer(self, key: str, append: bool = False) -> Writer:
@@ -186,7 +218,14 @@ class HotTier(Storage):
     async def move(self, src: str, dst: str) -> None:
         await self.backend.move(src, dst)
         self._forget(src)
+        self._forget(dst)  # replaced: a copy of what was there before is no copy of it
 
     async def close(self) -> None:
         await self.backend.close()
 
+
+
+async def _closed(file: Any) -> None:
+    """Close a local copy whose writes failed (the disk is full)."""
+    with contextlib.suppress(OSError):
+        await file.close()

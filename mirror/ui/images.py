@@ -13,7 +13,7 @@ from typing import Any
 
 from mirror.errors import RegistryError
 from mirror.names import parse_digest
-from mirror.registry import mediatypes
+from mirror.registry import jsondoc, mediatypes
 from mirror.service import Registry
 
 CONFIG_LIMIT = 4 << 20  # a config bigger than this is not read for display
@@ -110,7 +110,7 @@ def platform_name(value: Any) -> str:
 
 def parse_view(digest: str, media_type: str, body: bytes) -> ManifestView:
     try:
-        schema = json.loads(body)
+        schema = jsondoc.loads(body)
     except ValueError:
         schema = None
     view = ManifestView(digest, media_type, body, schema)
@@ -164,7 +164,7 @@ class Images:
         if body is None:
             return None
         try:
-            parsed = json.loads(body)
+            parsed = jsondoc.loads(body)
         except ValueError:
             return None
         return parsed if isinstance(parsed, dict) else None

@@ -143,6 +143,38 @@ def test_hot_tier_serves_through_an_outage_and_nothing_half_written_appears(
     wait_for(lambda: metric(r"^mirror_hot_tier_bytes") >= 3 * MiB, 10, "both blobs in A's hot tier")
 
 
+def test_private_tags_just_served_are_served_from_memory_while_the_bucket_is_down(
+        mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer, layouts: dict[str, Layout],
+        tmp_path: Path) -> None:
+    small = layouts["small"]
+    a = mirror_factory(replica_config(upstream, oss), name="replica-a")
+    b = mirror_factory(replica_config(upstream, oss), name="replica-b")
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/team/app:v1", "--dest-tls-verify=false")
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{b.host}/team/other:v1", "--dest-tls-verify=false")
+    skopeo_copy(f"docker://{a.host}/team/app:v1", f"oci:{tmp_path / 'warm'}:v1", "--src-tls-verify=false")
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    before = request("GET", f"{a.url}/v2/team/app/manifests/v1", accept)
+    assert before.status == 200
+
+    oss.faults(down=True)
+    try:
+        r = request("GET", f"{a.url}/v2/team/app/manifests/v1", accept)
+        assert r.status == 200 and r.body == before.body, (r.status, r.body[:300])
+        assert r.headers["Warning"] == '110 - "Response is Stale"'
+        out = tmp_path / "stale"
+        skopeo_copy(f"docker://{a.host}/team/app:v1", f"oci:{out}:v1", "--src-tls-verify=false")
+        check_oci_copy(out, small)  # the tag from memory, the blobs from the hot tier
+        r = request("GET", f"{a.url}/v2/team/other/manifests/v1", accept)  # never read by A
+        assert r.status == 503 and oci_error(r.body)[0]["code"] == "UNAVAILABLE"
+    finally:
+        oss.faults(down=False)
+    stale = [e for e in a.log_lines() if "serving stale private tag team/app:v1" in str(e.get("msg"))]
+    assert stale and all(e["level"] == "warning" for e in stale)
+    assert any(e.get("path") == "/v2/team/app/manifests/v1" and e.get("cache") == "stale" for e in a.requests())
+    r = request("GET", f"{a.url}/v2/team/app/manifests/v1", accept)
+    assert r.status == 200 and "Warning" not in r.headers
+
+
 def test_redirect_to_a_signed_bucket_url(mirror_factory: Callable[..., Mirror], upstream: Distribution,
                                          oss: OssServer, layouts: dict[str, Layout], tmp_path: Path) -> None:
     config = replica_config(upstream, oss, redirect={"disable": False})

@@ -22,6 +22,7 @@ DIGESTS = st.binary(max_size=16).map(lambda b: Digest("sha256", hashlib.sha256(b
 def test_every_builder_parses_back(name: str, digest: Digest, subject: Digest, tag: str, upload: object) -> None:
     upload_id = str(upload).replace("-", "")
     assert layout.parse(layout.blob(digest)) == Parsed(layout.BLOB, digest=digest)
+    assert layout.parse(layout.quarantined(digest)) == Parsed(layout.QUARANTINED, digest=digest)
     assert layout.parse(layout.layer(name, digest)) == Parsed(layout.LAYER, name, digest)
     assert layout.parse(layout.revision(name, digest)) == Parsed(layout.REVISION, name, digest)
     assert layout.parse(layout.tag(name, tag)) == Parsed(layout.TAG, name, tag=tag)
@@ -37,5 +38,6 @@ def test_strays_do_not_parse() -> None:
     hexpart = "a" * 64
     for key in ("_staging/f-123", "blobs/sha256/aa", f"blobs/sha256/bb/{hexpart}", f"blobs/md5/aa/{hexpart}",
                 "repositories/_layers/sha256/" + hexpart, "repositories/app/_layers/sha256/zz",
-                "repositories/app/_manifests/revisions/sha256", "repositories/app/_other/x", "elsewhere/x"):
+                "repositories/app/_manifests/revisions/sha256", "repositories/app/_other/x", "elsewhere/x",
+                "_quarantine/sha256", "_quarantine/sha256/zz"):
         assert layout.parse(key) is None, key
