@@ -61,7 +61,8 @@ def answer(url: str, path: str) -> tuple[int, Any, dict[str, str] | None]:
 
 
 def walk(url: str, n: int) -> list[list[str]]:
-    pages, path = [], f"/v2/_catalog?n={n}"
+    pages: list[list[str]] = []
+    path = f"/v2/_catalog?n={n}"
     while path and len(pages) < 200:
         status, body, nxt = answer(url, path)
         assert status == 200
