@@ -396,7 +396,12 @@ class Registry:
             log.error("blob %s does not match its digest: not mounted into %s (the upload that follows "
                       "replaces it)", digest, route.local)
             return False
-        await self._blobs.link(route.local, digest, Stat(found.size, self._clock.time()), durable=True)
+        try:
+            await self._blobs.link(route.local, digest, Stat(found.size, self._clock.time()), durable=True)
+        except RegistryError as e:
+            if e.code != "BLOB_UNKNOWN":
+                raise
+            return False  # a deletion pass took it meanwhile: not mounted, the client uploads it instead
         return True
 
 

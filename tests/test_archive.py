@@ -40,7 +40,7 @@ from tests.test_push import OCI_INDEX, OCI_MANIFEST, Factory, push_image, sha, u
 
 async def imported_from(storage: Storage, archive: Path, tmp: Path) -> ImportResult:
     """`mirror import` as the command runs it: with a ledger of its own (outside the storage root)."""
-    async with ledgers.opened(storage, tmp, role="import") as ledger:
+    async with ledgers.opened(storage, tmp) as ledger:
         return await import_archive(storage, ledger, archive)
 
 

@@ -257,7 +257,7 @@ async def test_only_pulls_in_progress_are_protected_and_the_cap_comes_back_when_
     a = await _seed_cached(storage, "library/a", MiB)
     b = await _seed_cached(storage, "library/b", MiB)
     c = await _seed_cached(storage, "library/c", MiB)
-    ledger = await Ledger(tmp_path / "index", storage, lambda _: False, role=None).open()
+    ledger = await Ledger(tmp_path / "index", storage, lambda _: False).open()
     await ledger.prepare()  # the seeded storage, read into the ledger
     metrics = Metrics()
     evictor = Evictor(ledger, ManifestStore(storage, ledger, 0, metrics.blob_added), metrics,

@@ -275,3 +275,79 @@ async def test_the_gauges_and_the_ui_list_read_the_ledger(registry: Any) -> None
     assert data["total"] == 3 and [x["name"] for x in data["repositories"]] == ["team/app0", "team/app1"]
     row = await ledger.read(queries.repository, "team/app2")
     assert row is not None and (row.kind, row.tags, row.manifests, row.layers) == ("private", 1, 1, 2)
+
+
+# --- two replicas, one storage: the fence ------------------------------------------------------------
+
+
+async def _replicas(root: Path) -> tuple[Any, Any, str]:
+    """Two ledgers (two replicas' local directories) on one storage holding one cached blob."""
+    from mirror.ledger.ledger import Ledger
+    from mirror.names import parse_digest
+    from mirror.storage import layout
+    from mirror.storage.filesystem import FilesystemStorage
+
+    storage = FilesystemStorage(root / "data")
+    blob = b"cached bytes"
+    digest = sha(blob)
+    await storage.put_bytes(layout.blob(parse_digest(digest)), blob)
+    await storage.put_bytes(layout.marker("library/c", "cached"), b"")
+    await storage.put_bytes(layout.layer("library/c", parse_digest(digest)), digest.encode())
+    ledgers = []
+    for name in ("one", "two"):
+        ledger = await Ledger(root / name, storage, lambda n: n.startswith("team/"), poll=0.05).open()
+        await ledger.prepare()
+        ledgers.append(ledger)
+    return ledgers[0], ledgers[1], digest
+
+
+async def test_a_write_inside_a_pass_on_another_replica_is_refused_never_lost(tmp_path: Path) -> None:
+    """Replica two links the blob (a push or mount) after replica one's pass has caught up for the last
+    time and before it deletes: the write finds the pass's marker, waits for it, and is told the blob
+    went (its client pushes again): it is never acknowledged over a deleted blob."""
+    from mirror.ledger import ops
+    from mirror.storage import layout
+
+    one, two, digest = await _replicas(tmp_path)
+    try:
+        settle = one._settle
+        writes: list[asyncio.Task[set[str]]] = []
+
+        async def settle_then_a_write_lands(condemned: Any) -> None:
+            await settle(condemned)  # the pass has applied every record written before its marker
+            writes.append(asyncio.create_task(two.record([ops.link("team/app", digest, ops.LAYER, 1.0)],
+                                                         durable=True)))
+            for _ in range(100):  # until the write's record is in storage and it looks for passes
+                await asyncio.sleep(0.02)
+                if two.writer._task is None or two.writer._task.done():
+                    break
+
+        one._settle = settle_then_a_write_lands
+        removed = await one.remove([digest], lambda state: state.pinned)
+        gone = await asyncio.wait_for(writes[0], 10)
+        present = (tmp_path / "data" / layout.blob(ops_digest(digest))).exists()
+        assert removed == [digest] and not present
+        assert gone == {digest}, "a write was acknowledged over a blob a pass deleted"
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_write_before_a_pass_on_another_replica_keeps_its_blob(tmp_path: Path) -> None:
+    from mirror.ledger import ops
+
+    one, two, digest = await _replicas(tmp_path)
+    try:
+        assert await two.record([ops.link("team/app", digest, ops.LAYER, 1.0)], durable=True) == set()
+        # one has not caught up yet: the pass condemns the blob, waits for the journal, and spares it
+        assert await one.remove([digest], lambda state: state.pinned) == []
+        assert (await one.read(queries.blob_state, digest))[2]  # pinned, as two's push made it
+    finally:
+        await one.close()
+        await two.close()
+
+
+def ops_digest(digest: str) -> Any:
+    from mirror.names import parse_digest
+
+    return parse_digest(digest)

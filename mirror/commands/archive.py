@@ -684,7 +684,7 @@ def import_command(config: Config, archive: Path, as_json: bool) -> int:
         raise CommandError(f"{archive}: no such file", USAGE)
     progress = runner.show_progress(as_json)
     async def job(storage: Storage) -> ImportResult:
-        async with runner.opened_ledger(config, storage, progress, role="import") as ledger:
+        async with runner.opened_ledger(config, storage, progress) as ledger:
             return await import_archive(storage, ledger, archive, progress)
 
     result = _run(config, job)

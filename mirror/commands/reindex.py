@@ -36,7 +36,7 @@ class RebuildResult:
 
 async def rebuild_index(config: Config, storage: Storage, verify: bool = False, show: bool = False) -> RebuildResult:
     t0 = time.perf_counter()
-    ledger = await for_config(config, storage, role=None).open()
+    ledger = await for_config(config, storage).open()
     try:
         with runner.bar(show, "reading storage") as progress:
             if verify:
@@ -66,7 +66,7 @@ async def _verify(ledger: Ledger, progress: rebuild.Progress) -> RebuildResult:
         path = Path(tmp) / "fresh.sqlite"
         began = journal.now_ms(ledger.clock) - int(ledger.lag * 1000)
         await rebuild.build(ledger.storage, path, ledger.configured_private, began, None, progress)
-        fresh = Ledger(tmp, ledger.storage, ledger.configured_private, ledger.kinds, ledger.clock, role=None)
+        fresh = Ledger(tmp, ledger.storage, ledger.configured_private, ledger.kinds, ledger.clock)
         fresh.db = await Database(path, ledger.configured_private).open()
         fresh.tail = journal.Tail(began)
         try:

@@ -81,23 +81,20 @@ def run(config: Config, job: Callable[[Storage], Awaitable[T]]) -> T:
         raise CommandError(f"cache.index {config.cache.index_dir(config.storage)}: {e}") from None
 
 
-def run_with_ledger(config: Config, job: Callable[[Ledger], Awaitable[T]], show: bool = False,
-                    role: str | None = None) -> T:
+def run_with_ledger(config: Config, job: Callable[[Ledger], Awaitable[T]], show: bool = False) -> T:
     """`run`, with the ledger of this machine brought up to date first (rebuilt from storage if it has
     none yet, else the journal caught up): what the storage commands read instead of walking."""
 
     async def with_ledger(storage: Storage) -> T:
-        async with opened_ledger(config, storage, show, role) as ledger:
+        async with opened_ledger(config, storage, show) as ledger:
             return await job(ledger)
 
     return run(config, with_ledger)
 
 
 @asynccontextmanager
-async def opened_ledger(config: Config, storage: Storage, show: bool = False,
-                        role: str | None = None) -> AsyncIterator[Ledger]:
-    """`role`: a command that writes references (import) beats like a server, so passes wait for it."""
-    ledger = await for_config(config, storage, role=role).open()
+async def opened_ledger(config: Config, storage: Storage, show: bool = False) -> AsyncIterator[Ledger]:
+    ledger = await for_config(config, storage).open()
     try:
         what = "reading storage into the ledger" if ledger.needs_rebuild else "catching up with the journal"
         with bar(show, what) as progress:

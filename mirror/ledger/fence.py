@@ -8,14 +8,15 @@ flag in storage, then reads the other's:
   one listing, empty but for the seconds a pass takes); a pass whose list of blobs names one it
   references makes it wait until that pass is over (or past its deadline), then look whether the
   blob is still there, and fail if not (the client pushes it again);
-- the pass puts its marker, which lists the blobs it condemns, then waits until its ledger has applied
-  every record written before that (the journal's horizon, or at once when no other process has a
-  live heartbeat), spares what became needed meanwhile, deletes the rest before its deadline, and
-  removes its marker.
+- the pass puts its marker, which lists the blobs it condemns, then reads the journal once more and
+  applies what came since its last look, spares what became needed meanwhile, deletes the rest
+  before its deadline, and removes its marker.
 
-Storage is strongly consistent (a filesystem, OSS), so at least one side sees the other: a write
-that was told its blobs are there never loses them to a pass. A pass's list never changes, so each
-process reads a marker once.
+Storage is strongly consistent (a filesystem, OSS: what was written is read and listed after), so at
+least one side sees the other: a write that looked for passes before the marker was written had its
+record written before that, and the pass's last look at the journal reads it; a write that looks
+after finds the marker. A write that was told its blobs are there never loses them to a pass. A
+pass's list never changes, so each process reads a marker once.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ Visibility is bounded, not instant: a record is in storage within LAG of the tim
 (a write slower than half of that is written again under a later time; applying twice is harmless).
 So a poll that lists at time T has seen every record older than T - LAG: the *horizon*, which a
 replica keeps with its ledger and resumes from. Records are kept RETENTION; a replica behind by
-more rebuilds its ledger from storage instead. Each process also keeps a heartbeat under
-`_mirror/replicas/`, so a deletion pass knows whether anyone else may be writing (fence.py).
+more rebuilds its ledger from storage instead.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,7 +31,6 @@ log = logging.getLogger("mirror.ledger")
 
 LAG = 10.0  # seconds within which a record is readable by everyone (name time to visible)
 RETENTION = 7 * 86400.0  # records are kept this long; a replica behind by more rebuilds
-HEARTBEAT = 10.0  # seconds between a replica's heartbeats; three missed and it counts as gone
 READS = 8  # records read at once while catching up
 RETRY = (1.0, 30.0)  # a record storage refused is written again after this long, doubling up to the second
 QUEUED = 100_000  # ops waiting to be written past which the oldest are dropped (a replica then verifies)
@@ -42,6 +38,11 @@ QUEUED = 100_000  # ops waiting to be written past which the oldest are dropped 
 
 def now_ms(clock: Clock) -> int:
     return int(clock.time() * 1000)
+
+
+def new_replica_id() -> str:
+    """What names this process's records (a new one each start: replaying one's own records is harmless)."""
+    return uuid.uuid4().hex[:12]
 
 
 @dataclass
@@ -196,63 +197,18 @@ async def _read_all(storage: Storage, keys: list[str]) -> list[Record | None]:
 
 
 async def prune(storage: Storage, clock: Clock, retention: float = RETENTION) -> int:
-    """Delete the hours of records older than `retention`, and heartbeats gone silent for as long."""
+    """Delete the hours of records older than `retention`."""
     oldest = int((clock.time() - retention) * 1000) // 3_600_000
     removed = 0
     for hour in await storage.list(layout.JOURNAL):
         if hour.isdigit() and int(hour) < oldest:
             await storage.delete(layout.journal_hour(int(hour)))
             removed += 1
-    async for key, st in storage.scan(layout.REPLICAS):
-        if st.mtime < clock.time() - retention:
-            await storage.delete(key)
     return removed
-
-
-# --- heartbeats -------------------------------------------------------------------------------------
-
-
-def new_replica_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-class Heartbeat:
-    """`_mirror/replicas/<id>`: this process is alive and may write (every HEARTBEAT seconds)."""
-
-    def __init__(self, storage: Storage, replica: str, role: str) -> None:
-        self.storage = storage
-        self.key = layout.replica(replica)
-        self.body = json.dumps({"role": role, "host": socket.gethostname(), "pid": os.getpid()}).encode()
-        self.beat_at = 0.0  # monotonic time of the last beat
-        self.mtime = 0.0  # storage's time of it (peers are judged on storage's clock)
-
-    async def beat(self) -> None:
-        await self.storage.put_bytes(self.key, self.body)
-        st = await self.storage.stat(self.key)
-        self.mtime = st.mtime if st is not None else time.time()
-        self.beat_at = time.monotonic()
-
-    async def fresh(self) -> None:
-        """Before a write others must know of: a heartbeat younger than HEARTBEAT."""
-        if time.monotonic() - self.beat_at >= HEARTBEAT:
-            await self.beat()
-
-    async def peers(self) -> list[str]:
-        """Other processes that have beaten within three periods of our last beat."""
-        await self.fresh()
-        found = []
-        async for key, st in self.storage.scan(layout.REPLICAS):
-            if key != self.key and st.mtime >= self.mtime - 3 * HEARTBEAT:
-                found.append(key.rsplit("/", 1)[1])
-        return found
-
-    async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.storage.delete(self.key)
 
 
 def record_time(key: str) -> int:
     return layout.journal_time(key.rsplit("/", 1)[1]) or 0
 
 
-__all__ = ["LAG", "RETENTION", "Heartbeat", "JournalWriter", "Record", "Tail", "poll", "prune"]
+__all__ = ["LAG", "RETENTION", "JournalWriter", "Record", "Tail", "poll", "prune"]

@@ -72,31 +72,27 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def for_config(config: Config, storage: Storage, clock: Clock = SYSTEM, role: str | None = "serve") -> Ledger:
+def for_config(config: Config, storage: Storage, clock: Clock = SYSTEM) -> Ledger:
     """The ledger of this machine's local directory (`cache.index`) for `config`'s storage."""
     has_upstreams = bool(config.upstreams)
     return Ledger(config.cache.index_dir(config.storage), storage,
                   configured_private(config.private, has_upstreams),
-                  fingerprint(config.private.patterns, has_upstreams), clock, role=role)
+                  fingerprint(config.private.patterns, has_upstreams), clock)
 
 
 class Ledger:
     def __init__(self, directory: str | Path, storage: Storage, configured_private: schema.KindOf,
-                 kinds: str = "", clock: Clock = SYSTEM, *, role: str | None = "serve", lag: float = journal.LAG,
-                 poll: float = POLL, skew: float = fence.SKEW) -> None:
+                 kinds: str = "", clock: Clock = SYSTEM, *, lag: float = journal.LAG, poll: float = POLL) -> None:
         self.directory = Path(directory)
         self.storage = storage
         self.configured_private = configured_private
         self.kinds = kinds  # fingerprint of what configured_private decides: kinds are recomputed when it moves
         self.clock = clock
         self.lag = lag  # how late a record may become readable (journal.LAG)
-        self.skew = skew  # how far apart the replicas' clocks may be (fence.SKEW)
         self.poll_seconds = poll
         self.replica = journal.new_replica_id()
         self.writer = journal.JournalWriter(storage, clock, self.replica, lag)
         self.writer.written = self._written
-        # Processes that write references beat, so that deletion passes wait for their records.
-        self.heartbeat = journal.Heartbeat(storage, self.replica, role) if role else None
         self.passes = fence.Passes(storage, clock)
         self.db: Database | None = None
         self.generation = 0
@@ -222,8 +218,6 @@ class Ledger:
         if not self.writer.failing:  # storage refusing records (full): what is queued is lost, said already
             await self.writer.flush()
         await self.writer.stop()
-        if self.heartbeat is not None:
-            await self.heartbeat.stop()
         for task in list(self._closing):
             task.cancel()
         if self.db is not None:
@@ -234,8 +228,6 @@ class Ledger:
 
     async def run(self) -> None:
         """Background: rebuild or catch up, then follow the journal, flush times, beat, prune."""
-        if self.heartbeat is not None:
-            await self._quietly(self.heartbeat.beat)
         while not self.ready.is_set():
             try:
                 await self.prepare()
@@ -258,8 +250,6 @@ class Ledger:
             await self._quietly(self._follow_generation)
             await self._quietly(self._apply_backlog)
             await self._quietly(self.catch_up)
-            if self.heartbeat is not None:
-                await self._quietly(self.heartbeat.fresh)
             if time.monotonic() - flushed >= FLUSH:
                 flushed = time.monotonic()
                 await self._quietly(self.flush)
@@ -374,8 +364,6 @@ class Ledger:
             return set()
         db = self.db
         assert db is not None, "ledger not open"
-        if durable and self.heartbeat is not None:
-            await self.heartbeat.fresh()
         await self._apply(db, changes)
         for op in changes:
             if op[0] in ("tag", "-tag", "fetched"):
@@ -517,21 +505,12 @@ class Ledger:
         return done
 
     async def _settle(self, condemned: fence.Condemnation) -> None:
-        """Until every record written before the pass's marker is applied: at once when no other process
-        beats (its own writes are applied before they look for passes), else about LAG."""
+        """Every record written before the pass's marker, applied: one look at the journal after it.
+        A write that looked for passes before the marker was there had its record in storage before
+        that (it writes, then looks), and storage lists what was written before (OSS and filesystems
+        do); one that looks after finds the marker and waits (fence.py). Its own writes are in the
+        ledger before they look."""
         await self.catch_up()
-        marker = await self.storage.stat(condemned.key)
-        since = marker.mtime if marker is not None else time.time()
-        peers = []
-        async for key, st in self.storage.scan(layout.REPLICAS):
-            if st.mtime >= since - 3 * journal.HEARTBEAT and (self.heartbeat is None or key != self.heartbeat.key):
-                peers.append(key)
-        if not peers:
-            return
-        target = journal.now_ms(self.clock) + int(self.skew * 1000)
-        while self.tail.horizon < target:
-            await asyncio.sleep(self.poll_seconds / 4)
-            await self.catch_up()
 
     async def _delete(self, victims: list[BlobState]) -> None:
         """Tags and links first (a request in between finds no link and fetches again, never a dangling

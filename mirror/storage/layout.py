@@ -16,7 +16,6 @@ layout every replica on this storage reads and writes (mirror/ledger/):
 
     _mirror/journal/<hour>/<minute>/<ms>-<replica>-<seq>     what one write changed (ledger records)
     _mirror/passes/<id>                                      a gc or eviction pass under way: what it may delete
-    _mirror/replicas/<replica>                               a live replica's heartbeat
 """
 
 from __future__ import annotations
@@ -124,7 +123,6 @@ def upload_hashstate(name: str, upload_id: str) -> str:
 
 MIRROR = "_mirror"
 JOURNAL = f"{MIRROR}/journal"
-REPLICAS = f"{MIRROR}/replicas"
 PASSES = f"{MIRROR}/passes"
 
 
@@ -147,10 +145,6 @@ def journal_time(name: str) -> int | None:
     """The milliseconds a record's name (the last part of its key) was written at; None for a stray."""
     head = name.split("-", 1)[0]
     return int(head) if len(head) == 13 and head.isdigit() else None
-
-
-def replica(replica_id: str) -> str:
-    return f"{REPLICAS}/{replica_id}"
 
 
 def deletion_pass(pass_id: str) -> str:

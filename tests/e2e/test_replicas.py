@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -262,3 +264,114 @@ def test_a_name_claimed_on_a_is_never_served_anonymously_by_b(
     assert r.status == 200 and r.headers["Docker-Content-Digest"] == small.digest
     assert request("GET", f"{b.url}/v2/claimed/app/manifests/v1").status == 401
     assert not upstream.requests(contains="claimed/app", since=mark)  # private now: never asked upstream
+
+
+def cli(mirror: Mirror, *args: str) -> subprocess.Popen[str]:
+    """`mirror ARGS --config` of `mirror` (its local directory: its ledger), as its own process."""
+    env = {k: v for k, v in client_env({"PYTHONPATH": str(REPO_ROOT)}).items() if not k.startswith("REGISTRY_")}
+    return subprocess.Popen([sys.executable, "-m", "mirror", *args, "--config", str(mirror.config_path), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
+                            start_new_session=True)
+
+
+def finished(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    found: dict[str, Any] = json.loads(out)
+    return found
+
+
+def while_running(proc: subprocess.Popen[str], step: Callable[[int], None], every: float = 0.15) -> int:
+    """`step(i)` over and over until `proc` ends (bounded): writes racing the pass it runs."""
+    i, deadline = 0, time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        step(i)
+        i += 1
+        time.sleep(every)
+    return i
+
+
+def test_replicas_share_the_ledger_and_a_pass_on_one_never_takes_what_the_other_pushed(
+        mirror_factory: Callable[..., Mirror], upstream: Distribution, oss: OssServer, layouts: dict[str, Layout],
+        tmp_path: Path) -> None:
+    """Each replica keeps its own ledger; the journal in the bucket tells each what the other wrote:
+    B's catalog lists what A pushed within seconds. An eviction pass run beside B (its local directory,
+    its ledger) while A mounts cached blobs into private repositories, and gc run beside B while A
+    pushes manifests naming blobs gc would otherwise sweep: whatever A acknowledged is there after, on
+    both replicas; what nothing needs is gone."""
+    config = replica_config(upstream, oss)
+    config["cache"] = {"min_idle": "0s"}
+    a = mirror_factory(config, name="replica-a")
+    b = mirror_factory(config, name="replica-b")
+    small = layouts["small"]
+
+    # B sees A's push in its catalog and tag list within seconds (the journal), not at a rebuild.
+    skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/team/seen:v1", "--dest-tls-verify=false")
+    wait_for(lambda: "team/seen" in request("GET", f"{b.url}/v2/_catalog").body.decode(), 10, "B lists A's push")
+    assert json.loads(request("GET", f"{b.url}/v2/team/seen/tags/list").body)["tags"] == ["v1"]
+
+    # Cached content through B: what the eviction pass will find unpinned.
+    for name in ("small", "multi", "big"):
+        skopeo_copy(f"docker://{b.host}/library/{name}:latest", f"oci:{tmp_path / name}:latest")
+    # a client has a cold blob's bytes before B has committed it to the bucket: wait for the commits
+    wait_for(lambda: re.search(r"^mirror_blob_flights_in_progress 0", request("GET", f"{b.url}/metrics").body.decode(),
+                               re.M) is not None, 60, "B's fills committed")
+    sources = {d: f"library/{name}" for name in ("small", "multi")
+               for d in [layouts[name].image().config.digest, *(x.digest for x in layouts[name].image().layers)]}
+    cached = sorted(sources)
+    mounted: dict[str, str] = {}  # private repository -> the blob its mount put there (201)
+
+    def mount(i: int) -> None:
+        digest, repo = cached[i % len(cached)], f"team/race{i}"
+        r = request("POST", f"{a.url}/v2/{repo}/blobs/uploads/?mount={digest}&from={sources[digest]}",
+                    timeout=60)  # a mount that meets the pass waits it out
+        assert r.status in (201, 202), (r.status, r.body[:300])  # 202: gone already, the client uploads it
+        if r.status == 201:
+            mounted[repo] = digest
+
+    evict = cli(b, "evict", "--older-than", "0s")
+    mounts = while_running(evict, mount)
+    result = finished(evict)
+    assert mounts >= 5 and mounted, (mounts, mounted)
+    big_layer = layouts["big"].image().layers[0].digest
+    assert big_layer in result["evicted"], "what nothing private needs goes"
+    for replica in (a, b):
+        for repo, digest in mounted.items():
+            status, body, _ = blob_get(replica, repo, digest)
+            assert status == 200 and sha(body) == digest, (replica.url, repo, digest, status)
+
+    # gc beside B while A pushes manifests naming blobs uploaded long before any manifest.
+    blobs = [push_blob(a, f"team/gc{i}", os.urandom(4096 + i)) for i in range(12)]
+    config_blob = push_blob(a, "team/gc0", b'{"os":"linux"}')
+    pushed: dict[str, str] = {}
+
+    def push_manifest(i: int) -> None:
+        if i >= len(blobs):
+            return
+        repo = f"team/gc{i}"
+        if i:
+            r = request("POST", f"{a.url}/v2/{repo}/blobs/uploads/?mount={config_blob}&from=team/gc0", timeout=60)
+            if r.status != 201:
+                return
+        body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": config_blob, "size": 14},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blobs[i],
+                                       "size": 4096 + i}]}).encode()
+        r = request("PUT", f"{a.url}/v2/{repo}/manifests/v1", data=body,
+                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, timeout=60)
+        assert r.status in (201, 400, 404), (r.status, r.body[:300])  # refused: a blob was swept first
+        if r.status == 201:
+            pushed[repo] = blobs[i]
+
+    collect = cli(b, "gc", "--grace", "0s", "--upload-idle", "0s")
+    while_running(collect, push_manifest, every=0.8)
+    swept = set(finished(collect)["swept"])
+    for replica in (a, b):
+        for repo, digest in pushed.items():
+            r = request("GET", f"{replica.url}/v2/{repo}/manifests/v1", {"Accept": MANIFEST_ACCEPT})
+            assert r.status == 200, (replica.url, repo, r.status)
+            status, body, _ = blob_get(replica, repo, digest)
+            assert status == 200 and sha(body) == digest, (replica.url, repo, status)
+            assert digest not in swept
+    assert set(blobs) - set(pushed.values()) <= swept, "what no manifest named was swept"

@@ -15,12 +15,9 @@ from mirror.storage import Storage
 
 @asynccontextmanager
 async def opened(storage: Storage, directory: Path, *, private: Callable[[str], bool] = lambda name: False,
-                 role: str | None = None, clock: Clock = SYSTEM) -> AsyncIterator[Ledger]:
-    """A ledger in `directory` (made unique per call), brought up to date with `storage`. Its journal
-    lag and clock skew are short: a server in the same test writes its records at once, on one clock,
-    so a deletion pass beside it need not wait the production bounds out."""
-    ledger = await Ledger(directory / f"ledger-{uuid.uuid4().hex[:8]}", storage, private, clock=clock, role=role,
-                          lag=0.5, poll=0.1, skew=0.2).open()
+                 clock: Clock = SYSTEM) -> AsyncIterator[Ledger]:
+    """A ledger in `directory` (made unique per call), brought up to date with `storage`."""
+    ledger = await Ledger(directory / f"ledger-{uuid.uuid4().hex[:8]}", storage, private, clock=clock).open()
     try:
         await ledger.prepare()
         yield ledger
