@@ -38,6 +38,7 @@ log = logging.getLogger("mirror.cache")
 EVICTION_SECONDS = 600.0
 RECHECK_SECONDS = 30.0
 PLAN_CHUNK = 1000  # candidates read from the index per step
+PASS_CHUNK = 5000  # victims planned, then deleted, at a time: what a pass holds stays bounded
 
 
 @dataclass
@@ -65,25 +66,30 @@ class Victim:
     tags: int
 
 
+Cursor = tuple[float, int]  # a place in the unpinned index: (last use, id)
+
+
 def plan(conn: sqlite3.Connection, ttl: float | None, now: float, target: int | None, usage: int,
-         protected: set[str]) -> list[Victim]:
-    """Least recently used first: what has expired, then what takes usage down to `target`; stops at the
-    first candidate neither applies to (everything after it was used more recently still)."""
+         protected: set[str], after: Cursor, limit: int) -> tuple[list[Victim], Cursor | None]:
+    """Least recently used first, from `after`: what has expired, then what takes usage down to
+    `target`, at most `limit`; stops at the first candidate neither applies to (everything after it
+    was used more recently still). The victims, and where the next chunk starts (None: done)."""
     victims: list[Victim] = []
-    after: tuple[float, int] = (-math.inf, 0)
     while rows := queries.unpinned(conn, after, PLAN_CHUNK):
         for digest, size, used, blob_id in rows:
+            if len(victims) >= limit:
+                return victims, after
             after = (used, blob_id)
             if digest in protected:
                 continue
             expired = ttl is not None and now - (used or 0.0) > ttl
             if not expired and (target is None or usage <= target):
-                return victims
+                return victims, None
             links, tags = queries.users(conn, digest)
             victims.append(Victim(digest, size, used or 0.0, expired, any(k == ops.REVISION for _, k in links),
                                   len(tags)))
             usage -= size
-    return victims
+    return victims, None
 
 
 def pulls_in_progress(conn: sqlite3.Connection, now: float, min_idle: float) -> dict[str, tuple[float, int]]:
@@ -193,27 +199,32 @@ class Evictor:
             target = int(max_size * self.low) if max_size is not None and proxied > max_size * self.high else None
             if pressed:  # a full disk caps proxied content at what it holds
                 target = min(target if target is not None else proxied, int(proxied * self.low))
-            victims = await self.ledger.read(plan, ttl, now, target, proxied, protected)
-            planned = {v.digest: v for v in victims}
-            if dry_run:
-                for v in victims:
-                    self._count(result, v)
-            else:
-                def keep(state: BlobState) -> bool:  # asked again once no other replica's write can be missed
-                    return state.pinned or (state.used or 0.0) > planned[state.digest].used \
-                        or state.digest in set(self.in_use())
+            if progress is not None:
+                progress.set_description("evicting")
+            planned: dict[str, Victim] = {}  # the chunk under way
 
-                def removed(state: BlobState) -> None:
-                    victim = planned[state.digest]
-                    self._count(result, victim)
-                    self.manifests.forget(victim.digest)
-                    self.metrics.blob_removed(victim.size)
-                    self.metrics.evictions.labels("manifest" if victim.manifest else "blob").inc()
+            def keep(state: BlobState) -> bool:  # asked again once no other replica's write can be missed
+                return state.pinned or (state.used or 0.0) > planned[state.digest].used \
+                    or state.digest in set(self.in_use())
 
-                if progress is not None:
-                    progress.set_description("evicting")
-                    progress.reset(total=len(victims))
-                await self.ledger.remove([v.digest for v in victims], keep, progress, removed)
+            def removed(state: BlobState) -> None:
+                victim = planned[state.digest]
+                self._count(result, victim)
+                self.manifests.forget(victim.digest)
+                self.metrics.blob_removed(victim.size)
+                self.metrics.evictions.labels("manifest" if victim.manifest else "blob").inc()
+
+            cursor: Cursor | None = (-math.inf, 0)
+            while cursor is not None:  # a chunk at a time: a pass of any size holds one chunk
+                usage = proxied - result.evicted_bytes
+                victims, cursor = await self.ledger.read(plan, ttl, now, target, usage, protected, cursor, PASS_CHUNK)
+                planned.clear()
+                planned.update((v.digest, v) for v in victims)
+                if dry_run:
+                    for v in victims:
+                        self._count(result, v)
+                else:
+                    await self.ledger.remove(list(planned), keep, progress, removed)
             result.usage_after = result.usage_before - result.evicted_bytes
             result.proxied_after = proxied - result.evicted_bytes
             if not dry_run:

@@ -28,7 +28,8 @@ from mirror.registry.upload_sessions import live_uploads
 from mirror.storage import layout
 
 log = logging.getLogger("mirror.gc")
-CHUNK = 1000
+CHUNK = 1000  # candidates read from the index per step
+PASS_CHUNK = 5000  # candidates collected, then swept, at a time
 UPLOAD_IDLE = 3600.0
 
 
@@ -48,20 +49,30 @@ class Candidate:
     layer_links: int
 
 
-def candidates(conn: sqlite3.Connection, cutoff: float) -> tuple[list[Candidate], int, int]:
-    """Blobs in storage no manifest reaches, older than `cutoff` and not linked since; with how many
-    such were kept as young, and how many blobs manifests reach."""
-    found, young, after = [], 0, 0
+def candidates(conn: sqlite3.Connection, cutoff: float, after: int, limit: int) -> tuple[list[Candidate], int, int]:
+    """Blobs in storage no manifest reaches, older than `cutoff` and not linked since, from id `after`,
+    at most `limit`; with how many were kept as young on the way, and where the next chunk starts (0:
+    done)."""
+    found: list[Candidate] = []
+    young = 0
     while rows := queries.unreached(conn, after, CHUNK):
         for digest, size, mtime, linked, blob_id in rows:
+            if len(found) >= limit:
+                return found, young, after
             after = blob_id
             if (mtime or 0.0) > cutoff or (linked or 0.0) > cutoff:
                 young += 1
                 continue
             links, _ = queries.users(conn, digest)
             found.append(Candidate(digest, size, sum(1 for _, kind in links if kind == ops.LAYER)))
-    unreached = len(found) + young
-    return sorted(found, key=lambda c: c.digest), young, queries.totals(conn).blobs - unreached
+    return found, young, 0
+
+
+def reached(conn: sqlite3.Connection) -> int:
+    """How many blobs in storage a manifest reaches (gc's 'in use')."""
+    unreached = conn.execute("SELECT count(*) FROM blobs INDEXED BY blobs_unreached WHERE size IS NOT NULL "
+                             "AND held = 0 AND reach = 0").fetchone()[0]
+    return queries.totals(conn).blobs - int(unreached)
 
 
 async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.0,
@@ -71,22 +82,27 @@ async def collect(ledger: Ledger, *, dry_run: bool = False, grace: float = 3600.
     live = [u for u in await live_uploads(ledger.storage, ledger, activity=True) if u.active >= now - upload_idle]
     if live:
         cutoff = min(cutoff, min(u.started for u in live))
-    found, young, marked = await ledger.read(candidates, cutoff)
-    result = GcResult(marked=marked, kept_young=young)
-    by_digest = {c.digest: c for c in found}
+    result = GcResult(marked=await ledger.read(reached))
+    by_digest: dict[str, Candidate] = {}  # the chunk under way
 
     def swept(state: BlobState) -> None:
         result.swept.append(state.digest)
         result.swept_bytes += by_digest[state.digest].size
         result.dangling_links += by_digest[state.digest].layer_links
 
-    if dry_run:
-        for c in found:
-            swept(BlobState(c.digest, c.size, None, False, False, None))
-    else:
-        # asked again behind the tombstones: reached or linked meanwhile (here or on another replica)
-        await ledger.remove(by_digest, lambda s: s.reached or (s.linked or 0.0) > cutoff, removed=swept)
-        result.swept.sort()
+    after = -1
+    while after:  # a chunk at a time: a collection of any size holds one chunk
+        found, young, after = await ledger.read(candidates, cutoff, max(after, 0), PASS_CHUNK)
+        result.kept_young += young
+        by_digest.clear()
+        by_digest.update((c.digest, c) for c in found)
+        if dry_run:
+            for c in found:
+                swept(BlobState(c.digest, c.size, None, False, False, None))
+        else:
+            # asked again behind the pass's marker: reached or linked meanwhile (here or on another replica)
+            await ledger.remove(by_digest, lambda s: s.reached or (s.linked or 0.0) > cutoff, removed=swept)
+    result.swept.sort()
     # Layer links to blobs that are gone would only cost a stat each: drop them too.
     dangling = await ledger.read(queries.dangling_layers)
     result.dangling_links += len(dangling)

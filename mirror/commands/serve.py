@@ -22,6 +22,7 @@ from mirror.commands.runner import USAGE, CommandError
 from mirror.config import Config, ConfigError
 from mirror.server import logs
 from mirror.server.app import create_app
+from mirror.server.loop import freeze_heap
 from mirror.server.tls import server_context
 from mirror.storage import StorageUnavailable
 
@@ -73,6 +74,7 @@ def serve(config: Config) -> int:
     try:
         ssl_context = server_context(config.http.tls) if config.http.tls else None
         app = create_app(config)
+        app.on_startup.append(freeze_heap)  # last: after every step of the app's own start
     except FILE_ERRORS as e:
         raise CommandError(f"configuration error: {e}", USAGE) from None
     auth = "htpasswd" if config.auth and config.auth.htpasswd else "token" if config.auth else "none"

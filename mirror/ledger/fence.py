@@ -108,7 +108,8 @@ class Condemnation:
         return self.clock.time() < self.deadline - SKEW - 1.0
 
     async def __aenter__(self) -> Condemnation:
-        body = json.dumps({"deadline": self.deadline, "digests": self.digests}, separators=(",", ":")).encode()
+        doc = {"deadline": self.deadline, "digests": self.digests}
+        body = await asyncio.to_thread(lambda: json.dumps(doc, separators=(",", ":")).encode())
         await self.storage.put_bytes(self.key, body)
         return self
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -110,7 +111,7 @@ class JournalWriter:
                     future.set_result(key)
 
     async def _put(self, ops: list[Op], tags: set[int]) -> str:
-        body = json.dumps({"replica": self.replica, "ops": ops}, separators=(",", ":")).encode()
+        body = await _encoded({"replica": self.replica, "ops": ops})
         while True:
             ms = now_ms(self.clock)
             self._seq += 1
@@ -147,9 +148,10 @@ class Tail:
 
 
 async def poll(storage: Storage, clock: Clock, tail: Tail, apply: Callable[[list[Record]], Awaitable[None]],
-               lag: float = LAG, batch: int = 256) -> int:
+               lag: float = LAG, batch: int = 256, own: Callable[[str], bool] = lambda key: False) -> int:
     """Read the records written since `tail.horizon` that are not yet applied, and `apply` them in name
-    (time) order, in batches; then move the horizon. The number applied."""
+    (time) order, in batches; then move the horizon. Records `own` names (this process's, applied when
+    written) are skipped unread. The number applied."""
     start = now_ms(clock)
     first_minute = tail.horizon // 60_000
     names: list[str] = []
@@ -161,7 +163,10 @@ async def poll(storage: Storage, clock: Clock, tail: Tail, apply: Callable[[list
                 ms = layout.journal_time(name)
                 key = f"{prefix}/{name}"
                 if ms is not None and ms >= tail.horizon and key not in tail.seen:
-                    names.append(key)
+                    if own(key):
+                        tail.seen.add(key)
+                    else:
+                        names.append(key)
     applied = 0
     for i in range(0, len(names), batch):
         keys = names[i:i + batch]
@@ -181,7 +186,8 @@ async def _read_all(storage: Storage, keys: list[str]) -> list[Record | None]:
     async def read(key: str) -> Record | None:
         async with limit:
             try:
-                raw = json.loads(await storage.get_bytes(key))
+                data = await storage.get_bytes(key)
+                raw = json.loads(data) if len(data) < 4096 else await asyncio.to_thread(json.loads, data)
             except NotFound:
                 return None  # pruned meanwhile
             except ValueError:
@@ -205,6 +211,13 @@ async def prune(storage: Storage, clock: Clock, retention: float = RETENTION) ->
             await storage.delete(layout.journal_hour(int(hour)))
             removed += 1
     return removed
+
+
+async def _encoded(doc: object) -> bytes:
+    """JSON of a record; a large one (an eviction's chunk of deletes) in a worker, not on the loop."""
+    small = len(doc["ops"]) < 64 if isinstance(doc, dict) else True
+    encode = functools.partial(json.dumps, doc, separators=(",", ":"))
+    return (encode() if small else await asyncio.to_thread(encode)).encode()
 
 
 def record_time(key: str) -> int:

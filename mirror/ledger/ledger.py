@@ -286,13 +286,13 @@ class Ledger:
             before = self.tail.horizon
 
             async def apply(records: list[journal.Record]) -> None:
-                foreign = [r for r in records if r.key not in self._own]
-                if foreign:
-                    await self._apply(db, [op for r in foreign for op in r.ops])
-                    for record in foreign:
+                if records:
+                    await self._apply(db, [op for r in records for op in r.ops])
+                    for record in records:
                         self._heard(record.ops)
 
-            applied = await journal.poll(self.storage, self.clock, self.tail, apply, self.lag)
+            applied = await journal.poll(self.storage, self.clock, self.tail, apply, self.lag,
+                                         own=self._own.__contains__)
             if (applied or self.tail.horizon - before > 60_000) and not self._backlog:
                 with contextlib.suppress(sqlite3.OperationalError):  # kept in memory; written next time
                     await db.write(schema.set_meta, "horizon", self.tail.horizon)

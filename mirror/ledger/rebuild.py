@@ -18,9 +18,10 @@ from typing import Protocol
 from mirror.ledger import ops, schema
 from mirror.ledger.database import Database
 from mirror.registry import manifest_schema
-from mirror.storage import NotFound, Storage, inventory, layout
+from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 CHUNK = 5000  # facts per bulk insert
+PAGE = 2000  # keys parsed per worker call
 READS = 16  # small reads (tags, upload times, manifests) at once
 
 
@@ -32,49 +33,70 @@ Emit = Callable[[list[ops.Op]], Awaitable[None]]
 
 
 async def walk(storage: Storage, emit: Emit, progress: Progress | None = None) -> None:
-    """Every fact in storage, in chunks (tags' targets and uploads' start times read on the way)."""
+    """Every fact in storage, in chunks (tags' targets and uploads' start times read on the way). Keys
+    are parsed in a worker, a page at a time: a walk of millions never holds the loop."""
     chunk: list[ops.Op] = []
+    tags: list[tuple[str, str]] = []
+    uploads: dict[tuple[str, str], bool] = {}  # (repository, id) -> whether its start time was found
 
-    async def flush(force: bool = False) -> None:
-        nonlocal chunk
-        if chunk and (force or len(chunk) >= CHUNK):
+    async def take(entries: list[tuple[str, Stat]]) -> None:
+        nonlocal chunk, tags
+        if progress is not None:
+            progress.update(len(entries))
+        facts, named, started = await asyncio.to_thread(_facts, entries)
+        chunk += facts
+        tags += named
+        for repo, upload_id, key in started:
+            if key is None:
+                uploads.setdefault((repo, upload_id), False)
+            else:
+                chunk.append(ops.upload(repo, upload_id, await _started(storage, key)))
+                uploads[(repo, upload_id)] = True
+        if len(tags) >= CHUNK // 10:
+            chunk += await _tags(storage, tags)
+            tags = []
+        if len(chunk) >= CHUNK:
             await emit(chunk)
             chunk = []
 
-    async for key, st in storage.scan(layout.BLOBS):
-        if progress is not None:
-            progress.update()
-        parsed = layout.parse(key)
-        if parsed is not None and parsed.kind == layout.BLOB:
-            chunk.append(ops.blob(str(parsed.digest), st.size, st.mtime))
-            await flush()
+    for prefix in (layout.BLOBS, layout.REPOSITORIES):
+        entries: list[tuple[str, Stat]] = []
+        async for entry in storage.scan(prefix):
+            entries.append(entry)
+            if len(entries) >= PAGE:
+                await take(entries)
+                entries = []
+        await take(entries)
+    chunk += await _tags(storage, tags)
+    chunk += [ops.upload(repo, upload_id, 0.0) for (repo, upload_id), found in uploads.items() if not found]
+    if chunk:
+        await emit(chunk)
+
+
+def _facts(entries: list[tuple[str, Stat]]) -> tuple[list[ops.Op], list[tuple[str, str]],
+                                                     list[tuple[str, str, str | None]]]:
+    """What a page of keys says (blocking: a worker's), with the tags whose targets and the uploads
+    whose start times are still to read."""
+    facts: list[ops.Op] = []
     tags: list[tuple[str, str]] = []
-    uploads: dict[tuple[str, str], bool] = {}  # (repository, id) -> whether its start time was found
-    async for key, st in storage.scan(layout.REPOSITORIES):
-        if progress is not None:
-            progress.update()
+    uploads: list[tuple[str, str, str | None]] = []
+    for key, st in entries:
         parsed = layout.parse(key)
         if parsed is None:
             continue
-        if parsed.kind == layout.LAYER or parsed.kind == layout.REVISION:
+        if parsed.kind == layout.BLOB:
+            facts.append(ops.blob(str(parsed.digest), st.size, st.mtime))
+        elif parsed.kind == layout.LAYER or parsed.kind == layout.REVISION:
             kind = schema.LAYER if parsed.kind == layout.LAYER else schema.REVISION
-            chunk.append(ops.link(parsed.repository, str(parsed.digest), kind, st.mtime))
+            facts.append(ops.link(parsed.repository, str(parsed.digest), kind, st.mtime))
         elif parsed.kind == layout.MARKER:
-            chunk.append(ops.mark(parsed.repository, parsed.mark))
+            facts.append(ops.mark(parsed.repository, parsed.mark))
         elif parsed.kind == layout.TAG:
             tags.append((parsed.repository, parsed.tag))
-            if len(tags) >= CHUNK // 10:
-                chunk += await _tags(storage, tags)
-                tags = []
         elif parsed.kind == layout.UPLOAD:
-            uploads.setdefault((parsed.repository, parsed.upload_id), False)
-            if key == layout.upload_started(parsed.repository, parsed.upload_id):
-                chunk.append(ops.upload(parsed.repository, parsed.upload_id, await _started(storage, key)))
-                uploads[(parsed.repository, parsed.upload_id)] = True
-        await flush()
-    chunk += await _tags(storage, tags)
-    chunk += [ops.upload(repo, upload_id, 0.0) for (repo, upload_id), found in uploads.items() if not found]
-    await flush(force=True)
+            started = key == layout.upload_started(parsed.repository, parsed.upload_id)
+            uploads.append((parsed.repository, parsed.upload_id, key if started else None))
+    return facts, tags, uploads
 
 
 async def _tags(storage: Storage, tags: list[tuple[str, str]]) -> list[ops.Op]:

@@ -19,6 +19,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster, scope
 from mirror.config import Config
 from mirror.ledger.ledger import for_config
+from mirror.server import loop
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
 from mirror.server.middleware import errors, metrics_endpoint, observe, on_prepare, resolve_again
@@ -147,7 +148,8 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     if config.metrics.enabled and config.metrics.addr is None:
         endpoints.add(app, endpoints.get(config.metrics.path, metrics_endpoint, "metrics", "base"))
     app.on_response_prepare.append(on_prepare(config))
-    app.cleanup_ctx.extend([_storage, _ledger, _session, *([_cluster] if config.redis else []), _registry])
+    app.cleanup_ctx.extend([loop.watched, _storage, _ledger, _session, *([_cluster] if config.redis else []),
+                            _registry])
     if notify:
         app[NOTIFIER] = Notifier(config, config.cache.local_dir(config.storage) / "_events", metrics)
         app.cleanup_ctx.append(_notifier)

@@ -34,6 +34,7 @@ STORAGE_OPERATIONS = ("stat", "reader", "writer", "commit", "get_bytes", "put_by
 disable_created_metrics()  # a `_created` twin for every counter series doubles the scrape for nothing
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class Metrics:
@@ -103,6 +104,11 @@ class Metrics:
         self.peer_takeovers = Counter("mirror_blob_peer_takeovers", "Fetches taken over from a replica that died "
                                       "mid-fetch.", registry=r)
         self.redis_errors = Counter("mirror_redis_errors", "Calls to Redis that failed or timed out.", registry=r)
+        self.loop_stall = Histogram("mirror_event_loop_stall_seconds",
+                                    "How late a task that sleeps 10 ms wakes: the event loop held up by work on it "
+                                    "(every request waits as long).", buckets=STALL_BUCKETS, registry=r)
+        self.loop_stall_max = Gauge("mirror_event_loop_stall_max_seconds",
+                                    "The longest the event loop was held up since start.", registry=r)
         self.cache_protected_bytes = Gauge("mirror_cache_protected_bytes",
                                            "Bytes of proxied content kept over cache.max_size because pulls of it "
                                            "are in progress (evicted as soon as they end).", registry=r)

@@ -279,11 +279,9 @@ class FilesystemStorage(Storage):
             pass
 
     async def delete_many(self, keys: Sequence[str]) -> None:
-        paths = [self.path(key) for key in keys]
-
-        def unlink_all() -> None:
-            for path in paths:
-                path.unlink(missing_ok=True)
+        def unlink_all() -> None:  # paths built in the thread too: thousands of them are loop time
+            for key in keys:
+                self.path(key).unlink(missing_ok=True)
 
         await asyncio.to_thread(unlink_all)
 
