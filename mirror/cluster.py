@@ -53,7 +53,8 @@ class Cluster:
         self.redis = aioredis.Redis(
             host=host.strip("[]") or "127.0.0.1", port=int(port), db=config.db, password=config.password,
             socket_connect_timeout=config.dialtimeout, socket_timeout=max(config.readtimeout, config.writetimeout),
-            max_connections=config.maxactive, ssl=config.tls, ssl_certfile=config.certificate,
+            max_connections=config.maxactive, health_check_interval=int(config.idletimeout),
+            ssl=config.tls, ssl_certfile=config.certificate,
             ssl_keyfile=config.key, ssl_ca_certs=config.clientcas[0] if config.clientcas else None)
         self.timeout = max(config.readtimeout, config.writetimeout)
         self.prefix = f"mirror:{scope}:"
