@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.server.state import CONFIG
+from mirror.storage import layout
 from tests.auth_keys import ISSUER, SERVICE, make_pki
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream
@@ -132,7 +133,7 @@ async def test_a_stray_file_in_a_repository_does_not_stop_its_row(registry: Fact
     a push makes the list read the repository again: the row still appears, with the right size."""
     client = await registry()
     await ready(client)
-    stray = tmp_path / "data" / "repositories" / "team" / "app" / "_layers" / "sha256" / "not-a-digest~"
+    stray = tmp_path / "data" / layout.layers("team/app") / "sha256" / "not-a-digest~" / "link"
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"")
     await push_image(client, "team/app", "v1")

@@ -223,7 +223,7 @@ class Evictor:
         for repository in census.layer_links.get(digest, ()):
             await self.blobs.unlink(repository, d)
         self.manifests.forget(digest)
-        await self.storage.delete(layout.blob(d))
+        await self.storage.delete(layout.blob_entry(d))
         self.index.pending.pop(digest, None)
         self.blobs.metrics.blob_removed(size)
         self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()

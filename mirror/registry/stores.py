@@ -84,7 +84,7 @@ class ManifestStore:
         if await self.storage.stat(layout.blob(d)) is None:
             await self.storage.put_bytes(layout.blob(d), manifest.body)
             self.added(len(manifest.body))
-        await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
+        await self.storage.put_bytes(layout.revision(repository, d), layout.link(d))
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
 
@@ -94,16 +94,15 @@ class ManifestStore:
         return await _remove(self.storage, layout.revision(repository, digest))
 
     async def tag(self, repository: str, tag: str) -> str | None:
-        try:
-            return (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
-        except NotFound:
-            return None
+        return await inventory.tag_target(self.storage, repository, tag)
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
-        await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        for key, data in layout.tag_links(repository, tag, parse_digest(digest)):
+            await self.storage.put_bytes(key, data)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        return await _remove(self.storage, layout.tag(repository, tag))
+        """The tag and its index of past targets, as registry:2 deletes one."""
+        return await _remove(self.storage, layout.tag(repository, tag), layout.tag_entry(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
         return await inventory.tag_names(self.storage, repository)
@@ -171,7 +170,7 @@ class BlobStore:
         return StoredBlob(blob, st.size, self.storage.local_path(blob))
 
     async def link(self, repository: str, digest: Digest) -> None:
-        await self.storage.put_bytes(layout.layer(repository, digest), str(digest).encode())
+        await self.storage.put_bytes(layout.layer(repository, digest), layout.link(digest))
         self._links.add(repository, str(digest))
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
@@ -179,11 +178,12 @@ class BlobStore:
         return await _remove(self.storage, layout.layer(repository, digest))
 
 
-async def _remove(storage: Storage, key: str) -> bool:
-    """Delete `key`; whether it was there (DELETE answers 404 otherwise)."""
+async def _remove(storage: Storage, key: str, entry: str | None = None) -> bool:
+    """Delete `key` (or everything of `entry`, which holds it); whether it was there (DELETE answers 404
+    otherwise)."""
     if await storage.stat(key) is None:
         return False
-    await storage.delete(key)
+    await storage.delete(entry or key)
     return True
 
 

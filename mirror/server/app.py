@@ -18,13 +18,14 @@ from mirror.auth import GATE, Gate, authorize
 from mirror.cache.index import Index
 from mirror.clock import SYSTEM, Clock
 from mirror.config import Config
+from mirror.registry.namespace import configured_private
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
 from mirror.server.middleware import errors, late_private, metrics_endpoint, observe, on_prepare
 from mirror.server.notify import NOTIFIER, Notifier, events
 from mirror.server.state import CLOCK, CONFIG, INDEX, METRICS, SESSION, STORAGE
 from mirror.service import REGISTRY, Registry
-from mirror.storage import open_storage
+from mirror.storage import migrate, open_storage
 from mirror.storage.tier import HotTier
 
 # aiohttp's default 64 KiB pauses the upstream socket every 128 KiB: cold blobs crawled at a
@@ -33,10 +34,11 @@ UPSTREAM_READ_BUFFER = 4 << 20
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
-    metrics = app[METRICS]
-    storage = open_storage(app[CONFIG], metrics.storage_call)
+    metrics, config = app[METRICS], app[CONFIG]
+    storage = open_storage(config, metrics.storage_call)
     try:
         await storage.check()
+        await migrate.run(storage, configured_private(config.private, bool(config.upstreams)))
         if isinstance(storage, HotTier):
             tier = storage
             metrics.hot_tier_bytes.set_function(lambda: tier.size)

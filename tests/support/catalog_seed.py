@@ -1,5 +1,5 @@
 """Thousands of repositories written straight into a filesystem storage root (the layout of
-mirror/storage/paths.py), for the web UI's tests and benchmark: pushing them over HTTP would take
+mirror/storage/layout.py), for the web UI's tests and benchmark: pushing them over HTTP would take
 minutes. Each repository gets its own small image (config, one layer, manifest) and `tags` tags;
 every other one is private (`team/...`, with the private marker), the rest cached
 (`library/...`, as from the default upstream)."""
@@ -10,20 +10,22 @@ import hashlib
 import json
 from pathlib import Path
 
+from mirror.names import parse_digest
+from mirror.storage import layout
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
-def _blob(root: Path, data: bytes) -> str:
-    hexpart = hashlib.sha256(data).hexdigest()
-    path = root / "blobs" / "sha256" / hexpart[:2] / hexpart
+def _write(root: Path, key: str, data: bytes) -> None:
+    path = root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return f"sha256:{hexpart}"
 
 
-def _link(path: Path, digest: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(digest)
+def _blob(root: Path, data: bytes) -> str:
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    _write(root, layout.blob(parse_digest(digest)), data)
+    return digest
 
 
 def repository_name(i: int) -> str:
@@ -46,14 +48,14 @@ def seed_repositories(root: Path, count: int, tags: int = 2) -> list[str]:
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
                         "size": len(layer)}]}).encode()
         manifest_digest = _blob(root, manifest)
-        repo = root / "repositories" / name
         for digest in (config_digest, layer_digest):
-            _link(repo / "_layers" / "sha256" / digest.split(":")[1], digest)
-        _link(repo / "_manifests" / "revisions" / "sha256" / manifest_digest.split(":")[1], manifest_digest)
+            _write(root, layout.layer(name, parse_digest(digest)), layout.link(digest))
+        m = parse_digest(manifest_digest)
+        _write(root, layout.revision(name, m), layout.link(m))
         for t in range(tags):
-            _link(repo / "_manifests" / "tags" / f"v{t}", manifest_digest)
+            for key, data in layout.tag_links(name, f"v{t}", m):
+                _write(root, key, data)
         if name.startswith("team/"):
-            (repo / "_mirror").mkdir(exist_ok=True)
-            (repo / "_mirror" / "private").write_bytes(b"")
+            _write(root, layout.marker(name, layout.PRIVATE_MARK), b"")
         names.append(name)
     return sorted(names)
