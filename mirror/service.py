@@ -221,7 +221,8 @@ class Registry:
         """Tags here, merged for proxied repositories with the upstream's (all, sorted)."""
         local = set(await self._manifests.tags(route.local))
         if route.private:
-            if not local and route.local not in self._router.known_private:
+            if not local and route.local not in self._router.known_private \
+                    and not await inventory.listed(self._storage, route.local):  # emptied by deletes: [] as registry:2
                 raise RegistryError("NAME_UNKNOWN", f"repository name not known to registry: {route.local}")
             return sorted(local)
         try:
@@ -233,8 +234,10 @@ class Registry:
         return sorted(local | remote)
 
     async def repositories(self) -> list[str]:
-        """Every repository with manifests here, private and cached, sorted."""
-        return [name for name, marks in await inventory.repository_names(self._storage) if "_manifests" in marks]
+        """Every repository here, private and cached, sorted: what registry:2's catalog lists (blob links),
+        and repositories with a manifest pulled through before any of its blobs."""
+        return [name for name, children in await inventory.repository_names(self._storage)
+                if inventory.cataloged(children)]
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
         """Descriptors of the manifests whose subject is `subject` (pushed here)."""

@@ -134,6 +134,16 @@ async def repository_names(storage: Storage) -> list[tuple[str, list[str]]]:
     return sorted(found)
 
 
+def cataloged(children: list[str]) -> bool:
+    """Whether a repository with these `_`-children (repository_names) is in the catalog."""
+    return any(c in layout.CATALOGED for c in children)
+
+
+async def listed(storage: Storage, name: str) -> bool:
+    """Whether repository `name` is in the catalog, without a walk."""
+    return cataloged(await storage.list(layout.repository(name)))
+
+
 async def marks(storage: Storage, name: str) -> set[str]:
     """What this mirror has decided repository `name` is (layout.MARKS it carries)."""
     return {m for m in await storage.list(layout.markers(name)) if m in layout.MARKS}

@@ -63,6 +63,11 @@ def repository(name: str) -> str:
     return f"{REPOSITORIES}/{name}"
 
 
+# What puts a repository in the catalog: registry:2 lists those with blob links; a manifest pulled
+# through before any of its blobs lists it too. Emptied by deletes, it stays listed, as in registry:2.
+CATALOGED = ("_layers", "_manifests")
+
+
 def tags(name: str) -> str:
     """The tags of `name`: one directory each."""
     return f"{REPOSITORIES}/{name}/_manifests/tags"
