@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -95,6 +95,11 @@ class Registry:
                 async with asyncio.timeout(self._config.http.draintimeout):
                     await self._blob_cache.settle()
             await self._blob_cache.close()
+
+    def watch(self, changed: Callable[[str], None]) -> None:
+        """Tell `changed` the repository whenever one gains or loses a manifest, tag or blob link here
+        (pull-through, push, delete, eviction): the UI's list stays current between its walks."""
+        self._manifests.changed = self._blobs.changed = changed
 
     async def settle(self) -> None:
         """Wait until no upstream fetch is in progress (a caller bounds it)."""

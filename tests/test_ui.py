@@ -128,6 +128,34 @@ async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory, tmp_path
     await ready(client, lambda d: d["repositories"] == [])
 
 
+async def test_a_pull_through_shows_at_once_and_its_row_follows_its_blobs(mirror: MirrorFactory,
+                                                                        upstream: Any) -> None:
+    """A cached repository is on the list about half a second after its first manifest GET, its size
+    follows each blob as it is committed (a slow 3 MiB layer here), and a second tag pulled into it
+    counts at once too: the stores tell the list, no 45 s rebuild is waited for."""
+    script, _ = upstream
+    script.slow = 0.05  # per 64 KiB: the layer takes over two seconds to arrive
+    _, layer = image(script)
+    client = await mirror()
+    await ready(client)
+    r = await client.get("/v2/app/manifests/latest")
+    assert r.status == 200
+    size = len(await r.read())
+    start = time.monotonic()
+    data = await ready(client, lambda d: "library/app" in listed(d), seconds=2)
+    assert time.monotonic() - start < 2 and data["repositories"][0]["size"] == size
+    for d in (json.loads(script.manifests[("library/app", "latest")][0])["config"]["digest"], layer):
+        r = await client.get(f"/v2/app/blobs/{d}")
+        size += len(await r.read())
+    await ready(client, lambda d: d["repositories"][0]["size"] == size, seconds=2)
+    v2 = script.add_manifest("library/app", "v2", {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                                   "config": {"digest": layer, "size": 1}, "layers": []},
+                             media_type=OCI_MANIFEST)
+    assert (await client.get("/v2/app/manifests/v2")).status == 200
+    data = await ready(client, lambda d: d["repositories"][0]["tags"] == 2, seconds=2)
+    assert data["repositories"][0]["manifests"] == 2 and v2
+
+
 async def test_a_stray_file_in_a_repository_does_not_stop_its_row(registry: Factory, tmp_path: Path) -> None:
     """A file under _layers that names no digest (a copy gone wrong, an editor's backup) is skipped when
     a push makes the list read the repository again: the row still appears, with the right size."""

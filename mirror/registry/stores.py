@@ -17,6 +17,11 @@ from mirror.server.metrics import Metrics
 from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 LINKS_REMEMBERED = 200_000
+Changed = Callable[[str], None]  # told the repository whose manifests, tags or blob links changed
+
+
+def _unwatched(repository: str) -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,7 @@ class ManifestStore:
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
         self._memory_size = 0
         self._links = _Links()
+        self.changed: Changed = _unwatched  # the UI's catalog (Registry.watch)
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -87,10 +93,12 @@ class ManifestStore:
         await self.storage.put_bytes(layout.revision(repository, d), layout.link(d))
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
+        self.changed(repository)
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
+        self.changed(repository)
         return await _remove(self.storage, layout.revision(repository, digest))
 
     async def tag(self, repository: str, tag: str) -> str | None:
@@ -99,9 +107,11 @@ class ManifestStore:
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
         for key, data in layout.tag_links(repository, tag, parse_digest(digest)):
             await self.storage.put_bytes(key, data)
+        self.changed(repository)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
         """The tag and its index of past targets, as registry:2 deletes one."""
+        self.changed(repository)
         return await _remove(self.storage, layout.tag(repository, tag), layout.tag_entry(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
@@ -136,6 +146,7 @@ class BlobStore:
         self.metrics = metrics
         self._links = _Links()
         self.on_growth: Callable[[int, bool], None] | None = None  # the evictor: (bytes, committed)
+        self.changed: Changed = _unwatched  # the UI's catalog (Registry.watch)
 
     def forget_memory(self) -> None:
         self._links = _Links()
@@ -172,9 +183,11 @@ class BlobStore:
     async def link(self, repository: str, digest: Digest) -> None:
         await self.storage.put_bytes(layout.layer(repository, digest), layout.link(digest))
         self._links.add(repository, str(digest))
+        self.changed(repository)
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         self._links.discard(repository, str(digest))
+        self.changed(repository)
         return await _remove(self.storage, layout.layer(repository, digest))
 
 

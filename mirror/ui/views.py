@@ -271,7 +271,6 @@ async def delete(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     route = registry.resolve(name, None)
     await registry.delete_manifest(route, parse_digest(reference) if kind == "digest" else reference)
-    request.app[CATALOG].changed(name)
     what = f"{name}@{reference}" if kind == "digest" else f"{name}:{reference}"
     location = request.app.router["ui_repository"].url_for(name=name).with_query(deleted=what)
     raise web.HTTPSeeOther(location)

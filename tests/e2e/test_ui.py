@@ -198,6 +198,31 @@ def test_push_pull_browse_and_delete(docker: Dockerd, docker_mirror: Callable[..
     browser.shot("phone-overview")
 
 
+def test_a_docker_pull_through_is_listed_within_a_second(docker: Dockerd, docker_mirror: Callable[..., Mirror],
+                                                         upstream: Distribution, layouts: dict[str, Layout]) -> None:
+    """dockerd pulls through `registry-mirrors`: the repository is on the list, at its full size, within a
+    second of `docker pull` returning (not at the next rebuild of the list, 45 s later)."""
+    mirror = docker_mirror(push_config(upstream.url))
+
+    def row() -> dict[str, Any] | None:
+        data = http("GET", f"{mirror.url}/ui/api/repositories").json()
+        return next((r for r in data["repositories"] if r["name"] == "library/multi"), None) if data["ready"] else None
+
+    deadline = time.monotonic() + 10
+    while http("GET", f"{mirror.url}/ui/api/repositories").json()["ready"] is not True:
+        assert time.monotonic() < deadline, "the list was never built"
+        time.sleep(0.05)
+    multi = layouts["multi"]
+    amd64 = multi.image("amd64")
+    size = multi.top.size + amd64.manifest.size + sum(b.size for b in amd64.blobs)
+    docker.pull("multi")  # an index: dockerd takes the linux/amd64 image
+    pulled = time.monotonic()
+    while (found := row()) is None or found["size"] != size:
+        assert time.monotonic() - pulled < 1.0, f"not listed in full a second after the pull: {found}"
+        time.sleep(0.05)
+    assert found["kind"] == "cached" and found["tags"] == 1 and found["manifests"] == 2
+
+
 def test_with_htpasswd_anonymous_users_see_no_delete_button(mirror_factory: Callable[..., Mirror],
                                                              upstream: Distribution, layouts: dict[str, Layout],
                                                              browser: Browser, tmp_path: Path) -> None:
