@@ -45,6 +45,7 @@ CODES = _table(
     ErrorCode("UNAVAILABLE", 503, "service unavailable"),
     ErrorCode("NOT_FOUND", 404, "no such API endpoint"),
     ErrorCode("TOO_LARGE", 413, "payload too large"),
+    ErrorCode("TLS_REQUIRED", 400, "client sent an HTTP request to an HTTPS server"),
 )
 
 
