@@ -124,6 +124,11 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
     if gate is not None:
         app[GATE] = gate
+
+        async def close_gate(_: web.Application) -> None:
+            await gate.close()  # the UI login's session to the token realm
+
+        app.on_cleanup.append(close_gate)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[LIMITS] = config.limits

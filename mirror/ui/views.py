@@ -59,13 +59,12 @@ def render(request: web.Request, template: str, context: dict[str, Any], status:
 
 
 def _login_available(request: web.Request) -> bool:
-    gate = request.app.get(GATE)
-    return gate is not None and gate.htpasswd is not None
+    return request.app.get(GATE) is not None
 
 
 def page(handler: Handler) -> Handler:
     """Registry errors as an HTML page with the error's status (401 keeps its challenge, so a
-    browser asks for htpasswd credentials)."""
+    browser asks for a registry user's credentials)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -83,14 +82,15 @@ def _refuse(request: web.Request, name: str, action: str) -> RegistryError:
     if guard.caller(request).user is None:
         headers = {}
         gate = request.app.get(GATE)
-        if gate is not None and gate.htpasswd is not None:
+        if gate is not None:
             headers["WWW-Authenticate"] = gate.challenge(request, Need("ui"))
         return RegistryError("UNAUTHORIZED", f"log in to {action} {name}", headers=headers)
     return RegistryError("DENIED", f"{guard.caller(request).user} may not {action} {name}")
 
 
-def _name(request: web.Request, action: str = "see") -> str:
+async def _name(request: web.Request, action: str = "see") -> str:
     name = parse_name(request.match_info["name"])
+    await guard.prepare(request, name)
     if action == "delete" and not request.app[REGISTRY].deletes_enabled:
         raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
     allowed = guard.may_see(request, name) if action == "see" else guard.may_delete(request, name)
@@ -172,7 +172,7 @@ def pull_commands(request: web.Request, name: str, tag: str, repo: Repository | 
 @page
 async def repository(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>: tags (digest, size, created, platforms, last pulled), untagged manifests."""
-    name = _name(request)
+    name = await _name(request)
     registry, catalog, images = request.app[REGISTRY], request.app[CATALOG], request.app[IMAGES]
     tags = sorted(await registry.tag_names(name))
     revisions = await registry.manifest_digests(name)
@@ -207,7 +207,7 @@ async def repository(request: web.Request) -> web.StreamResponse:
 @page
 async def manifest(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>/-/manifest/<digest>: layers, config, platforms, referrers."""
-    name = _name(request)
+    name = await _name(request)
     digest = parse_digest(request.match_info["digest"])
     registry, catalog = request.app[REGISTRY], request.app[CATALOG]
     view = await request.app[IMAGES].view(name, str(digest))
@@ -238,7 +238,7 @@ def _target(form: Any) -> tuple[str, str]:
 @page
 async def confirm_delete(request: web.Request) -> web.StreamResponse:
     """GET /ui/repo/<name>/-/delete?tag=|digest=: what would go, and the form that does it."""
-    name = _name(request, "delete")
+    name = await _name(request, "delete")
     kind, reference = _target(request.query)
     registry = request.app[REGISTRY]
     if kind == "tag":
@@ -261,7 +261,7 @@ async def delete(request: web.Request) -> web.StreamResponse:
     """POST /ui/repo/<name>/-/delete: only from this origin, with the confirm page's token and box."""
     if not guard.same_origin(request):
         raise RegistryError("DENIED", "refused: the form was not sent from a page of this mirror (Origin/Referer)")
-    name = _name(request, "delete")
+    name = await _name(request, "delete")
     form = await request.post()
     kind, reference = _target(form)
     if not guard.token_ok(request, name, reference, str(form.get("token", ""))):
@@ -295,14 +295,12 @@ async def api_overview(request: web.Request) -> web.StreamResponse:
 
 @page
 async def login(request: web.Request) -> web.StreamResponse:
-    """GET /ui/login: with htpasswd, 401 and the Basic challenge until the browser sends credentials
-    (then it sends them with every /ui/ page). Token auth has no credentials a browser could send."""
+    """GET /ui/login: 401 and the Basic challenge until the browser sends a registry user's credentials
+    (then it sends them with every /ui/ page). With token auth the mirror asks the token realm for a
+    token with them, as `docker login` does (auth/login.py)."""
     gate = request.app.get(GATE)
     if gate is None or guard.caller(request).user is not None:
         raise web.HTTPSeeOther(request.app.router["ui_repositories"].url_for())
-    if gate.htpasswd is None:
-        raise RegistryError("UNSUPPORTED", "the mirror uses token auth: the web UI is read-only for anonymous "
-                                           "users, and browsers cannot log in with a token")
     raise RegistryError("UNAUTHORIZED", "log in with your registry username and password",
                         headers={"WWW-Authenticate": gate.challenge(request, Need("ui"))})
 

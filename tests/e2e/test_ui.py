@@ -28,6 +28,7 @@ from tests.support.clients import Dockerd
 from tests.support.images import Layout, seed
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, htpasswd_config, http
 from tests.support.registry import get_manifest
+from tests.support.tokenserver import ISSUER, SERVICE, TokenServerProc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -255,3 +256,59 @@ def test_with_htpasswd_anonymous_users_see_no_delete_button(mirror_factory: Call
     assert "alice" in browser.one(".who").text
     assert [e.text for e in browser.all("#tags a.delete")] == ["delete"]
     browser.shot("alice")
+
+
+def test_with_token_auth_a_browser_logs_in_through_the_token_realm(mirror_factory: Callable[..., Mirror],
+                                                                   upstream: Distribution, layouts: dict[str, Layout],
+                                                                   browser: Browser, tmp_path: Path) -> None:
+    """Token auth: the "Log in" link asks for a username and password as with htpasswd (the browser's
+    own prompt); the mirror asks the token realm for a token with them, as `docker login` does, and
+    shows what the token grants: alice (the realm's admin) the whole list and delete buttons, bob
+    what he may pull, without them."""
+    ts = TokenServerProc(tmp_path / "tokenserver", {"alice": "alice-secret", "bob": "bob-secret"}, anonymous_pull=True,
+                         admins=("alice",)).start()
+    try:
+        config = push_config(upstream.url)
+        config["auth"] = {"token": {"realm": ts.realm, "service": SERVICE, "issuer": ISSUER,
+                                    "rootcertbundle": str(ts.cert_path)}}
+        config["access"] = {"anonymous_pull": True}
+        mirror = mirror_factory(config)
+        seed(layouts["small"], mirror.host, "team/app", tag="v1", creds="alice:alice-secret")  # skopeo's token dance
+        assert manifest_of(mirror, "library/small", "latest")[0] == layouts["small"].digest  # anonymous pull-through
+
+        browser.get(f"{mirror.url}/ui/")
+        browser.until(lambda: browser.texts("a.repo") == ["library/small"], "the cached repository", reload=True)
+        assert browser.one("#login").text == "Log in"
+        r = http("GET", f"{mirror.url}/ui/login")
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == f'Basic realm="{SERVICE}"'
+        r = http("GET", f"{mirror.url}/ui/", {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()})
+        assert r.status == 401  # the realm refused it
+
+        def log_in(user: str, password: str) -> None:  # what the browser sends once its prompt was answered
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            browser.driver.execute_cdp_cmd("Network.enable", {})
+            browser.driver.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                                           {"headers": {"Authorization": f"Basic {token}"}})
+
+        log_in("alice", "alice-secret")
+        browser.get(f"{mirror.url}/ui/")
+        browser.until(lambda: browser.texts("a.repo") == ["library/small", "team/app"], "alice's list", reload=True)
+        assert "alice" in browser.one(".who").text
+        browser.get(f"{mirror.url}/ui/repo/team/app")
+        browser.until(lambda: bool(browser.all("#tags tbody tr")), "alice's view of team/app")
+        assert [e.text for e in browser.all("#tags a.delete")] == ["delete"]
+        browser.shot("token-alice")
+
+        log_in("bob", "bob-secret")
+        browser.get(f"{mirror.url}/ui/")
+        assert browser.texts("a.repo") == ["library/small"] and "bob" in browser.one(".who").text  # no catalog
+        browser.get(f"{mirror.url}/ui/repo/team/app")
+        browser.until(lambda: bool(browser.all("#tags tbody tr")), "bob's view of team/app")
+        assert browser.all(".delete") == []  # pull only
+        browser.shot("token-bob")
+
+        asked = [(t["account"], t["scopes"], t["status"]) for t in ts.requests() if t["account"] in ("alice", "bob")]
+        assert ("alice", ["registry:catalog:*"], 200) in asked and ("alice", ["registry:catalog:*"], 401) in asked
+        assert ("bob", ["repository:team/app:pull,delete"], 200) in asked
+    finally:
+        ts.stop()
