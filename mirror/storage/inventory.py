@@ -210,6 +210,17 @@ async def referrer_records(storage: Storage, name: str) -> list[tuple[Digest, Di
     return found
 
 
+async def referrers_of(storage: Storage, name: str, subject: Digest) -> list[tuple[Digest, str]]:
+    """(referring manifest, key of its record) for every referrer record of `subject` in `name`."""
+    found = []
+    prefix = layout.referrers(name, subject)
+    for entry in await storage.list(prefix):
+        parsed = layout.parse(f"{prefix}/{entry}")
+        if parsed is not None and parsed.kind == layout.REFERRER and parsed.digest is not None:
+            found.append((parsed.digest, f"{prefix}/{entry}"))
+    return found
+
+
 def digests(values: Iterable[str]) -> list[Digest]:
     """Digest strings this module produced back into digests."""
     return [Digest(*value.split(":", 1)) for value in values]

@@ -170,6 +170,7 @@ def test_registry2_reads_what_mirror_wrote(written: Written, layouts: dict[str, 
     r = http("PUT", f"{mirror.url}/v2/team/new/manifests/{sha256_digest(artifact)}", {"Content-Type": OCI_MANIFEST},
              artifact)
     assert r.status == 201, r.body[:300]
+    assert referrers(mirror, layouts["multi"].digest) == [sha256_digest(artifact)]
     names = catalog(mirror.url)
     seen = {repo: tags(mirror.url, repo) for repo in names}
     assert seen == {"team/app": ["v1"], "team/app/sub": [], "team/gone": [], "team/multi": ["latest", "small"],
@@ -189,8 +190,20 @@ def test_registry2_reads_what_mirror_wrote(written: Written, layouts: dict[str, 
     registry2.start()
     try:
         check_read_back(registry2, layouts, tmp_path / "after-gc", sha256_digest(artifact))
+        r = http("DELETE", f"{registry2.url}/v2/team/new/manifests/{sha256_digest(artifact)}")
+        assert r.status == 202, r.body[:300]
     finally:
         registry2.stop()
+    # back to mirror: registry:2 knew nothing of the referrer record; the artifact it deleted is not listed
+    mirror.start()
+    assert referrers(mirror, layouts["multi"].digest) == []
+    check_oci_copy(copy_out(mirror.host, "team/new:v1", tmp_path / "again", "--all"), layouts["multi"])
+
+
+def referrers(mirror: Mirror, subject: str) -> list[str]:
+    r = http("GET", f"{mirror.url}/v2/team/new/referrers/{subject}")
+    assert r.status == 200, r.body[:300]
+    return [m["digest"] for m in r.json()["manifests"]]
 
 
 def check_read_back(registry2: Distribution, layouts: dict[str, Layout], out: Path, artifact: str) -> None:
