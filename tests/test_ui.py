@@ -17,8 +17,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.cache.index import Index
 from mirror.server.state import CONFIG
 from mirror.storage import layout
+from mirror.storage.filesystem import FilesystemStorage
+from mirror.ui.snapshot import Catalog
 from tests.auth_keys import ISSUER, SERVICE, make_pki, mint, repo
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream
@@ -559,3 +562,22 @@ async def test_overview_shows_rate_limit_headroom_and_back_off(upstream: tuple[S
     assert hub["errors"]["429"] == s["mirror_upstream_errors_total" + labels(reason="429", upstream="hub")] >= 1
     html = await (await client.get("/ui/overview")).text()
     assert re.search(r'class="badge bad">backing off 1[01]\d s<', html)
+
+
+async def test_the_list_stops_when_cancelled_just_as_it_hears_of_a_change(tmp_path: Path) -> None:
+    """The stores tell the list of changes all the time: a shutdown that comes as one does must still end
+    its loop (Python 3.11's wait_for swallowed that cancellation, and the app's cleanup waited forever)."""
+    index = Index(str(tmp_path / "index"))
+    catalog = Catalog(FilesystemStorage(tmp_path / "data"), index, lambda name: False, lambda name: None)
+    task = asyncio.create_task(catalog.run())
+    try:
+        await asyncio.wait_for(catalog.ready.wait(), 5)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop now waits to hear of a change
+        catalog.changed("team/app")
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, "the list's loop went on after it was cancelled"
+    finally:
+        task.cancel()
+        index.close()

@@ -166,8 +166,11 @@ class Catalog:
                     self.ready.set()  # pages say so rather than wait for it
                     wait = RETRY_SECONDS
                 next_build = time.monotonic() + wait
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as
+            # the event is set, and the stores set it all the time: the UI's shutdown would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_build - time.monotonic()))
+                async with asyncio.timeout(max(0.0, next_build - time.monotonic())):
+                    await self._wake.wait()
             if self._dirty:
                 await asyncio.sleep(DIRTY_DELAY)
                 self._wake.clear()

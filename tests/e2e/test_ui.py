@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -65,13 +65,21 @@ class Browser:
     def until(self, check: Callable[[], bool], what: str, timeout: float = 15.0, reload: bool = False) -> None:
         """Poll `check` (reloading the page between tries if asked) for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while not check():
+        while not self._holds(check):
             if time.monotonic() > deadline:
                 self.shot("timeout")
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} on {self.driver.current_url}")
             time.sleep(0.3)
             if reload:
                 self.driver.refresh()
+
+    @staticmethod
+    def _holds(check: Callable[[], bool]) -> bool:
+        """`check()`, false while the page it reads is being replaced (a submitted form, a reload)."""
+        try:
+            return check()
+        except StaleElementReferenceException:
+            return False
 
     def fits_width(self) -> bool:
         """Nothing sticks out sideways (the page needs no horizontal scrolling)."""
