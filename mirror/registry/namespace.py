@@ -175,7 +175,14 @@ class Namespace:
             return known[0]
         start = self.clock.monotonic()  # trusted from before the look-up: a claim after it waits longer
         marks = await inventory.marks(self.storage, name)
+        unmarked = False
         if not marks and await inventory.has_content(self.storage, name):
+            # Content, and no mark when we looked before it: a fill on another replica writes its mark
+            # first, then content, so it may have done both in between. Only marks read after the
+            # content say it is unmarked.
+            marks = await inventory.marks(self.storage, name)
+            unmarked = not marks
+        if unmarked:
             if self.adopted is None:
                 self.adopted = await adopted_kind(self.storage)
             kind = self.adopted
