@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -91,6 +91,7 @@ class Registry:
         """The background jobs of what this service owns, for as long as the server runs; on the way
         out, fetches under way finish and commit (their clients already have the bytes), within bounds."""
         jobs = Jobs()
+        self._namespace.adopted = await namespace.adopted_kind(self._storage)
         if self._cluster is not None:
             jobs.start(self._cluster.run())
         # A write that finds the disk full (often in a worker thread) makes room at once; on OSS a full
@@ -123,6 +124,11 @@ class Registry:
                 async with asyncio.timeout(self._config.http.draintimeout):
                     await self._blob_cache.settle()
             await self._blob_cache.close()
+
+    def watch(self, changed: Callable[[str], None]) -> None:
+        """Tell `changed` the repository whenever one gains or loses a manifest, tag or blob link here
+        (pull-through, push, delete, eviction): the UI's list stays current between its walks."""
+        self._manifests.changed = self._blobs.changed = changed
 
     async def settle(self) -> None:
         """Wait until no upstream fetch is in progress (a caller bounds it)."""
@@ -160,7 +166,8 @@ class Registry:
     def classify(self, contents: inventory.Contents) -> bool:
         """Whether a repository read from storage is private (for lists built from one walk)."""
         return namespace.classify(self._namespace.configured_private(contents.name), contents.marks,
-                                  bool(contents.linked)) == namespace.PRIVATE
+                                  bool(contents.linked), self._namespace.adopted or namespace.PRIVATE) \
+            == namespace.PRIVATE
 
     def upstream_of(self, name: str) -> str | None:
         """The configured upstream a cached repository's storage name comes from."""
@@ -276,16 +283,20 @@ class Registry:
         return sorted(local | remote)
 
     async def repositories(self) -> list[str]:
-        """Every repository with manifests here, private and cached, sorted."""
-        return [name for name, marks in await inventory.repository_names(self._storage) if "_manifests" in marks]
+        """Every repository here, private and cached, sorted: what registry:2's catalog lists (blob links),
+        and repositories with a manifest pulled through before any of its blobs."""
+        return [name for name, children in await inventory.repository_names(self._storage)
+                if inventory.cataloged(children)]
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
-        """Descriptors of the manifests whose subject is `subject` (pushed here)."""
+        """Descriptors of the manifests whose subject is `subject` (pushed here), of those still here:
+        registry:2 run on the same storage deletes manifests without knowing of their records."""
         found = []
-        prefix = layout.referrers(route.local, subject)
-        for entry in await self._storage.list(prefix):
+        for manifest, key in await inventory.referrers_of(self._storage, route.local, subject):
+            if await self._storage.stat(layout.revision(route.local, manifest)) is None:
+                continue
             try:
-                descriptor = json.loads(await self._storage.get_bytes(f"{prefix}/{entry}"))
+                descriptor = json.loads(await self._storage.get_bytes(key))
             except (NotFound, ValueError):
                 continue
             if artifact_type is None or descriptor.get("artifactType") == artifact_type:

@@ -63,10 +63,12 @@ async def take_census(storage: Storage, is_private: Callable[[str], bool],
     """One walk of storage, then the digests cached tags point to (a read per proxied tag) and the
     closure of what private manifests reference."""
     census = Census(await inventory.take(storage, progress=progress))
+    adopted = await namespace.adopted_kind(storage)
     for name, repo in census.inventory.repositories.items():
         # registry/namespace.py's rule: patterns, markers, and content without a marker is private
+        # (cached in a registry:2 pull-through cache's root)
         private = census.repositories[name] = \
-            namespace.classify(is_private(name), repo.marks, bool(repo.linked)) == namespace.PRIVATE
+            namespace.classify(is_private(name), repo.marks, bool(repo.linked), adopted) == namespace.PRIVATE
         if private:
             census.private |= repo.linked
             continue
@@ -277,7 +279,7 @@ class Evictor:
         for repository in census.layer_links.get(digest, ()):
             await self.blobs.unlink(repository, d)
         self.manifests.forget(digest)
-        await self.storage.delete(layout.blob(d))
+        await self.storage.delete(layout.blob_entry(d))
         self.index.pending.pop(digest, None)
         self.blobs.metrics.blob_removed(size)
         self.blobs.metrics.evictions.labels("manifest" if is_manifest else "blob").inc()

@@ -589,12 +589,12 @@ async def commit(storage: Storage, header: Header, present: set[str], staging: P
         mark = layout.PRIVATE_MARK if repo.kind == "private" else layout.CACHED_MARK
         await storage.put_bytes(layout.marker(repo.name, mark), b"")
         writes: list[tuple[str, bytes]] = []
-        writes += [(layout.layer(repo.name, parse_digest(d)), d.encode()) for d in repo.layers]
-        writes += [(layout.revision(repo.name, parse_digest(d)), d.encode()) for d in repo.manifests]
+        writes += [(layout.layer(repo.name, parse_digest(d)), layout.link(d)) for d in repo.layers]
+        writes += [(layout.revision(repo.name, parse_digest(d)), layout.link(d)) for d in repo.manifests]
         writes += [(layout.referrer(repo.name, parse_digest(r["subject"]), parse_digest(r["descriptor"]["digest"])),
                     json.dumps(r["descriptor"]).encode()) for r in repo.referrers]
         await _bounded(writes, lambda w: storage.put_bytes(*w))
-        tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
+        tags = [w for tag, digest in repo.tags.items() for w in layout.tag_links(repo.name, tag, parse_digest(digest))]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
     return len(new), sum(header.blobs[d] for d in new)
 

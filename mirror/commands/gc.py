@@ -72,7 +72,7 @@ async def collect(storage: Storage, *, dry_run: bool = False, grace: float = 360
         result.swept.append(digest)
         result.swept_bytes += st.size
         if not dry_run:
-            await storage.delete(layout.blob(inventory.digests([digest])[0]))
+            await storage.delete(layout.blob_entry(inventory.digests([digest])[0]))
     # Layer links to blobs that are gone would only cost a stat each: drop them too.
     gone = set(result.swept)
     for name, repo in repositories.repositories.items():

@@ -21,6 +21,11 @@ log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
 TAGS_REMEMBERED = 100_000  # private tags last read, served from memory while storage is down
 DAMAGE_REPORTED = 10_000  # digests whose damage was logged (once each)
+Changed = Callable[[str], None]  # told the repository whose manifests, tags or blob links changed
+
+
+def _unwatched(repository: str) -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,7 @@ class ManifestStore:
         self._links = _Links()
         self._reported: set[str] = set()
         self._tags: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.changed: Changed = _unwatched  # the UI's catalog (Registry.watch)
 
     async def get(self, repository: str, digest: str) -> Manifest | None:
         """The manifest if `repository` has it: a dict lookup when hot."""
@@ -101,19 +107,20 @@ class ManifestStore:
             await self.storage.put_bytes(layout.blob(d), manifest.body)
             if stored is None:
                 self.added(len(manifest.body))
-        await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
+        await self.storage.put_bytes(layout.revision(repository, d), layout.link(d))
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
+        self.changed(repository)
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         """Remove `repository`'s link to a manifest (its bytes stay until gc)."""
         self._links.discard(repository, str(digest))
+        self.changed(repository)
         return await _remove(self.storage, layout.revision(repository, digest))
 
     async def tag(self, repository: str, tag: str) -> str | None:
-        try:
-            digest = (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
-        except NotFound:
+        digest = await inventory.tag_target(self.storage, repository, tag)
+        if digest is None:
             self._tags.pop((repository, tag), None)
             return None
         self._remember_tag(repository, tag, digest)
@@ -130,12 +137,16 @@ class ManifestStore:
             self._tags.popitem(last=False)
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
-        await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        for key, data in layout.tag_links(repository, tag, parse_digest(digest)):
+            await self.storage.put_bytes(key, data)
         self._remember_tag(repository, tag, digest)
+        self.changed(repository)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
+        """The tag and its index of past targets, as registry:2 deletes one."""
         self._tags.pop((repository, tag), None)
-        return await _remove(self.storage, layout.tag(repository, tag))
+        self.changed(repository)
+        return await _remove(self.storage, layout.tag(repository, tag), layout.tag_entry(repository, tag))
 
     async def tags(self, repository: str) -> list[str]:
         return await inventory.tag_names(self.storage, repository)
@@ -178,6 +189,7 @@ class BlobStore:
         self.metrics = metrics
         self._links = _Links()
         self.on_growth: Callable[[int, bool], None] | None = None  # the evictor: (bytes, committed)
+        self.changed: Changed = _unwatched  # the UI's catalog (Registry.watch)
 
     def forget_memory(self) -> None:
         self._links = _Links()
@@ -216,19 +228,22 @@ class BlobStore:
         return StoredBlob(blob, st.size, self.storage.local_path(blob))
 
     async def link(self, repository: str, digest: Digest) -> None:
-        await self.storage.put_bytes(layout.layer(repository, digest), str(digest).encode())
+        await self.storage.put_bytes(layout.layer(repository, digest), layout.link(digest))
         self._links.add(repository, str(digest))
+        self.changed(repository)
 
     async def unlink(self, repository: str, digest: Digest) -> bool:
         self._links.discard(repository, str(digest))
+        self.changed(repository)
         return await _remove(self.storage, layout.layer(repository, digest))
 
 
-async def _remove(storage: Storage, key: str) -> bool:
-    """Delete `key`; whether it was there (DELETE answers 404 otherwise)."""
+async def _remove(storage: Storage, key: str, entry: str | None = None) -> bool:
+    """Delete `key` (or everything of `entry`, which holds it); whether it was there (DELETE answers 404
+    otherwise)."""
     if await storage.stat(key) is None:
         return False
-    await storage.delete(key)
+    await storage.delete(entry or key)
     return True
 
 

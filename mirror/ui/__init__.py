@@ -3,7 +3,7 @@ deletes, server-rendered with Jinja2 (autoescaped: names, labels and annotations
 untrusted images), served on the API's port behind the same auth.
 
 `setup(app)` adds the routes, the templates and the catalog's lifecycle; `track` is the API
-middleware that tells the catalog about pulls, pushes and deletes.
+middleware that tells the catalog about pulls; the registry's stores tell it what changed in storage.
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def setup(app: web.Application, config: Config) -> None:
 async def _catalog(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     catalog = Catalog(app[STORAGE], app[INDEX], registry.classify, registry.upstream_of)
+    registry.watch(catalog.changed)
     app[views.CATALOG] = catalog
     app[views.IMAGES] = Images(registry)
     task = asyncio.create_task(catalog.run())
@@ -122,15 +123,10 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The catalog hears of every manifest GET (last pulled) and every push or delete."""
+    """The catalog hears of every manifest GET (last pulled); what changes in storage it hears from the
+    registry's stores (Registry.watch)."""
     response = await handler(request)
     found = endpoints.endpoint(request)
-    if found is None:
-        return response
-    if found.area == "manifests" and request.method == "GET":
-        if response.status == 200:
-            request.app[views.CATALOG].pull(request[REPOSITORY], response.headers.get("Docker-Content-Digest", ""))
-    elif found.area in ("manifests", "blobs") and found.action in ("push", "delete") \
-            and response.status in (201, 202):
-        request.app[views.CATALOG].changed(request[REPOSITORY])
+    if found is not None and found.area == "manifests" and request.method == "GET" and response.status == 200:
+        request.app[views.CATALOG].pull(request[REPOSITORY], response.headers.get("Docker-Content-Digest", ""))
     return response

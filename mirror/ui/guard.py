@@ -18,7 +18,7 @@ import secrets
 from aiohttp import web
 from yarl import URL
 
-from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, may
+from mirror.auth import ANONYMOUS, CALLER, GATE, Caller, listed, may
 from mirror.registry.namespace import Route
 from mirror.service import REGISTRY
 from mirror.ui.snapshot import Repository
@@ -35,13 +35,20 @@ def auth_on(request: web.Request) -> bool:
     return request.app.get(GATE) is not None
 
 
+async def prepare(request: web.Request, name: str) -> None:
+    """Before deciding about repository `name`: with token auth, what a logged-in user's token grants on it."""
+    gate = request.app.get(GATE)
+    if gate is not None:
+        await gate.prepare(request, name)
+
+
 def may_see(request: web.Request, route: Route) -> bool:
     return may(request, route.local, route.private, "pull")
 
 
 def may_list(request: web.Request, repository: Repository) -> bool:
     """A row of the list: what the snapshot knows of the repository decides, without a look-up."""
-    return may(request, repository.name, repository.private, "pull")
+    return listed(request, repository.name, repository.private)
 
 
 def may_delete(request: web.Request, route: Route) -> bool:

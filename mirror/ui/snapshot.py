@@ -4,8 +4,9 @@ render, never a walk of storage.
 
 Built at start from one inventory walk (storage/inventory.py), rebuilt in the background (every
 REFRESH_SECONDS, or ten times as long as the last build took on a large store), and patched between
-rebuilds: a push or delete
-marks its repository dirty and only that repository is read again, within a second. Last pulls
+rebuilds: whatever changes a repository's manifests, tags or blob links (a pull through the cache,
+a push, a delete, eviction; Registry.watch) marks it dirty and only that repository is read again,
+within a second. Last pulls
 are recorded per manifest GET in a dict (and batched into the diskcache index by its flush, so
 they survive a restart).
 """
@@ -82,7 +83,7 @@ class Catalog:
             return sorted(self.names, key=lambda n: (-(self.pulled.get((n,)) or 0.0), n))
         return self.names
 
-    # --- writes (the API's middleware, the UI's deletes) ----------------------------------------
+    # --- writes (the API's middleware, the registry's stores) -----------------------------------
 
     def pull(self, repository: str, digest: str) -> None:
         """A manifest GET was answered: two dict stores here, two in the index's pending batch."""
@@ -90,11 +91,11 @@ class Catalog:
         self.pulled[(repository,)] = now
         self.pulled[(repository, digest)] = now
         self.index.pulled(repository, digest, now)
-        if repository not in self.repositories:  # first pull through the cache: a new cached repository
+        if repository not in self.repositories:  # stored by another process (an import, another replica)
             self.changed(repository)
 
     def changed(self, repository: str) -> None:
-        """Something was pushed to or deleted from `repository`: read it again soon."""
+        """`repository` gained or lost a manifest, tag or blob link: read it again soon."""
         self._dirty.add(repository)
         self._wake.set()
 
@@ -165,8 +166,11 @@ class Catalog:
                     self.ready.set()  # pages say so rather than wait for it
                     wait = RETRY_SECONDS
                 next_build = time.monotonic() + wait
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as
+            # the event is set, and the stores set it all the time: the UI's shutdown would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_build - time.monotonic()))
+                async with asyncio.timeout(max(0.0, next_build - time.monotonic())):
+                    await self._wake.wait()
             if self._dirty:
                 await asyncio.sleep(DIRTY_DELAY)
                 self._wake.clear()

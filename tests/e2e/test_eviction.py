@@ -33,7 +33,7 @@ def build(path: Path, name: str) -> Layout:
 
 
 def stored(mirror: Mirror) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in mirror.blob_files()}
+    return {p.parent.name: p.stat().st_size for p in mirror.blob_files()}
 
 
 def test_lru_eviction_under_real_pulls(docker: Dockerd, docker_mirror: Callable[..., Mirror],
