@@ -161,8 +161,9 @@ class Evictor:
             wait = EVICTION_SECONDS
             if self._next_due is not None:
                 wait = min(wait, max(0.1, self._next_due - self.clock.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see notify.py's sender
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
 
     async def run(self, *, ttl: float | None = None, max_size: int | None = None, dry_run: bool = False,
                   now: float | None = None, progress: Progress | None = None) -> EvictionResult:

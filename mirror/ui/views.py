@@ -5,6 +5,7 @@ same data as JSON."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -122,10 +123,9 @@ SORTS = ("name", "size", "pulled")
 async def _listing(request: web.Request) -> dict[str, Any]:
     catalog = request.app[CATALOG]
     if not catalog.ready.is_set():
-        try:
-            await asyncio.wait_for(catalog.ready.wait(), READY_WAIT)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: wait_for can swallow a cancellation (3.11)
+            async with asyncio.timeout(READY_WAIT):
+                await catalog.ready.wait()
     q = request.query.get("q", "").strip().lower()[:200]
     kind = request.query.get("kind", "")
     kind = kind if kind in ("private", "cached") else ""
