@@ -169,10 +169,11 @@ class _Writer:
         }, indent=2).encode()
         digest = self.blob(body, mtime)
         d = Digest(*digest.split(":", 1))
-        self.file(layout.revision(repo, d), digest.encode())
-        self.file(layout.tag(repo, "latest"), digest.encode())
+        self.file(layout.revision(repo, d), layout.link(d))
+        for key, data in layout.tag_links(repo, "latest", d):
+            self.file(key, data)
         for blob in (config, *layers):
-            self.file(layout.layer(repo, Digest(*blob.split(":", 1))), blob.encode())
+            self.file(layout.layer(repo, Digest(*blob.split(":", 1))), layout.link(blob))
         self.s.manifests[repo] = digest
         return digest
 
@@ -222,13 +223,14 @@ def seed_storage(root: Path, p: Params, now: float) -> Seeded:
 
 
 def stored_blobs(root: Path) -> dict[str, int]:
-    """digest -> size of every file under blobs/ now."""
+    """digest -> size of every blob in storage now."""
     out = {}
-    for dirpath, _, files in os.walk(root / "blobs"):
-        algorithm = Path(dirpath).parent.name
+    for dirpath, _, files in os.walk(root / layout.BLOBS):
         for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                out[f"{algorithm}:{name}"] = os.stat(os.path.join(dirpath, name)).st_size
+            parsed = layout.parse(Path(dirpath, name).relative_to(root).as_posix())
+            if parsed is not None and parsed.kind == layout.BLOB:
+                with contextlib.suppress(FileNotFoundError):
+                    out[str(parsed.digest)] = os.stat(os.path.join(dirpath, name)).st_size
     return out
 
 
@@ -239,18 +241,15 @@ def files_under(root: Path, key: str) -> set[str]:
 def dangling(root: Path, present: set[str]) -> dict[str, int]:
     """Links and tags under repositories/ naming a blob that is gone (eviction removes links first)."""
     counts = {"layer_links": 0, "revisions": 0, "tags": 0}
+    kinds = {layout.LAYER: "layer_links", layout.REVISION: "revisions", layout.TAG: "tags"}
     for dirpath, _, files in os.walk(root / layout.REPOSITORIES):
-        rel = Path(dirpath).relative_to(root).as_posix()
         for name in files:
-            if "/_layers/" in f"{rel}/":
-                kind, digest = "layer_links", f"{Path(dirpath).name}:{name}"
-            elif "/_manifests/revisions/" in f"{rel}/":
-                kind, digest = "revisions", f"{Path(dirpath).name}:{name}"
-            elif rel.endswith("/_manifests/tags"):
-                kind, digest = "tags", (Path(dirpath) / name).read_text().strip()
-            else:
+            path = Path(dirpath, name)
+            parsed = layout.parse(path.relative_to(root).as_posix())
+            if parsed is None or parsed.kind not in kinds:
                 continue
-            counts[kind] += digest not in present
+            digest = path.read_text().strip() if parsed.kind == layout.TAG else str(parsed.digest)
+            counts[kinds[parsed.kind]] += digest not in present
     return counts
 
 

@@ -53,7 +53,8 @@ class Cluster:
         self.redis = aioredis.Redis(
             host=host.strip("[]") or "127.0.0.1", port=int(port), db=config.db, password=config.password,
             socket_connect_timeout=config.dialtimeout, socket_timeout=max(config.readtimeout, config.writetimeout),
-            max_connections=config.maxactive, ssl=config.tls, ssl_certfile=config.certificate,
+            max_connections=config.maxactive, health_check_interval=int(config.idletimeout),
+            ssl=config.tls, ssl_certfile=config.certificate,
             ssl_keyfile=config.key, ssl_ca_certs=config.clientcas[0] if config.clientcas else None)
         self.timeout = max(config.readtimeout, config.writetimeout)
         self.prefix = f"mirror:{scope}:"
@@ -128,6 +129,43 @@ class Cluster:
     async def release(self, token: str, *parts: str) -> None:
         if token != "local":
             await self._call(lambda: self.redis.eval(RELEASE, 1, self.key("lease", *parts), token), 0)
+
+    # --- access times ------------------------------------------------------------------------------
+
+    async def touch(self, times: dict[str, float]) -> None:
+        """Last uses (`digest -> wall time`) into the one sorted set every replica's eviction reads; a
+        later time wins (ZADD GT), so replicas flushing in any order keep the latest."""
+        if not times:
+            return
+        key = self.key("access")
+
+        async def add() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            items = list(times.items())
+            for i in range(0, len(items), 1000):
+                pipe.zadd(key, dict(items[i:i + 1000]), gt=True)
+            await pipe.execute()
+
+        await self._call(add, None)
+
+    async def access_times(self, digests: list[str]) -> dict[str, float]:
+        """The cluster's last use of each digest that has one (nothing while Redis is away)."""
+        key = self.key("access")
+
+        async def read() -> dict[str, float]:
+            found: dict[str, float] = {}
+            for i in range(0, len(digests), 1000):
+                part = digests[i:i + 1000]
+                for digest, score in zip(part, await self.redis.zmscore(key, part), strict=True):
+                    if score is not None:
+                        found[digest] = float(score)
+            return found
+
+        return await self._call(read, {}) if digests else {}
+
+    async def forget_access(self, digests: list[str]) -> None:
+        if digests:
+            await self._call(lambda: self.redis.zrem(self.key("access"), *digests), 0)
 
     # --- events ------------------------------------------------------------------------------------
 

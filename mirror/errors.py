@@ -46,6 +46,7 @@ CODES = _table(
     ErrorCode("NOT_FOUND", 404, "no such API endpoint"),
     ErrorCode("TOO_LARGE", 413, "payload too large"),
     ErrorCode("STORAGE_FULL", 507, "storage full"),  # WebDAV's Insufficient Storage: the write may work later
+    ErrorCode("TLS_REQUIRED", 400, "client sent an HTTP request to an HTTPS server"),
 )
 
 

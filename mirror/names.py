@@ -111,11 +111,12 @@ def parse_page_size(value: str | None, maximum: int) -> int | None:
     return n
 
 
-UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+# Ours (uuid4 hex), or registry:2's (a uuid with hyphens): an upload it left in a root mirror now serves.
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def parse_upload_id(value: str) -> str:
-    """Upload ids are ours (uuid4 hex): anything else is unknown, never a path."""
+    """An upload id mirror or registry:2 makes: anything else is unknown, never a path."""
     if not UPLOAD_ID_RE.fullmatch(value):
         raise RegistryError("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")
     return value

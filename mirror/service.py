@@ -96,6 +96,7 @@ class Registry:
         """The background jobs of what this service owns, for as long as the server runs; on the way
         out, fetches under way finish and commit (their clients already have the bytes), within bounds."""
         jobs = Jobs()
+        self._namespace.adopted = await namespace.adopted_kind(self._storage)
         if self._cluster is not None:
             jobs.start(self._cluster.run())
         # A write that finds the disk full (often in a worker thread) makes room at once; on OSS a full
@@ -290,12 +291,14 @@ class Registry:
         return await self.ledger.read(queries.catalog_page, last, n, visible)
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
-        """Descriptors of the manifests whose subject is `subject` (pushed here)."""
+        """Descriptors of the manifests whose subject is `subject` (pushed here), of those still here:
+        registry:2 run on the same storage deletes manifests without knowing of their records."""
         found = []
-        prefix = layout.referrers(route.local, subject)
-        for entry in await self._storage.list(prefix):
+        for manifest, key in await inventory.referrers_of(self._storage, route.local, subject):
+            if await self._storage.stat(layout.revision(route.local, manifest)) is None:
+                continue
             try:
-                descriptor = json.loads(await self._storage.get_bytes(f"{prefix}/{entry}"))
+                descriptor = json.loads(await self._storage.get_bytes(key))
             except (NotFound, ValueError):
                 continue
             if artifact_type is None or descriptor.get("artifactType") == artifact_type:

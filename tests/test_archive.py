@@ -30,6 +30,7 @@ from mirror.commands.archive import (
     plan_export,
     write_archive,
 )
+from mirror.names import parse_digest
 from mirror.storage import Storage, layout
 from mirror.storage.filesystem import FilesystemStorage
 from tests.support import ledgers
@@ -59,7 +60,7 @@ def snapshot(root: Path, journal: bool = False) -> dict[str, tuple[int, str]]:
 
 def content(root: Path) -> dict[str, tuple[int, str]]:
     """What an import must reproduce: blobs and repositories (not the index or staging)."""
-    return {k: v for k, v in snapshot(root).items() if k.startswith(("blobs/", "repositories/"))}
+    return {k: v for k, v in snapshot(root).items() if k.startswith(("docker/",))}
 
 
 async def push_private(client: Any) -> dict[str, str]:
@@ -131,8 +132,7 @@ async def test_round_trip_private_and_cached(registry: Factory, mirror: Any, ups
     # Importing again changes nothing; so does an import of what is there already.
     before = snapshot(target)
     again = await imported_from(FilesystemStorage(target), archive, tmp_path)
-    assert again.new_blobs == 0 and content(target) == {k: v for k, v in before.items()
-                                                        if k.startswith(("blobs/", "repositories/"))}
+    assert again.new_blobs == 0 and content(target) == {k: v for k, v in before.items() if k.startswith("docker/")}
 
 
 async def test_selection(registry: Factory, mirror: Any, upstream: Any, tmp_path: Path) -> None:
@@ -384,7 +384,7 @@ async def test_blob_removed_during_export_fails_clearly(registry: Factory, tmp_p
     storage = FilesystemStorage(tmp_path / "data")
     header, _ = await plan_export(storage, [], None)
     victim = list(header.blobs)[len(header.blobs) // 2]
-    (tmp_path / "data" / "blobs" / "sha256" / victim[7:9] / victim[7:]).unlink()
+    (tmp_path / "data" / layout.blob(parse_digest(victim))).unlink()
     output = tmp_path / "out.tar"
     with pytest.raises(ArchiveError, match=f"blob {victim} was removed from storage during the export"):
         await write_archive(storage, header, output)
@@ -392,7 +392,7 @@ async def test_blob_removed_during_export_fails_clearly(registry: Factory, tmp_p
 
     # Bytes changed under the same name (a damaged disk): caught by the hash on the way.
     other = next(d for d in header.blobs if d != victim and header.blobs[d] > 10)
-    path = tmp_path / "data" / "blobs" / "sha256" / other[7:9] / other[7:]
+    path = tmp_path / "data" / layout.blob(parse_digest(other))
     data = bytearray(path.read_bytes())
     data[5] ^= 1
     path.write_bytes(bytes(data))

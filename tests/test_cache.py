@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from mirror.config import parse
 from mirror.server.app import create_app
+from mirror.storage import layout
 from tests.scripted_upstream import ScriptedUpstream, digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -34,14 +35,15 @@ def image(script: ScriptedUpstream, repo: str = "library/app", tag: str = "lates
     return m, blob
 
 
-def stored_blobs(tmp_path: Path) -> list[Path]:
-    return [p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()]
+def stored_blobs(tmp_path: Path) -> list[str]:
+    """The hex of every blob in the storage root."""
+    return [p.parent.name for p in (tmp_path / "data" / layout.BLOBS).rglob("data") if p.is_file()]
 
 
 async def committed(tmp_path: Path, digest: str) -> None:
     """The blob is stored and its commit done (the link written: nothing left in staging)."""
     for _ in range(200):
-        if any(p.name == digest.split(":")[1] for p in stored_blobs(tmp_path)) and not staging(tmp_path):
+        if digest.split(":")[1] in stored_blobs(tmp_path) and not staging(tmp_path):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{digest} was never committed")
@@ -219,7 +221,7 @@ async def test_bytes_not_matching_the_digest_are_never_cached(upstream, mirror, 
         r = await client.get(f"/v2/app/blobs/{blob}")
         await r.read()  # cut short: never a complete body with wrong bytes
     await asyncio.sleep(0.1)
-    assert not any(p.name == blob.split(":")[1] for p in stored_blobs(tmp_path))
+    assert blob.split(":")[1] not in stored_blobs(tmp_path)
     assert not staging(tmp_path)
     script.corrupt.clear()
     assert await (await client.get(f"/v2/app/blobs/{blob}")).read() == BLOB  # a later fetch succeeds
@@ -248,7 +250,7 @@ async def test_cut_transfer_without_range_leaves_nothing(upstream, mirror, tmp_p
     with pytest.raises(aiohttp.ClientPayloadError):
         await (await client.get(f"/v2/app/blobs/{blob}")).read()
     await asyncio.sleep(0.1)
-    assert not any(p.name == blob.split(":")[1] for p in stored_blobs(tmp_path)) and not staging(tmp_path)
+    assert blob.split(":")[1] not in stored_blobs(tmp_path) and not staging(tmp_path)
 
 
 async def test_client_leaving_does_not_cancel_the_fetch(upstream, mirror, tmp_path) -> None:
@@ -455,7 +457,7 @@ async def test_oversized_upstream_manifest_is_refused(upstream, mirror, tmp_path
     client = await mirror()
     r = await client.get("/v2/huge/manifests/latest")
     assert r.status == 502 and "larger than" in (await r.json())["errors"][0]["message"]
-    assert not (tmp_path / "data" / "blobs").exists() or not stored_blobs(tmp_path)
+    assert not stored_blobs(tmp_path)
 
 
 async def test_tag_policies_and_allowed_repositories(upstream, mirror, clock) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mirror import __version__
+from tests.support.procs import HTPASSWD_LINE, HTPASSWD_PASSWORD, HTPASSWD_USER
 from tests.test_config import SEED
 
 pytestmark = pytest.mark.e2e  # every test here runs `python -m mirror` processes
@@ -94,6 +96,39 @@ def test_seed_registry_config_serves_with_env_overrides(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert '"service": "registry"' in out  # log.fields on every line
+
+
+def test_registry_auth_env_picks_htpasswd_as_the_tutorials_do(tmp_path: Path) -> None:
+    """`docker run -e REGISTRY_AUTH=htpasswd -e REGISTRY_AUTH_HTPASSWD_REALM=... -e REGISTRY_AUTH_HTPASSWD_PATH=...`,
+    no config file: the challenge names the realm and the file's user gets in."""
+    (tmp_path / "htpasswd").write_text(HTPASSWD_LINE + "\n")
+    port = free_port()
+    env = {**os.environ, "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}", "REGISTRY_AUTH": "htpasswd",
+           "REGISTRY_AUTH_HTPASSWD_REALM": "Registry Realm", "REGISTRY_AUTH_HTPASSWD_PATH": str(tmp_path / "htpasswd"),
+           "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
+                raise AssertionError("answered without credentials")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401 and e.headers["WWW-Authenticate"] == 'Basic realm="Registry Realm"'
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mirror did not start"
+                time.sleep(0.1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/", headers={
+            "Authorization": "Basic " + base64.b64encode(f"{HTPASSWD_USER}:{HTPASSWD_PASSWORD}".encode()).decode()})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "unknown environment variable" not in out, out
+    assert "auth htpasswd" in out
 
 
 def test_access_log_line_per_request(tmp_path: Path) -> None:

@@ -298,6 +298,28 @@ def test_token_auth_keys_and_registry_env(tmp_path: Path) -> None:
     assert c.auth is not None and c.auth.htpasswd is not None and c.auth.htpasswd.path == "/h"
 
 
+def test_registry_auth_selects_the_driver_as_registry_2(tmp_path: Path) -> None:
+    """REGISTRY_AUTH=htpasswd|token, as the tutorials run registry:2: that driver replaces the file's,
+    its REGISTRY_AUTH_<DRIVER>_* fill it in; what mirror has no driver for is a one-line error."""
+    token_file = write(tmp_path, "version: 0.1\nauth: {token: {realm: r, service: s, issuer: i, rootcertbundle: /b}}\n")
+    env = {"REGISTRY_AUTH": "htpasswd", "REGISTRY_AUTH_HTPASSWD_REALM": "Registry Realm",
+           "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/htpasswd"}
+    c = load(token_file, env)
+    assert c.auth is not None and c.auth.token is None and c.auth.htpasswd is not None
+    assert (c.auth.htpasswd.realm, c.auth.htpasswd.path) == ("Registry Realm", "/auth/htpasswd")
+    assert not any("REGISTRY_AUTH" in w for w in c.warnings)
+    c = load(token_file, {"REGISTRY_AUTH": "token", "REGISTRY_AUTH_TOKEN_REALM": "https://auth.example/token"})
+    assert c.auth is not None and c.auth.token is not None and c.auth.token.realm == "https://auth.example/token"
+    assert c.auth.token.service == "s"  # the file's other token keys stay
+    with pytest.raises(ConfigError, match=r"auth\.htpasswd\.path: required"):
+        load(token_file, {"REGISTRY_AUTH": "htpasswd"})
+    with pytest.raises(ConfigError, match="silly"):
+        load(token_file, {"REGISTRY_AUTH": "silly"})
+    with pytest.raises(ConfigError, match=r"auth\.ldap"):
+        load(token_file, {"REGISTRY_AUTH": "ldap"})
+    assert load(token_file, {"REGISTRY_AUTH": ""}).auth is None
+
+
 def test_ui_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
     assert load(write(tmp_path, "version: 0.1\n"), {}).ui.enabled
     assert not load(write(tmp_path, "version: 0.1\nui: {enabled: false}\n"), {}).ui.enabled

@@ -23,6 +23,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.cache.flight import write_all
+from mirror.names import parse_digest
+from mirror.storage import layout
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.prometheus import Samples
 from tests.support.tmpfs import Tmpfs
@@ -136,7 +138,7 @@ async def test_a_cold_blob_that_fills_the_disk_ends_its_flight_for_everyone(
     status, body, complete, _ = await get_blob(client, path)
     assert status == 200 and complete and body == blob
     assert script.calls[f"GET /v2/library/app/blobs/{digest}"] >= 3
-    await eventually(lambda: asyncio.sleep(0, (root / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()),
+    await eventually(lambda: asyncio.sleep(0, (root / layout.blob(parse_digest(digest))).exists()),
                      "the blob to be committed")
     assert (await metrics(client)).value("mirror_storage_full") == 0
     assert len(full_lines(caplog)) == 1 and not tracebacks(caplog)
@@ -225,7 +227,7 @@ async def test_deletes_work_on_a_full_disk(registry: Factory, tmpfs: Callable[[i
     assert r.status == 202, await r.text()
     for ref in ("v1", "v2", sha(body)):
         assert (await client.get(f"/v2/team/app/manifests/{ref}")).status == 404
-    repo = fs.path / "data" / "repositories" / "team" / "app" / "_manifests"
+    repo = fs.path / "data" / layout.repository("team/app") / "_manifests"
     assert not [p for p in repo.rglob("*") if p.is_file()], "a tag or the revision was left behind"
     assert (await client.delete(f"/v2/team/app/blobs/{sha(layer)}")).status == 202
 
@@ -239,7 +241,7 @@ async def test_a_write_that_finds_the_disk_full_evicts_at_once(
     client = await proxy_on(registry, fs, url, cache={"min_idle": "0s"})
     status, body, complete, _ = await get_blob(client, f"/v2/library/app/blobs/{old_digest}")
     assert status == 200 and complete and body == old
-    stored = fs.path / "data" / "blobs" / "sha256" / old_digest[7:9] / old_digest[7:]
+    stored = fs.path / "data" / layout.blob(parse_digest(old_digest))
     await eventually(lambda: asyncio.sleep(0, stored.exists()), "the first blob to be stored")
     fs.fill(leave=1 * MiB)
 

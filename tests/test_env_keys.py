@@ -61,6 +61,16 @@ SAMPLES: dict[str, tuple[str, Callable[[Config], Any], Any]] = {
     "metrics.addr": ("127.0.0.1:9100", lambda c: c.metrics.addr, ("127.0.0.1", 9100)),
     "metrics.path": ("/m", lambda c: c.metrics.path, "/m"),
     "ui.enabled": ("false", lambda c: c.ui.enabled, False),
+    "http.advertise": ("http://10.0.0.7:5000", lambda c: c.http.advertise, "http://10.0.0.7:5000"),
+    "redis.addr": ("127.0.0.1:6380", lambda c: c.redis and c.redis.addr, "127.0.0.1:6380"),
+    "redis.password": ("pw", lambda c: c.redis and c.redis.password, "pw"),
+    "redis.db": ("3", lambda c: c.redis and c.redis.db, 3),
+    "redis.dialtimeout": ("2s", lambda c: c.redis and c.redis.dialtimeout, 2.0),
+    "redis.readtimeout": ("3s", lambda c: c.redis and c.redis.readtimeout, 3.0),
+    "redis.writetimeout": ("4s", lambda c: c.redis and c.redis.writetimeout, 4.0),
+    "redis.pool.maxactive": ("8", lambda c: c.redis and c.redis.maxactive, 8),
+    "redis.pool.idletimeout": ("1m", lambda c: c.redis and c.redis.idletimeout, 60.0),
+    "redis.tls.enabled": ("true", lambda c: c.redis and c.redis.tls, True),
     "scrub.enabled": ("false", lambda c: c.scrub.enabled, False),
     "scrub.rate": ("5MiB", lambda c: c.scrub.rate, 5 << 20),
     "scrub.interval": ("24h", lambda c: c.scrub.interval, 86400.0),
@@ -77,6 +87,11 @@ TOGETHER: dict[str, dict[str, str]] = {
                                                                              "rootcertbundle") if o != k}
        for k in ("realm", "service", "issuer", "rootcertbundle", "autoredirect")},
     "cache.low_watermark": {"REGISTRY_CACHE_HIGH_WATERMARK": "0.95"},
+    # redis needs its address and the secret replicas sign their internal requests with
+    **{key: {"REGISTRY_REDIS_ADDR": "127.0.0.1:6379", "REGISTRY_HTTP_SECRET": "s"}
+       for key in ("redis.password", "redis.db", "redis.dialtimeout", "redis.readtimeout", "redis.writetimeout",
+                   "redis.pool.maxactive", "redis.pool.idletimeout", "redis.tls.enabled")},
+    "redis.addr": {"REGISTRY_HTTP_SECRET": "s"},
 }
 SAMPLES.update({
     "http.tls.certificate": ("/c.pem", lambda c: c.http.tls and c.http.tls.certificate, "/c.pem"),

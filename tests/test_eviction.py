@@ -60,7 +60,7 @@ async def pull(client: TestClient, script: ScriptedUpstream, repo: str) -> None:
 
 
 def stored(root: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in (root / "blobs").rglob("*") if p.is_file()}
+    return {p.parent.name: p.stat().st_size for p in (root / layout.BLOBS).rglob("data") if p.is_file()}
 
 
 async def wait_until(check: Callable[[], bool], what: str, limit: float = 10.0) -> None:
@@ -98,7 +98,7 @@ async def test_lru_within_max_size_keeps_private_and_refetches(
     assert private.split(":")[1] in blobs  # pushed content is never evicted
     for name in ("a", "c"):
         assert images[name][1].split(":")[1] in blobs, f"{name} was used more recently than b"
-    assert not (root / "repositories/library/b/_manifests/tags/latest").exists()  # its tag went with it
+    assert not (root / layout.tag_entry("library/b", "latest")).exists()  # its tag went with it
     assert images["b"][0].split(":")[1] not in blobs
 
     await pull(client, script, "b")  # evicted: fetched again, correctly

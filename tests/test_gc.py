@@ -15,6 +15,7 @@ import pytest
 
 from mirror.commands import gc
 from mirror.commands.gc import GcResult
+from mirror.names import parse_digest
 from mirror.storage import layout
 from mirror.storage.filesystem import FilesystemStorage
 from tests.support import ledgers
@@ -26,7 +27,7 @@ def age_everything(root: Path, seconds: float = 7200) -> None:
     uploads keep their own times. Their journal records go too: records that old are behind the
     horizon of any ledger read from storage now (a rebuild replays only what came during its walk)."""
     past = time.time() - seconds
-    for top in ("blobs", "repositories"):
+    for top in (layout.BLOBS, layout.REPOSITORIES):
         for p in (root / top).rglob("*"):
             if "_uploads" not in p.parts:
                 os.utime(p, (past, past))
@@ -59,12 +60,12 @@ async def test_gc_sweeps_exactly_the_unreferenced(registry: Factory, tmp_path: P
     dry = await collect(storage, tmp_path, dry_run=True)
     expected = {orphan, gone, sha(b'{"os":"linux","seed":"g"}'), sha(b"layer-" + b"g" * 1000)}
     assert set(dry.swept) == expected
-    assert all((root / "blobs" / "sha256" / d[7:9] / d[7:]).exists() for d in expected)  # dry run
+    assert all((root / layout.blob(parse_digest(d))).exists() for d in expected)  # dry run
 
     result = await collect(storage, tmp_path)
     assert set(result.swept) == expected
     for digest in expected:
-        assert not (root / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+        assert not (root / layout.blob_entry(parse_digest(digest))).exists()
     # Everything still referenced pulls as before.
     for name, ref in (("team/app", "v1"), ("team/multi", "latest"), ("team/multi", child)):
         assert (await client.get(f"/v2/{name}/manifests/{ref}")).status == 200
@@ -83,7 +84,7 @@ async def test_gc_keeps_young_blobs_and_those_of_live_uploads(registry: Factory,
     # An upload that started an hour ago holds back everything younger than it.
     location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
     upload_id = location.rsplit("/", 1)[1]
-    (root / "repositories/team/app/_uploads" / upload_id / "startedat").write_text(str(time.time() - 3 * 3600))
+    (root / layout.upload_started("team/app", upload_id)).write_bytes(layout.started_at(time.time() - 3 * 3600))
     age_everything(root, seconds=2 * 3600)
     result = await collect(FilesystemStorage(root), tmp_path)
     assert result.swept == [] and result.kept_young == 1
@@ -98,13 +99,13 @@ async def test_an_idle_upload_stops_protecting_younger_blobs(registry: Factory, 
     location = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
     assert (await client.patch(location, data=b"some bytes")).status == 202
     upload_dir = root / layout.upload("team/app", location.rsplit("/", 1)[1])
-    (upload_dir / "startedat").write_text(str(time.time() - 3 * 3600))
+    (upload_dir / "startedat").write_bytes(layout.started_at(time.time() - 3 * 3600))
     age_everything(root, seconds=2 * 3600)
     # Receiving bytes until now: in progress, it keeps what is younger than its start.
     assert (await collect(FilesystemStorage(root), tmp_path)).swept == []
     # Silent for two hours: abandoned, it keeps nothing (purging removes it later).
     past = time.time() - 2 * 3600
-    for f in upload_dir.iterdir():
+    for f in upload_dir.rglob("*"):  # data, startedat and the hash states (hashstates/<alg>/<offset>)
         os.utime(f, (past, past))
     assert (await collect(FilesystemStorage(root), tmp_path, upload_idle=3 * 3600, dry_run=True)).swept == []
     assert (await collect(FilesystemStorage(root), tmp_path)).swept == [young]
@@ -114,8 +115,8 @@ async def test_an_idle_upload_stops_protecting_younger_blobs(registry: Factory, 
 @pytest.mark.e2e  # runs `python -m mirror` processes
 def test_gc_cli(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    (root / "blobs/sha256/ab").mkdir(parents=True)
-    orphan = root / "blobs/sha256/ab" / ("ab" + "0" * 62)
+    orphan = root / layout.blob(parse_digest("sha256:ab" + "0" * 62))
+    orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"x")
     age_everything(root)
     config = tmp_path / "config.yml"
@@ -138,8 +139,9 @@ async def test_gc_keeps_what_a_leniently_written_cached_manifest_references(tmp_
                            "layers": [{"digest": sha(layer), "size": len(layer)}]}).encode()
     for data in (layer, config, manifest):
         d = sha(data)
-        await storage.put_bytes(f"blobs/sha256/{d[7:9]}/{d[7:]}", data)
-    await storage.put_bytes(f"repositories/library/app/_manifests/revisions/sha256/{sha(manifest)[7:]}", b"")
+        await storage.put_bytes(layout.blob(parse_digest(d)), data)
+    m = parse_digest(sha(manifest))
+    await storage.put_bytes(layout.revision("library/app", m), layout.link(m))
     age_everything(tmp_path / "data")
     result = await collect(storage, tmp_path, grace=0)
     assert result.swept == [] and result.marked == 3

@@ -42,8 +42,8 @@ async def differences(client: TestClient, tmp: Path) -> dict[str, list[str]]:
     ledger = app[LEDGER]
     assert ledger.db is not None
     fresh = tmp / f"fresh-{uuid.uuid4().hex[:8]}.sqlite"
-    await rebuild.build(app[STORAGE], fresh, ledger.configured_private, 0)
-    return await asyncio.to_thread(rebuild.compare, ledger.db.path, fresh, ledger.configured_private)
+    await rebuild.build(app[STORAGE], fresh, ledger.kinds, 0)
+    return await asyncio.to_thread(rebuild.compare, ledger.db.path, fresh, ledger.kinds)
 
 
 class Mirror:
@@ -345,6 +345,27 @@ async def test_a_write_before_a_pass_on_another_replica_keeps_its_blob(tmp_path:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_the_ledger_loop_stops_when_cancelled_just_as_it_hears_of_a_change(tmp_path: Path) -> None:
+    """Replicas wake the loop all the time (redis): a shutdown that comes with a wake-up must still end
+    it (Python 3.11's wait_for swallowed that cancellation, and the app's cleanup waited forever)."""
+    from mirror.ledger.ledger import Ledger
+    from mirror.storage.filesystem import FilesystemStorage
+
+    ledger = await Ledger(tmp_path / "index", FilesystemStorage(tmp_path / "data"), lambda n: False).open()
+    task = asyncio.create_task(ledger.run())
+    try:
+        await asyncio.wait_for(ledger.ready.wait(), 5)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop now waits to be woken
+        ledger._wake.set()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, "the ledger's loop went on after it was cancelled"
+    finally:
+        task.cancel()
+        await ledger.close()
 
 
 def ops_digest(digest: str) -> Any:

@@ -24,7 +24,7 @@ def configured(name: str) -> bool:
 
 
 def connect(path: Path, bulk: bool = False) -> sqlite3.Connection:
-    return schema.connect(path, configured, writer=True, bulk=bulk)
+    return schema.connect(path, schema.Kinds(configured), writer=True, bulk=bulk)
 
 
 def oracle(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -153,6 +153,6 @@ def test_a_kind_follows_the_configuration(tmp_path: Path) -> None:
                      ops.link("library/c", DIGESTS[0], schema.LAYER, 1.0)])
     conn.execute("COMMIT")
     assert derived(conn)["pinned"] == set()
-    conn.create_function("mirror_kind", 3, schema.kind_function(lambda name: True), deterministic=True)
+    conn.create_function("mirror_kind", 3, schema.kind_function(schema.Kinds(lambda name: True)), deterministic=True)
     conn.execute("UPDATE repos SET kind = mirror_kind(name, marks, layers + manifests > 0)")
     assert derived(conn)["pinned"] == {DIGESTS[0]} and queries.totals(conn).private_bytes == 10

@@ -9,6 +9,7 @@ import pytest
 
 from mirror.config import parse
 from mirror.errors import RegistryError
+from mirror.names import parse_digest
 from mirror.registry import namespace
 from mirror.registry.namespace import NameNowPrivate, Namespace, Upstream, local_prefix
 from mirror.registry.upstream import UpstreamClient
@@ -87,6 +88,31 @@ async def test_markers_decide_and_content_without_one_is_private(make: Make, tmp
     assert (await ns.resolve("a/adopted", None)).private
     assert await storage.stat(layout.marker("a/adopted", layout.PRIVATE_MARK)) is not None  # said so, once
     assert not (await ns.resolve("a/unknown", None)).private
+
+
+async def test_a_fill_elsewhere_between_two_looks_is_not_taken_for_unmarked_content(make: Make,
+                                                                                      tmp_path: Path) -> None:
+    """Replica A reads no mark, then another replica fills the name (its mark first, then content), then A
+    finds content: that is a cache being filled, not content this mirror never marked. Seen on OSS with
+    three replicas: A adopted the name as private and 404'd its manifests for good."""
+    digest = parse_digest("sha256:" + "b" * 64)
+
+    class FillBetween(FilesystemStorage):
+        filled = False
+
+        async def list(self, prefix: str) -> list[str]:
+            found = await super().list(prefix)
+            if prefix == layout.markers("race/app") and not self.filled:
+                self.filled = True
+                await self.put_bytes(layout.marker("race/app", layout.CACHED_MARK), b"")
+                await self.put_bytes(layout.layer("race/app", digest), layout.link(digest))
+            return found
+
+    a = make(root=tmp_path)
+    a.storage = FillBetween(tmp_path)
+    route = await a.resolve("race/app", None)
+    assert not route.private
+    assert await a.storage.stat(layout.marker("race/app", layout.PRIVATE_MARK)) is None
 
 
 def test_classify_is_the_rule_every_reader_shares() -> None:

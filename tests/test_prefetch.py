@@ -30,6 +30,7 @@ from mirror.commands.prefetch import (
     prefetch_in_process,
 )
 from mirror.config import parse
+from mirror.storage import layout
 from tests.scripted_upstream import ScriptedUpstream, digest
 from tests.support.terminal import drain
 from tests.test_cache import image as cache_image
@@ -214,9 +215,9 @@ async def test_prefetch_in_process_from_config(upstream: Any, tmp_path: Path) ->
                     "upstreams": [{"name": "hub", "url": str(server.make_url("")), "dockerhub": True}]})
     report = await prefetch_in_process(config, [parse_reference("solo:v1")], host_platform())
     assert not report.failures and report.server == "in-process"
-    stored = {p.name for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()}
+    stored = {p.parent.name for p in (tmp_path / "data" / layout.BLOBS).rglob("data")}
     assert stored == {d.split(":")[1] for d in [m, *blobs]}
-    assert (tmp_path / "data" / "repositories" / "library/solo" / "_manifests" / "tags" / "v1").read_text() == m
+    assert (tmp_path / "data" / layout.tag("library/solo", "v1")).read_text() == m
 
 
 # --- the command -----------------------------------------------------------------------------------

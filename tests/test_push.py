@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.server.state import LEDGER
+from mirror.storage import layout
 from tests.scripted_upstream import ScriptedUpstream
 from tests.test_cache import image as upstream_image
 
@@ -193,8 +194,8 @@ async def test_upload_purging(registry: Factory, tmp_path: Path) -> None:
             break
         await asyncio.sleep(0.1)
     assert (await client.get(location)).status == 404
-    assert not (tmp_path / "data" / "repositories" / "team" / "app" / "_uploads").exists() or \
-        not list((tmp_path / "data" / "repositories" / "team" / "app" / "_uploads").iterdir())
+    uploads = tmp_path / "data" / layout.repository("team/app") / "_uploads"
+    assert not uploads.exists() or not list(uploads.iterdir())
 
 
 # --- manifests -----------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from mirror.storage import layout
+
 CANARY = b"CANARY-SECRET-" * 64
 D = "sha256:" + "a" * 64
 
@@ -120,7 +122,7 @@ async def test_traversal_never_leaves_the_root(registry: Callable[..., Any], tmp
     assert not bad, "\n".join(map(str, bad))
     assert snapshot(tmp_path, root) == before  # nothing outside the root was created, changed or deleted
     # and inside the root everything still is where it belongs
-    assert sorted(p.name for p in (root / "repositories").iterdir()) == ["team"]
+    assert sorted(p.name for p in (root / layout.REPOSITORIES).iterdir()) == ["team"]
     r = await client.get(f"/v2/team/app/blobs/uploads/{upload_id}")
     assert r.status == 204
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import bcrypt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.server.state import CONFIG
-from tests.auth_keys import ISSUER, SERVICE, make_pki
+from mirror.storage import layout
+from tests.auth_keys import ISSUER, SERVICE, make_pki, mint, repo
 from tests.conftest import MirrorFactory
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.catalog_seed import seed_repositories
@@ -127,12 +129,40 @@ async def test_a_push_appears_and_a_pull_is_recorded(registry: Factory, tmp_path
     await ready(client, lambda d: d["repositories"] == [])
 
 
+async def test_a_pull_through_shows_at_once_and_its_row_follows_its_blobs(mirror: MirrorFactory,
+                                                                        upstream: Any) -> None:
+    """A cached repository is on the list about half a second after its first manifest GET, its size
+    follows each blob as it is committed (a slow 3 MiB layer here), and a second tag pulled into it
+    counts at once too: the stores tell the list, no 45 s rebuild is waited for."""
+    script, _ = upstream
+    script.slow = 0.05  # per 64 KiB: the layer takes over two seconds to arrive
+    _, layer = image(script)
+    client = await mirror()
+    await ready(client)
+    r = await client.get("/v2/app/manifests/latest")
+    assert r.status == 200
+    size = len(await r.read())
+    start = time.monotonic()
+    data = await ready(client, lambda d: "library/app" in listed(d), seconds=2)
+    assert time.monotonic() - start < 2 and data["repositories"][0]["size"] == size
+    for d in (json.loads(script.manifests[("library/app", "latest")][0])["config"]["digest"], layer):
+        r = await client.get(f"/v2/app/blobs/{d}")
+        size += len(await r.read())
+    await ready(client, lambda d: d["repositories"][0]["size"] == size, seconds=2)
+    v2 = script.add_manifest("library/app", "v2", {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                                   "config": {"digest": layer, "size": 1}, "layers": []},
+                             media_type=OCI_MANIFEST)
+    assert (await client.get("/v2/app/manifests/v2")).status == 200
+    data = await ready(client, lambda d: d["repositories"][0]["tags"] == 2, seconds=2)
+    assert data["repositories"][0]["manifests"] == 2 and v2
+
+
 async def test_a_stray_file_in_a_repository_does_not_stop_its_row(registry: Factory, tmp_path: Path) -> None:
     """A file under _layers that names no digest (a copy gone wrong, an editor's backup) is skipped when
     a push makes the list read the repository again: the row still appears, with the right size."""
     client = await registry()
     await ready(client)
-    stray = tmp_path / "data" / "repositories" / "team" / "app" / "_layers" / "sha256" / "not-a-digest~"
+    stray = tmp_path / "data" / layout.layers("team/app") / "sha256" / "not-a-digest~" / "link"
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"")
     await push_image(client, "team/app", "v1")
@@ -424,15 +454,65 @@ async def test_only_users_the_rules_allow_may_delete(auth_mirror: TestClient) ->
     assert (await r.json())["tags"] == []
 
 
-async def test_token_auth_ui_is_read_only_for_anonymous(registry: Factory, tmp_path: Path) -> None:
+async def test_token_auth_login_asks_the_realm_as_docker_login_does(registry: Factory, tmp_path: Path) -> None:
+    """With token auth the browser logs in with a username and password (Basic, as with htpasswd); the
+    mirror asks the realm for a token with them, as `docker login` does, and shows what it grants:
+    alice may list and delete, bob may only pull team/app-00000; wrong passwords and a realm that
+    hands out tokens for someone else log nobody in."""
     pki = make_pki()
-    client = await registry(storage=deletes(tmp_path),
-                            auth={"token": {"realm": "https://auth.example/token", "service": SERVICE,
-                                            "issuer": ISSUER, "rootcertbundle": str(pki.bundle(tmp_path / "b.pem"))}})
-    html = await (await client.get("/ui/")).text()
-    assert "anonymous (read-only)" in html and "Log in" not in html
-    r = await client.get("/ui/login")
-    assert r.status == 405 and "token" in await r.text()
+    asked: list[tuple[str | None, list[str]]] = []
+    users = {"alice": "alice-pw", "bob": "bob-pw", "mallory": "mallory-pw"}
+
+    async def realm(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":") if header[:6] == "Basic " else \
+            ("", "", "")
+        asked.append((request.query.get("account"), request.query.getall("scope", [])))
+        if users.get(user) != password or request.query.get("service") != SERVICE:
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        access = []
+        for scope in request.query.getall("scope", []):
+            kind, name, actions = scope.split(":")
+            if kind == "registry" and user == "alice":
+                access.append({"type": "registry", "name": "catalog", "actions": ["*"]})
+            elif kind == "repository":
+                access.append(repo(name, *(actions.split(",") if user == "alice" else ["pull"])))
+        return web.json_response({"token": mint(pki.root, access, sub="alice" if user == "mallory" else user)})
+
+    app = web.Application()
+    app.router.add_get("/token", realm)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        seed_repositories(tmp_path / "data", 2)  # team/app-00000 (private), library/img-00001
+        client = await registry(storage=deletes(tmp_path), auth={"token": {
+            "realm": str(server.make_url("/token")), "service": SERVICE, "issuer": ISSUER,
+            "rootcertbundle": str(pki.bundle(tmp_path / "b.pem"))}})
+        assert 'id="login"' in await (await client.get("/ui/")).text()
+        r = await client.get("/ui/login", allow_redirects=False)
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == f'Basic realm="{SERVICE}"'
+        for who in (basic("alice", "wrong"), basic("mallory", "mallory-pw")):
+            r = await client.get("/ui/", headers=who)
+            assert r.status == 401 and r.headers["WWW-Authenticate"] == f'Basic realm="{SERVICE}"'
+        alice, bob = basic("alice", "alice-pw"), basic("bob", "bob-pw")
+        r = await client.get("/ui/login", headers=alice, allow_redirects=False)
+        assert r.status == 303
+        asked.clear()
+        data = await ready(client)
+        assert listed(data) == []  # anonymous: the private repository is not listed
+        data = await (await client.get("/ui/api/repositories", headers=alice)).json()
+        assert listed(data) == ["library/img-00001", "team/app-00000"]  # the token lists the catalog
+        html = await (await client.get("/ui/repo/team/app-00000", headers=alice)).text()
+        assert "signed in as <strong>alice</strong>" in html and 'class="delete' in html
+        assert (await client.get("/ui/repo/team/app-00000", headers=alice)).status == 200
+        assert asked == [("alice", ["repository:team/app-00000:pull,delete"])]  # the login's token was remembered
+        html = await (await client.get("/ui/repo/team/app-00000", headers=bob)).text()
+        assert "signed in as <strong>bob</strong>" in html and 'class="delete' not in html  # pull only
+        assert (await client.get("/ui/repo/team/app-00000/-/delete?tag=v0", headers=bob)).status == 403
+        assert listed(await (await client.get("/ui/api/repositories", headers=bob)).json()) == []  # no catalog
+        assert (await client.get("/v2/_catalog", headers=alice)).status == 401  # the API still wants a Bearer token
+    finally:
+        await server.close()
 
 
 # --- overview -------------------------------------------------------------------------------------
@@ -488,3 +568,4 @@ async def test_overview_shows_rate_limit_headroom_and_back_off(upstream: tuple[S
     assert hub["errors"]["429"] == s["mirror_upstream_errors_total" + labels(reason="429", upstream="hub")] >= 1
     html = await (await client.get("/ui/overview")).text()
     assert re.search(r'class="badge bad">backing off 1[01]\d s<', html)
+

@@ -21,6 +21,7 @@ from mirror.api.endpoints import endpoint
 from mirror.api.request import route
 from mirror.auth.access import AccessRules
 from mirror.auth.htpasswd import Htpasswd
+from mirror.auth.login import CATALOG, Credentials, LoginFailed, RealmUnavailable, TokenLogin
 from mirror.auth.token import Grants, InvalidToken, TokenVerifier
 from mirror.config import Config
 from mirror.errors import RegistryError
@@ -42,6 +43,7 @@ class Caller:
 
 ANONYMOUS = Caller(None)
 CALLER = web.RequestKey("caller", Caller)
+LOGIN = web.RequestKey("ui_login", Credentials)  # a UI caller's Basic credentials under token auth (this request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +92,10 @@ class Gate:
     def __init__(self, config: Config) -> None:
         assert config.auth is not None
         self.htpasswd = Htpasswd(config.auth.htpasswd.path) if config.auth.htpasswd else None
-        self.realm = config.auth.htpasswd.realm if config.auth.htpasswd else ""
+        self.realm_name = config.auth.htpasswd.realm if config.auth.htpasswd else ""
         self.token_config = config.auth.token
         self.tokens = TokenVerifier(config.auth.token) if config.auth.token else None
+        self.login = TokenLogin(self.tokens) if self.tokens else None
         self.rules = AccessRules(config.access)
 
     # --- who ----------------------------------------------------------------------------------
@@ -102,6 +105,8 @@ class Gate:
         scheme, _, credentials = header.strip().partition(" ")
         scheme = scheme.lower()
         if self.tokens is not None:
+            if need.kind == "ui" and scheme == "basic" and credentials.strip() not in ("", EMPTY_BASIC):
+                return await self._ui_login(request, need, credentials.strip())
             if scheme != "bearer" or not credentials.strip():
                 return ANONYMOUS
             try:
@@ -123,6 +128,36 @@ class Gate:
             log.info("authentication failed from %s", request.remote)
             raise self.unauthorized(request, need, "invalid username or password")
         return Caller(user)
+
+    async def _ui_login(self, request: web.Request, need: Need, encoded: str) -> Caller:
+        """A browser's Basic credentials for the UI under token auth: the realm's token for them."""
+        assert self.login is not None
+        try:
+            credentials = Credentials.from_basic(encoded)
+            grants = await self.login.grants(self.realm(request), credentials, (CATALOG,))
+        except ValueError:
+            raise self.unauthorized(request, need, "malformed Basic credentials") from None
+        except LoginFailed as e:
+            raise self.unauthorized(request, need, str(e)) from None
+        except RealmUnavailable as e:
+            log.warning("UI login: %s", e)
+            raise RegistryError("UNAVAILABLE", f"cannot log in now: {e}") from None
+        request[LOGIN] = credentials
+        return Caller(credentials.user, grants)
+
+    async def prepare(self, request: web.Request, name: str) -> None:
+        """Before the UI decides about repository `name`: a token-auth login's grants for it (pull, delete)."""
+        credentials, caller = request.get(LOGIN), request.get(CALLER, ANONYMOUS)
+        if credentials is None or self.login is None or caller.grants is None:
+            return
+        scope = f"repository:{name}:{','.join(('pull', *TOKEN_ACTIONS['delete']))}"
+        try:
+            more = await self.login.grants(self.realm(request), credentials, (scope,))
+        except (LoginFailed, RealmUnavailable) as e:
+            raise RegistryError("UNAVAILABLE", f"cannot ask the token realm about {name}: {e}") from None
+        access = {**caller.grants.access, **more.access}
+        request[CALLER] = Caller(caller.user, Grants(caller.user or "", access, min(caller.grants.expires,
+                                                                                  more.expires)))
 
     # --- may they -----------------------------------------------------------------------------
 
@@ -164,9 +199,19 @@ class Gate:
         need = Need("repository", name, action, name, proxied=not private)
         return self.token_allows(caller, need) and self.rules_allow(caller, need)
 
+    def listed(self, request: web.Request, name: str, private: bool) -> bool:
+        """Whether a catalog row (the UI's list) shows repository `name` to the caller: a token lists what
+        registry:catalog:* and the rules allow (a token without it sees what anonymous does)."""
+        caller = request.get(CALLER, ANONYMOUS)
+        if caller.grants is not None and not caller.grants.allows("registry", "catalog", "*"):
+            caller = ANONYMOUS
+        return self.rules_allow(caller, Need("repository", name, "pull", name, proxied=not private))
+
     def catalog_filter(self, request: web.Request) -> Callable[[str, bool], bool] | None:
         """Which catalog names (storage names, and whether private) the caller may pull; None: all of them."""
         caller = request.get(CALLER, ANONYMOUS)
+        if caller.grants is not None and not caller.grants.allows("registry", "catalog", "*"):
+            caller = ANONYMOUS  # a token that does not list the catalog (a UI login's) sees what anonymous does
         if caller.user is not None and not self.rules.config.rules:
             return None
         rules, user = self.rules, caller.user
@@ -174,16 +219,21 @@ class Gate:
 
     # --- answers ------------------------------------------------------------------------------
 
-    def challenge(self, request: web.Request, need: Need, error: str | None = None) -> str:
-        if self.token_config is None:
-            return f'Basic realm="{_quote(self.realm)}"'
+    def realm(self, request: web.Request) -> str:
+        """The token realm, as the Bearer challenge names it."""
         t = self.token_config
+        assert t is not None
         if t.autoredirect:  # as distribution: the realm follows the Host the client used
             scheme = request.headers.get("X-Forwarded-Proto") or "https"
-            realm = f"{scheme}://{request.host}{t.autoredirectpath}"
-        else:
-            realm = t.realm
-        value = f'Bearer realm="{_quote(realm)}",service="{_quote(t.service)}"'
+            return f"{scheme}://{request.host}{t.autoredirectpath}"
+        return t.realm
+
+    def challenge(self, request: web.Request, need: Need, error: str | None = None) -> str:
+        if self.token_config is None:
+            return f'Basic realm="{_quote(self.realm_name)}"'
+        if need.kind == "ui":  # browsers log in with a username and password; the mirror gets the token
+            return f'Basic realm="{_quote(self.token_config.service)}"'
+        value = f'Bearer realm="{_quote(self.realm(request))}",service="{_quote(self.token_config.service)}"'
         if need.scope():
             value += f',scope="{_quote(need.scope())}"'
         if error:
@@ -199,6 +249,10 @@ class Gate:
         if self.token_config is not None:
             headers["WWW-Authenticate"] = self.challenge(request, need, "insufficient_scope")
         return RegistryError("DENIED", message, headers=headers)
+
+    async def close(self) -> None:
+        if self.login is not None:
+            await self.login.close()
 
 
 GATE = web.AppKey("gate", Gate)
@@ -223,6 +277,12 @@ def may(request: web.Request, name: str, private: bool, action: str) -> bool:
     """May the caller do `action` on a resolved repository (a mount's source, a UI page)? Always, without auth."""
     gate = request.app.get(GATE)
     return gate is None or gate.may(request, name, private, action)
+
+
+def listed(request: web.Request, name: str, private: bool) -> bool:
+    """Whether the caller's catalog (the UI's list) shows this resolved repository. Always, without auth."""
+    gate = request.app.get(GATE)
+    return gate is None or gate.listed(request, name, private)
 
 
 def catalog_filter(request: web.Request) -> Callable[[str, bool], bool] | None:

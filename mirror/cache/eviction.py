@@ -169,8 +169,11 @@ class Evictor:
             wait = RECHECK_SECONDS
             if self._next_due is not None:
                 wait = min(wait, max(0.1, self._next_due - self.clock.time()))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as
+            # the event is set, and shutdown would wait forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
 
     async def _over(self) -> bool:
         """Past the high watermark by the ledger's count (which another replica's fills move too)."""

@@ -593,12 +593,12 @@ async def commit(storage: Storage, ledger: Ledger, header: Header, present: dict
         mark = layout.PRIVATE_MARK if repo.kind == "private" else layout.CACHED_MARK
         await storage.put_bytes(layout.marker(repo.name, mark), b"")
         writes: list[tuple[str, bytes]] = []
-        writes += [(layout.layer(repo.name, parse_digest(d)), d.encode()) for d in repo.layers]
-        writes += [(layout.revision(repo.name, parse_digest(d)), d.encode()) for d in repo.manifests]
+        writes += [(layout.layer(repo.name, parse_digest(d)), layout.link(d)) for d in repo.layers]
+        writes += [(layout.revision(repo.name, parse_digest(d)), layout.link(d)) for d in repo.manifests]
         writes += [(layout.referrer(repo.name, parse_digest(r["subject"]), parse_digest(r["descriptor"]["digest"])),
                     json.dumps(r["descriptor"]).encode()) for r in repo.referrers]
         await _bounded(writes, lambda w: storage.put_bytes(*w))
-        tags = [(layout.tag(repo.name, tag), digest.encode()) for tag, digest in repo.tags.items()]
+        tags = [w for tag, digest in repo.tags.items() for w in layout.tag_links(repo.name, tag, parse_digest(digest))]
         await _bounded(tags, lambda w: storage.put_bytes(*w))  # after the manifests they point at
         mine = set(repo.layers) | set(repo.manifests)
         changes = [ops.mark(repo.name, mark)]

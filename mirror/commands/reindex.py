@@ -65,15 +65,16 @@ async def _verify(ledger: Ledger, progress: rebuild.Progress) -> RebuildResult:
     with tempfile.TemporaryDirectory(prefix="verify-", dir=ledger.directory) as tmp:
         path = Path(tmp) / "fresh.sqlite"
         began = journal.now_ms(ledger.clock) - int(ledger.lag * 1000)
-        await rebuild.build(ledger.storage, path, ledger.configured_private, began, None, progress)
-        fresh = Ledger(tmp, ledger.storage, ledger.configured_private, ledger.kinds, ledger.clock)
-        fresh.db = await Database(path, ledger.configured_private).open()
+        await rebuild.build(ledger.storage, path, ledger.kinds, began, None, progress)
+        fresh = Ledger(tmp, ledger.storage, ledger.configured_private, ledger.fingerprint, ledger.clock)
+        fresh.kinds = ledger.kinds
+        fresh.db = await Database(path, ledger.kinds).open()
         fresh.tail = journal.Tail(began)
         try:
             await fresh.catch_up()
             await ledger.catch_up()
             assert ledger.db is not None
-            report = await asyncio.to_thread(rebuild.compare, ledger.db.path, path, ledger.configured_private)
+            report = await asyncio.to_thread(rebuild.compare, ledger.db.path, path, ledger.kinds)
         finally:
             await fresh.db.close()
     return RebuildResult(verified=not report, differences=report)

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from mirror.config import Config, ConfigError, load
 from mirror.ledger.ledger import Ledger, for_config
+from mirror.registry.namespace import configured_private
 from mirror.server import logs
-from mirror.storage import Storage, StorageUnavailable, open_storage, without_hot_tier
+from mirror.storage import Storage, StorageUnavailable, migrate, open_storage, without_hot_tier
 
 T = TypeVar("T")
 FAILED = 1  # the command ran and failed (the message says why)
@@ -50,11 +51,13 @@ def fail(error: CommandError, as_json: bool = False) -> int:
 @asynccontextmanager
 async def opened(config: Config) -> AsyncIterator[Storage]:
     """The configured storage, straight (no hot tier: a second process filling and evicting the
-    server's tier directory would fight it, and a bulk read must not evict what is hot)."""
+    server's tier directory would fight it, and a bulk read must not evict what is hot), in
+    registry:2's layout (mirror's old one is moved over first, as `serve` does)."""
     storage = open_storage(without_hot_tier(config))
     try:
         try:
             await storage.check()
+            await migrate.run(storage, configured_private(config.private, bool(config.upstreams)))
         except StorageUnavailable as e:
             raise CommandError(f"storage error: {e}", USAGE) from None
         yield storage

@@ -12,15 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from aiohttp import web
-
 from mirror.auth import Gate
 from mirror.auth.htpasswd import HtpasswdError
 from mirror.auth.token import TokenSetupError
 from mirror.commands import runner
 from mirror.commands.runner import USAGE, CommandError
 from mirror.config import Config, ConfigError
-from mirror.server import logs
+from mirror.server import listener, logs
 from mirror.server.app import create_app
 from mirror.server.loop import freeze_heap
 from mirror.server.tls import server_context
@@ -83,22 +81,23 @@ def serve(config: Config) -> int:
     where = f"oss://{oss.bucket}/{oss.rootdirectory} at {oss.url} (hot tier in {local})" if oss else str(local)
     host = config.http.host or "*"
 
-    def listening(_: str) -> None:  # run_app says so once every site is bound
+    def listening() -> None:  # once the port is bound
         log.info("listening on %s:%d (%s), storage %s, upstreams %s, auth %s", host, config.http.port,
                  "https" if ssl_context else "http", where, ", ".join(u.name for u in config.upstreams) or "none",
                  auth)
 
     limits = config.limits
     try:
-        web.run_app(
+        listener.run_app(
             app,
-            host=config.http.host or None,
-            port=config.http.port,
-            ssl_context=ssl_context,
+            config.http.host or None,
+            config.http.port,
+            ssl_context,
+            listening,
             access_log=logs.access if config.log.accesslog else None,
             access_log_class=logs.AccessLogger,
             shutdown_timeout=config.http.draintimeout,
-            print=listening,
+            keepalive_timeout=75.0,  # run_app's
             max_line_size=limits.header_size,
             max_field_size=limits.header_size,
             max_headers=limits.headers,

@@ -86,6 +86,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REGISTRY_SCRUB_INTERVAL": ("scrub", "interval"),
 }
 STORAGE_DRIVERS = ("filesystem", "inmemory", "s3", "azure", "gcs", "swift", "oss")
+AUTH_DRIVERS = ("htpasswd", "token", "silly")
 
 
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -98,7 +99,10 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
         if not var.startswith("REGISTRY_"):
             continue
         if var == "REGISTRY_STORAGE":
-            _select_driver(raw, environ[var])
+            _select_driver(raw, "storage", STORAGE_DRIVERS, environ[var])
+            continue
+        if var == "REGISTRY_AUTH":
+            _select_driver(raw, "auth", AUTH_DRIVERS, environ[var])
             continue
         keys = ENV_KEYS.get(var)
         if keys is None:
@@ -118,14 +122,18 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
     return warnings
 
 
-def _select_driver(raw: dict[str, Any], driver: str) -> None:
-    """REGISTRY_STORAGE=oss, as registry:2: this driver replaces the file's (its params come from
-    REGISTRY_STORAGE_OSS_*, applied after this one because they sort after it)."""
-    storage = raw.get("storage")
-    if not isinstance(storage, dict):
-        storage = raw["storage"] = {}
-    kept = storage.get(driver) if isinstance(storage.get(driver), dict) else {}
-    for other in STORAGE_DRIVERS:
-        storage.pop(other, None)
-    storage[driver] = kept
+def _select_driver(raw: dict[str, Any], section: str, drivers: tuple[str, ...], driver: str) -> None:
+    """REGISTRY_STORAGE=oss or REGISTRY_AUTH=htpasswd, as registry:2: this driver replaces the file's
+    (its params come from REGISTRY_STORAGE_OSS_* or REGISTRY_AUTH_HTPASSWD_*, applied after this one
+    because they sort after it). An empty REGISTRY_AUTH turns the file's auth off."""
+    node = raw.get(section)
+    if not isinstance(node, dict):
+        node = raw[section] = {}
+    kept = node.get(driver) if isinstance(node.get(driver), dict) else {}
+    for other in drivers:
+        node.pop(other, None)
+    if driver:
+        node[driver] = kept
+    elif not node:
+        del raw[section]
 

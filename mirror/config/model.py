@@ -261,7 +261,7 @@ class RedisConfig:
     readtimeout: float = 1.0
     writetimeout: float = 1.0
     maxactive: int = 64  # pool.maxactive: connections at most
-    idletimeout: float = 300.0  # pool.idletimeout
+    idletimeout: float = 300.0  # pool.idletimeout: a connection idle this long is pinged before it is used
     tls: bool = False  # tls.enabled
     certificate: str | None = None  # tls.certificate, tls.key: a client certificate
     key: str | None = None

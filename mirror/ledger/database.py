@@ -18,9 +18,9 @@ T = TypeVar("T")
 
 
 class Database:
-    def __init__(self, path: Path, configured_private: schema.KindOf, bulk: bool = False) -> None:
+    def __init__(self, path: Path, kinds: schema.Kinds, bulk: bool = False) -> None:
         self.path = path
-        self.configured_private = configured_private
+        self.kinds = kinds
         self.bulk = bulk  # a new file for a rebuild: tables without triggers (schema.connect)
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-write")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
@@ -28,10 +28,9 @@ class Database:
         self._reader: sqlite3.Connection | None = None
 
     async def open(self) -> Database:
-        self._writer = await self._run(self._write_thread, schema.connect, self.path, self.configured_private,
-                                       writer=True, bulk=self.bulk)
-        self._reader = await self._run(self._read_thread, schema.connect, self.path, self.configured_private,
-                                       writer=False)
+        self._writer = await self._run(self._write_thread, schema.connect, self.path, self.kinds, writer=True,
+                                       bulk=self.bulk)
+        self._reader = await self._run(self._read_thread, schema.connect, self.path, self.kinds, writer=False)
         return self
 
     @staticmethod

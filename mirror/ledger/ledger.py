@@ -32,7 +32,7 @@ from mirror.ledger import fence, journal, ops, queries, rebuild, schema
 from mirror.ledger.database import Database
 from mirror.ledger.rebuild import Progress
 from mirror.names import parse_digest
-from mirror.registry.namespace import configured_private
+from mirror.registry.namespace import adopted_kind, configured_private
 from mirror.storage import Storage, layout
 from mirror.storage.space import StorageFull
 
@@ -81,12 +81,13 @@ def for_config(config: Config, storage: Storage, clock: Clock = SYSTEM) -> Ledge
 
 
 class Ledger:
-    def __init__(self, directory: str | Path, storage: Storage, configured_private: schema.KindOf,
+    def __init__(self, directory: str | Path, storage: Storage, configured_private: Callable[[str], bool],
                  kinds: str = "", clock: Clock = SYSTEM, *, lag: float = journal.LAG, poll: float = POLL) -> None:
         self.directory = Path(directory)
         self.storage = storage
         self.configured_private = configured_private
-        self.kinds = kinds  # fingerprint of what configured_private decides: kinds are recomputed when it moves
+        self.kinds = schema.Kinds(configured_private)  # and what unmarked content is: read at open
+        self.fingerprint = kinds  # of what configured_private decides: kinds are recomputed when it moves
         self.clock = clock
         self.lag = lag  # how late a record may become readable (journal.LAG)
         self.poll_seconds = poll
@@ -154,11 +155,12 @@ class Ledger:
     async def open(self) -> Ledger:
         """The ledger as this machine left it (O(1)); `run` or `prepare` bring it up to date."""
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        self.kinds = schema.Kinds(self.configured_private, await adopted_kind(self.storage))
         generation = self._pointed()
         if generation is None or not self._path(generation).exists():
             generation = self._next_generation()
             await asyncio.to_thread(self._point, generation)
-        db = await Database(self._path(generation), self.configured_private).open()
+        db = await Database(self._path(generation), self.kinds).open()
         state = await db.write(self._state)
         if not state[1] and not await self._holds_anything():
             state = await db.write(self._empty)  # a new storage: nothing to read, complete as it is
@@ -178,10 +180,11 @@ class Ledger:
         complete = int(str(schema.get_meta(conn, "complete", 0) or 0))
         version = schema.get_meta(conn, "version")
         kinds = str(schema.get_meta(conn, "kinds", ""))
-        if kinds != self.kinds:  # the configuration's private patterns moved: every kind again
+        fingerprint = f"{self.fingerprint}/{self.kinds.adopted}"
+        if kinds != fingerprint:  # the configuration's private patterns moved: every kind again
             conn.execute("UPDATE repos SET kind = mirror_kind(name, marks, layers + manifests > 0) "
                          "WHERE kind != mirror_kind(name, marks, layers + manifests > 0)")
-            schema.set_meta(conn, "kinds", self.kinds)
+            schema.set_meta(conn, "kinds", fingerprint)
         return horizon, complete, version, kinds
 
     def _use(self, generation: int, db: Database, state: tuple[int, int, object, str]) -> None:
@@ -242,8 +245,9 @@ class Ledger:
         self.error = None
         flushed = pruned = time.monotonic()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can swallow a cancellation (3.11)
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             if self.needs_rebuild and not self.ready.is_set():
                 await self._quietly(self.prepare)
@@ -273,7 +277,7 @@ class Ledger:
         pointed = self._pointed()
         if pointed is None or pointed == self.generation or not self._path(pointed).exists() or self.rebuilding:
             return
-        db = await Database(self._path(pointed), self.configured_private).open()
+        db = await Database(self._path(pointed), self.kinds).open()
         self._use(pointed, db, await db.write(self._state))
         log.info("ledger: now generation %d (rebuilt by another process)", pointed)
         await self.catch_up()
@@ -328,8 +332,8 @@ class Ledger:
             log.info("ledger: rebuilding from storage (generation %d)", generation)
             t0 = time.perf_counter()
             previous = self.db.path if self.db is not None else None
-            await rebuild.build(self.storage, path, self.configured_private, began, previous, progress)
-            db = await Database(path, self.configured_private).open()
+            await rebuild.build(self.storage, path, self.kinds, began, previous, progress)
+            db = await Database(path, self.kinds).open()
             state = await db.write(self._state)
             await asyncio.to_thread(self._point, generation)
             old = self.generation
@@ -516,15 +520,17 @@ class Ledger:
         """Tags and links first (a request in between finds no link and fetches again, never a dangling
         one), then the blobs; then what changed, into the ledger and the journal."""
         named = await self.read(_users, [s.digest for s in victims])
-        keys, changes = [], []
+        keys, entries, changes = [], [], []
         for state, (links, tags) in zip(victims, named, strict=True):
             digest = parse_digest(state.digest)
-            for repo, tag in tags:
-                keys.append(layout.tag(repo, tag))
+            for repo, tag in tags:  # a tag and its index of past targets, as registry:2 deletes one
+                entries.append(layout.tag_entry(repo, tag))
                 changes.append(ops.untag(repo, tag))
             for repo, kind in links:
                 keys.append(layout.layer(repo, digest) if kind == schema.LAYER else layout.revision(repo, digest))
                 changes.append(ops.unlink(repo, state.digest, kind))
+        for entry in entries:  # few: the tags of evicted manifests
+            await self.storage.delete(entry)
         await self.storage.delete_many(keys)
         await self.storage.delete_many([layout.blob(parse_digest(s.digest)) for s in victims])
         await self.record(changes + [ops.blob_gone(s.digest) for s in victims], durable=False)

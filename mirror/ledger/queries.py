@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mirror.ledger.ops import BLOB, REPO
-from mirror.ledger.schema import LAYER, LISTED, REVISION, get_meta, sort_key
+from mirror.ledger.schema import CATALOGED, LAYER, LISTED, REVISION, get_meta, sort_key
 
 Visible = Callable[[str, bool], bool]  # (name, private) -> whether the caller may see it
 SCAN_CHUNK = 512  # rows read per step when a caller's rules filter the listing
@@ -52,7 +52,7 @@ def catalog_page(conn: sqlite3.Connection, last: str | None, n: int | None,
     key = sort_key(last) if last else ""
     want = None if n is None else n + 1
     while want is None or len(page) < want:
-        chunk = conn.execute(f"SELECT key, name, kind FROM repos INDEXED BY repos_by_key WHERE {LISTED} AND key > ? "
+        chunk = conn.execute(f"SELECT key, name, kind FROM repos INDEXED BY repos_by_key WHERE {CATALOGED} AND key > ? "
                              f"ORDER BY key LIMIT ?", (key, SCAN_CHUNK if visible else (want or -1))).fetchall()
         page += [name for _, name, kind in chunk if visible is None or visible(name, kind == "private")]
         if visible is None or len(chunk) < SCAN_CHUNK:

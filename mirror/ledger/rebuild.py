@@ -113,8 +113,8 @@ async def _tags(storage: Storage, tags: list[tuple[str, str]]) -> list[ops.Op]:
 
 async def _started(storage: Storage, key: str) -> float:
     try:
-        return float(await storage.get_bytes(key))
-    except (NotFound, ValueError):
+        return layout.parse_started(await storage.get_bytes(key)) or 0.0  # unreadable: as old as can be
+    except NotFound:
         return 0.0  # half-created: as old as can be
 
 
@@ -163,11 +163,11 @@ def _worked(conn: sqlite3.Connection, read: list[str], refs: list[ops.Op], child
     conn.executemany("INSERT OR IGNORE INTO work(digest) VALUES (?)", [(c,) for c in children])
 
 
-async def build(storage: Storage, path: Path, configured_private: schema.KindOf, horizon_ms: int,
+async def build(storage: Storage, path: Path, kinds: schema.Kinds, horizon_ms: int,
                 previous: Path | None = None, progress: Progress | None = None) -> None:
     """A complete ledger at `path` from a walk of storage; local times (last use, pulls, tag
     revalidations) carried over from `previous`. The caller replays the journal from `horizon_ms`."""
-    db = await Database(path, configured_private, bulk=True).open()
+    db = await Database(path, kinds, bulk=True).open()
     try:
         await walk(storage, lambda chunk: db.write(ops.load, chunk), progress)
         await references(storage, db, progress)
@@ -262,10 +262,10 @@ def differences(held: sqlite3.Connection, found: sqlite3.Connection, limit: int 
     return report
 
 
-def compare(held: Path, found: Path, configured_private: schema.KindOf) -> dict[str, list[str]]:
+def compare(held: Path, found: Path, kinds: schema.Kinds) -> dict[str, list[str]]:
     """`differences` of two ledger files (blocking: call it in a thread)."""
-    a = schema.connect(held, configured_private, writer=False)
-    b = schema.connect(found, configured_private, writer=False)
+    a = schema.connect(held, kinds, writer=False)
+    b = schema.connect(found, kinds, writer=False)
     try:
         a.execute("BEGIN")
         b.execute("BEGIN")

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.registry.namespace import classify
+from mirror.registry.namespace import PRIVATE, classify
 from mirror.storage import layout
 
-VERSION = 1
+VERSION = 2
 PRIVATE_BIT, CACHED_BIT = 1, 2  # repos.marks
 MARK_BITS = {layout.PRIVATE_MARK: PRIVATE_BIT, layout.CACHED_MARK: CACHED_BIT}
 LAYER, REVISION = 0, 1  # links.kind
-LISTED = "(manifests > 0 OR tags > 0)"  # a repository the catalog and the UI list
+CATALOGED = "(layers > 0 OR manifests > 0 OR tags > 0)"  # in the catalog, as registry:2 (layout.CATALOGED)
+LISTED = f"({CATALOGED} AND (manifests > 0 OR tags > 0))"  # on the UI's list: blob links alone make no row
 
 
 def sort_key(name: str) -> str:
@@ -54,7 +56,7 @@ CREATE TABLE repos (
     size INTEGER NOT NULL DEFAULT 0,         -- bytes of the blobs in storage it links (shared ones in each)
     pulled REAL                              -- last manifest GET
 );
-CREATE INDEX repos_by_key ON repos(key) WHERE {LISTED};
+CREATE INDEX repos_by_key ON repos(key) WHERE {CATALOGED};
 CREATE INDEX repos_by_size ON repos(size DESC, key) WHERE {LISTED};
 CREATE INDEX repos_by_pulled ON repos(pulled DESC, key) WHERE {LISTED};
 
@@ -190,20 +192,26 @@ WHEN {_class("OLD")} IS NOT {_class("NEW")} OR OLD.size IS NOT NEW.size BEGIN
 END;
 """
 
-KindOf = Callable[[str], bool]  # whether the configuration alone makes a name private
+@dataclass(frozen=True)
+class Kinds:
+    """What decides a repository's kind besides its marks (namespace.classify): whether the
+    configuration alone makes a name private, and what unmarked content is in this root."""
+
+    configured: Callable[[str], bool]
+    adopted: str = PRIVATE  # namespace.adopted_kind: CACHED in a root registry:2 ran as a pull-through cache
 
 
-def kind_function(configured_private: KindOf) -> Callable[[str, int, int], str]:
+def kind_function(kinds: Kinds) -> Callable[[str, int, int], str]:
     """namespace.classify over a row: what `repos.kind` holds (and what the triggers recompute)."""
 
     def kind(name: str, marks: int, has_content: int) -> str:
         found = {mark for mark, bit in MARK_BITS.items() if marks & bit}
-        return classify(configured_private(name), found, bool(has_content))
+        return classify(kinds.configured(name), found, bool(has_content), kinds.adopted)
 
     return kind
 
 
-def connect(path: Path, configured_private: KindOf, *, writer: bool, bulk: bool = False) -> sqlite3.Connection:
+def connect(path: Path, kinds: Kinds, *, writer: bool, bulk: bool = False) -> sqlite3.Connection:
     """A connection to the ledger at `path`; the writer's creates the tables if need be (with `bulk`,
     without the triggers: a rebuild loads facts, then `derive`s, then `add_triggers`)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -211,7 +219,7 @@ def connect(path: Path, configured_private: KindOf, *, writer: bool, bulk: bool 
     conn.execute("PRAGMA synchronous = NORMAL")  # local state a rebuild restores: no fsync per commit
     conn.execute("PRAGMA recursive_triggers = ON")  # pins and reach propagate down refs
     conn.execute("PRAGMA cache_size = -16384")  # KiB
-    conn.create_function("mirror_kind", 3, kind_function(configured_private), deterministic=True)
+    conn.create_function("mirror_kind", 3, kind_function(kinds), deterministic=True)
     if writer and not _has(conn, "meta"):
         conn.execute("BEGIN IMMEDIATE")
         if not _has(conn, "meta"):

@@ -105,15 +105,23 @@ def configured_private(config: PrivateConfig, has_upstreams: bool) -> Callable[[
     return is_private
 
 
-def classify(configured: bool, marks: set[str], has_content: bool) -> str:
+def classify(configured: bool, marks: set[str], has_content: bool, adopted: str = "private") -> str:
     """The kind a storage name's markers (and content) make it: the rule every reader of storage
     shares (the server, eviction, `du`, the UI's list). Content with no marker was not pulled
-    through by this mirror (a registry:2 root adopted as is): private, so never evicted or shadowed."""
+    through by this mirror (a registry:2 root adopted as is): private, so never evicted or shadowed;
+    `adopted` is CACHED only for a root registry:2 ran as a pull-through cache (`adopted_kind`),
+    which holds nothing but what its upstream served."""
     if configured or layout.PRIVATE_MARK in marks:
         return PRIVATE
     if layout.CACHED_MARK in marks:
         return CACHED
-    return PRIVATE if has_content else OPEN
+    return adopted if has_content else OPEN
+
+
+async def adopted_kind(storage: Storage) -> str:
+    """What unmarked content in this root is: CACHED where registry:2's pull-through cache left its
+    `scheduler-state.json` (it takes no pushes), else PRIVATE."""
+    return CACHED if await inventory.was_pull_through_cache(storage) else PRIVATE
 
 
 def local_prefix(config: UpstreamConfig, is_default: bool) -> str | None:
@@ -153,6 +161,7 @@ class Namespace:
         self.cluster: Cluster | None = None  # replicas told of markers at once (share())
         # the ledger hears of every marker written or removed: (name, mark, written)
         self.recorded: Callable[[str, str, bool], Awaitable[None]] | None = None
+        self.adopted: str | None = None  # adopted_kind() of the root, read once
 
     def upstream_of(self, name: str) -> str | None:
         return upstream_of([u.config for u in self.upstreams], name)
@@ -168,10 +177,22 @@ class Namespace:
             return known[0]
         start = self.clock.monotonic()  # trusted from before the look-up: a claim after it waits longer
         marks = await inventory.marks(self.storage, name)
-        kind = classify(False, marks, not marks and await inventory.has_content(self.storage, name))
-        if kind == PRIVATE and layout.PRIVATE_MARK not in marks:
-            await self._mark(name, layout.PRIVATE_MARK)  # adopted: say so in storage, once
-            log.info("%s holds content this mirror did not pull through: private from now on", name)
+        unmarked = False
+        if not marks and await inventory.has_content(self.storage, name):
+            # Content, and no mark when we looked before it: a fill on another replica writes its mark
+            # first, then content, so it may have done both in between. Only marks read after the
+            # content say it is unmarked.
+            marks = await inventory.marks(self.storage, name)
+            unmarked = not marks
+        if unmarked:
+            if self.adopted is None:
+                self.adopted = await adopted_kind(self.storage)
+            kind = self.adopted
+            await self._mark(name, layout.PRIVATE_MARK if kind == PRIVATE else layout.CACHED_MARK)  # once
+            log.info("%s holds content this mirror did not pull through: %s from now on", name,
+                     "private" if kind == PRIVATE else "cached (registry:2's pull-through cache stored it)")
+        else:
+            kind = classify(False, marks, False)
         self._remember(name, kind, start)
         return kind
 

@@ -20,7 +20,7 @@ from mirror.ledger.ledger import Ledger
 from mirror.names import Digest, parse_digest
 from mirror.registry import integrity, manifest_schema, mediatypes
 from mirror.server.metrics import Metrics
-from mirror.storage import NotFound, Stat, Storage, layout
+from mirror.storage import NotFound, Stat, Storage, inventory, layout
 
 log = logging.getLogger("mirror.stores")
 LINKS_REMEMBERED = 200_000
@@ -115,7 +115,7 @@ class ManifestStore:
             if stored is False:
                 log.warning("replacing the damaged stored copy of manifest %s", manifest.digest)
             await self.storage.put_bytes(layout.blob(d), manifest.body)
-        await self.storage.put_bytes(layout.revision(repository, d), manifest.digest.encode())
+        await self.storage.put_bytes(layout.revision(repository, d), layout.link(d))
         self._remember(manifest)
         self._links.add(repository, manifest.digest)
         references = [str(r) for r in manifest_schema.references(manifest.body)]
@@ -136,9 +136,8 @@ class ManifestStore:
         return True
 
     async def tag(self, repository: str, tag: str) -> str | None:
-        try:
-            digest = (await self.storage.get_bytes(layout.tag(repository, tag))).decode()
-        except NotFound:
+        digest = await inventory.tag_target(self.storage, repository, tag)
+        if digest is None:
             self._tags.pop((repository, tag), None)
             return None
         self._remember_tag(repository, tag, digest)
@@ -155,16 +154,18 @@ class ManifestStore:
             self._tags.popitem(last=False)
 
     async def set_tag(self, repository: str, tag: str, digest: str, fetched: float | None = None) -> None:
-        """Point a tag at a manifest: a push (`fetched` None: durable), or a cache's tag confirmed by
-        its upstream at `fetched`."""
-        await self.storage.put_bytes(layout.tag(repository, tag), digest.encode())
+        """Point a tag at a manifest (its index entry, then current, as registry:2): a push (`fetched`
+        None: durable), or a cache's tag confirmed by its upstream at `fetched`."""
+        for key, data in layout.tag_links(repository, tag, parse_digest(digest)):
+            await self.storage.put_bytes(key, data)
         self._remember_tag(repository, tag, digest)
         await self.ledger.record([ops.tag(repository, tag, digest, fetched or 0.0)], durable=fetched is None)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
-        """Removes a reference, never creates one: told to the ledger without waiting (on a full disk too)."""
+        """The tag and its index of past targets, as registry:2 deletes one. Removes a reference, never
+        creates one: told to the ledger without waiting (on a full disk too)."""
         self._tags.pop((repository, tag), None)
-        if not await _remove(self.storage, layout.tag(repository, tag)):
+        if not await _remove(self.storage, layout.tag(repository, tag), layout.tag_entry(repository, tag)):
             return False
         await self.ledger.record([ops.untag(repository, tag)], durable=False)
         return True
@@ -271,7 +272,7 @@ class BlobStore:
         """`repository` may serve blob `digest` (in storage: `stat`, what the caller found or wrote, `new`
         if it just did; None: not yet, a fetch is under way). A push or mount is `durable`: it returns
         once no deletion pass can take the blob from under it."""
-        await self.storage.put_bytes(layout.layer(repository, digest), str(digest).encode())
+        await self.storage.put_bytes(layout.layer(repository, digest), layout.link(digest))
         self._links.add(repository, str(digest))
         found = [ops.blob(str(digest), stat.size, stat.mtime)] if stat is not None else []
         await record(self.ledger, [*found, ops.link(repository, str(digest), ops.LAYER, self.ledger.clock.time())],
@@ -287,9 +288,10 @@ class BlobStore:
         return True
 
 
-async def _remove(storage: Storage, key: str) -> bool:
-    """Delete `key`; whether it was there (DELETE answers 404 otherwise)."""
+async def _remove(storage: Storage, key: str, entry: str | None = None) -> bool:
+    """Delete `key` (or everything of `entry`, which holds it); whether it was there (DELETE answers 404
+    otherwise)."""
     if await storage.stat(key) is None:
         return False
-    await storage.delete(key)
+    await storage.delete(entry or key)
     return True

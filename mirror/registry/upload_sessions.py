@@ -42,8 +42,8 @@ class Uploads:
 
     async def start(self, repository: str) -> str:
         upload_id = uuid.uuid4().hex
-        started = time.time()
-        await self.storage.put_bytes(layout.upload_started(repository, upload_id), str(started).encode())
+        started = float(int(time.time()))  # startedat says it to the second (RFC 3339, as registry:2)
+        await self.storage.put_bytes(layout.upload_started(repository, upload_id), layout.started_at(started))
         # gc on any replica keeps what is younger than the oldest upload in progress
         await self.ledger.record([ops.upload(repository, upload_id, started)], durable=True)
         return upload_id
@@ -78,8 +78,9 @@ class Uploads:
             if hasher.size == writer.size:
                 self._hashes[upload_id] = hasher
                 saved = hasher.saved()
-                if saved is not None:
-                    await self.storage.put_bytes(layout.upload_hashstate(repository, upload_id), saved)
+                if saved is not None:  # one per offset, as registry:2: the upload's deletion takes them all
+                    await self.storage.put_bytes(layout.hashstate(repository, upload_id, hasher.algorithm,
+                                                                  hasher.size), saved)
             else:
                 self._hashes.pop(upload_id, None)
         return writer.size
@@ -146,21 +147,30 @@ class Uploads:
         return stale
 
     async def _hasher(self, repository: str, upload_id: str, size: int, algorithm: str = "sha256") -> ResumableHash:
-        """The hash of the first `size` bytes: from memory, from the saved state, or by re-reading."""
+        """The hash of the first `size` bytes: from memory, else from the saved state nearest below
+        `size` (ours or registry:2's) and the bytes after it, else by reading them all."""
         h = self._hashes.get(upload_id)
         if h is not None and h.size == size and h.algorithm == algorithm:
             return h
-        try:
-            h = ResumableHash.restore(await self.storage.get_bytes(layout.upload_hashstate(repository, upload_id)))
-        except NotFound:
-            h = None
-        if h is not None and h.size == size and h.algorithm == algorithm:
-            return h
-        h = ResumableHash(algorithm)
-        if size:
-            async for chunk in self.storage.reader(layout.upload_data(repository, upload_id), 0, size):
+        h = await self._saved_hash(repository, upload_id, size, algorithm) or ResumableHash(algorithm)
+        if size > h.size:
+            async for chunk in self.storage.reader(layout.upload_data(repository, upload_id), h.size, size - h.size):
                 h.update(chunk)
         return h
+
+    async def _saved_hash(self, repository: str, upload_id: str, size: int, algorithm: str) -> ResumableHash | None:
+        prefix = layout.hashstates(repository, upload_id, algorithm)
+        offsets = sorted((int(o) for o in await self.storage.list(prefix) if o.isdigit() and int(o) <= size),
+                         reverse=True)
+        for offset in offsets[:2]:  # the newest, or the one before if it was cut short
+            try:
+                h = ResumableHash.restore(await self.storage.get_bytes(
+                    layout.hashstate(repository, upload_id, algorithm, offset)))
+            except NotFound:
+                continue
+            if h is not None and h.size == offset:
+                return h
+        return None
 
     async def _delete(self, repository: str, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)

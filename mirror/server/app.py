@@ -19,6 +19,7 @@ from mirror.clock import SYSTEM, Clock
 from mirror.cluster import Cluster, scope
 from mirror.config import Config
 from mirror.ledger.ledger import for_config
+from mirror.registry.namespace import configured_private
 from mirror.server import loop
 from mirror.server.limits import UploadLimiter
 from mirror.server.metrics import Metrics
@@ -26,7 +27,7 @@ from mirror.server.middleware import errors, metrics_endpoint, observe, on_prepa
 from mirror.server.notify import NOTIFIER, Notifier, events
 from mirror.server.state import CLOCK, CLUSTER, CONFIG, LEDGER, METRICS, SESSION, STORAGE
 from mirror.service import REGISTRY, Registry
-from mirror.storage import open_storage
+from mirror.storage import migrate, open_storage
 from mirror.storage.tier import HotTier
 
 # aiohttp's default 64 KiB pauses the upstream socket every 128 KiB: cold blobs crawled at a
@@ -35,10 +36,11 @@ UPSTREAM_READ_BUFFER = 4 << 20
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
-    metrics = app[METRICS]
-    storage = open_storage(app[CONFIG], metrics.storage_call)
+    metrics, config = app[METRICS], app[CONFIG]
+    storage = open_storage(config, metrics.storage_call)
     try:
         await storage.check()
+        await migrate.run(storage, configured_private(config.private, bool(config.upstreams)))
         if isinstance(storage, HotTier):
             tier = storage
             metrics.hot_tier_bytes.set_function(lambda: tier.size)
@@ -139,6 +141,11 @@ def create_app(config: Config, clock: Clock = SYSTEM) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=4 << 20)
     if gate is not None:
         app[GATE] = gate
+
+        async def close_gate(_: web.Application) -> None:
+            await gate.close()  # the UI login's session to the token realm
+
+        app.on_cleanup.append(close_gate)
     app[CONFIG] = config
     app[CLOCK] = clock
     app[LIMITS] = config.limits

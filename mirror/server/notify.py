@@ -92,8 +92,11 @@ class Sink:
             batch = await asyncio.to_thread(self.peek)
             if not batch:
                 self.wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the event is set, and shutdown would wait on this loop forever
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await self.wake.wait()
                 continue
             try:
                 body = json.dumps({"events": batch}).encode()

@@ -28,3 +28,4 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
+

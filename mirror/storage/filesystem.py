@@ -279,9 +279,14 @@ class FilesystemStorage(Storage):
             pass
 
     async def delete_many(self, keys: Sequence[str]) -> None:
+        """Each object, and the directory that held only it (a blob's `<hex>/`, a link's): what
+        registry:2's garbage collector removes with a blob."""
         def unlink_all() -> None:  # paths built in the thread too: thousands of them are loop time
             for key in keys:
-                self.path(key).unlink(missing_ok=True)
+                path = self.path(key)
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+                    path.parent.rmdir()
 
         await asyncio.to_thread(unlink_all)
 

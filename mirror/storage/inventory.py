@@ -2,14 +2,14 @@
 and the repository names of a whole walk (export), for what reads storage itself. Keys are built by
 layout.py and parsed by `layout.parse`, nowhere else. Everything that asks about all of storage (the
 catalog, the UI's list, gc, eviction, `du`, the gauges) asks the ledger (mirror/ledger/) instead; only
-its rebuild walks storage, through `Storage.scan` and `layout.parse`."""
+its rebuild, the scrub and an export walk storage, through `Storage.scan` and `layout.parse`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Protocol
 
-from mirror.names import ALGORITHMS, Digest
+from mirror.names import Digest
 from mirror.storage import layout
 from mirror.storage.base import NotFound, Storage
 
@@ -41,39 +41,58 @@ async def repository_names(storage: Storage) -> list[tuple[str, list[str]]]:
     return sorted(found)
 
 
+def cataloged(children: list[str]) -> bool:
+    """Whether a repository with these `_`-children (repository_names) is in the catalog."""
+    return any(c in layout.CATALOGED for c in children)
+
+
 async def marks(storage: Storage, name: str) -> set[str]:
     """What this mirror has decided repository `name` is (layout.MARKS it carries)."""
     return {m for m in await storage.list(layout.markers(name)) if m in layout.MARKS}
 
 
 async def has_content(storage: Storage, name: str) -> bool:
-    """Whether repository `name` holds manifests or blob links (one listing)."""
-    return not {"_manifests", "_layers"}.isdisjoint(await storage.list(layout.repository(name)))
+    """Whether repository `name` holds manifests or blob links, i.e. is in the catalog (one listing; what
+    deletes empty stays, as in registry:2)."""
+    return cataloged(await storage.list(layout.repository(name)))
 
 
-async def _linked(storage: Storage, prefix: str) -> list[Digest]:
+async def unmarked(storage: Storage, name: str) -> bool:
+    """Repository `name` has content (a manifest or a tag) and no mark: registry:2 wrote it, mirror
+    never decided what it is (`Contents.unmarked` for one repository, three listings)."""
+    if await marks(storage, name):
+        return False
+    return bool(await storage.list(layout.tags(name)) or await storage.list(layout.revisions(name)))
+
+
+async def was_pull_through_cache(storage: Storage) -> bool:
+    """registry:2 ran this root as a pull-through cache (its `scheduler-state.json` is there)."""
+    return await storage.stat(layout.SCHEDULER_STATE) is not None
+
+
+async def _linked(storage: Storage, prefix: str, kind: str) -> list[Digest]:
+    """The digests linked below `prefix`: link files only (registry:2 deletes a link and leaves its
+    directory; schema 1 signatures live beside the links)."""
     found = []
-    for algorithm in await storage.list(prefix):
-        if algorithm not in ALGORITHMS:
-            continue
-        for hexpart in await storage.list(f"{prefix}/{algorithm}"):
-            digest = layout.digest_of(algorithm, hexpart)
-            if digest is not None:
-                found.append(digest)
-    return found
+    async for key, _ in storage.scan(prefix):
+        parsed = layout.parse(key)
+        if parsed is not None and parsed.kind == kind and parsed.digest is not None:
+            found.append(parsed.digest)
+    return sorted(found, key=str)
 
 
 async def manifests(storage: Storage, name: str) -> list[Digest]:
     """The manifests repository `name` links."""
-    return await _linked(storage, layout.revisions(name))
+    return await _linked(storage, layout.revisions(name), layout.REVISION)
 
 
 async def layers(storage: Storage, name: str) -> list[Digest]:
     """The blobs repository `name` may serve."""
-    return await _linked(storage, layout.layers(name))
+    return await _linked(storage, layout.layers(name), layout.LAYER)
 
 
 async def tag_names(storage: Storage, name: str) -> list[str]:
+    """The tags of `name`, as registry:2 lists them (its tag directories)."""
     return await storage.list(layout.tags(name))
 
 
@@ -96,6 +115,17 @@ async def referrer_records(storage: Storage, name: str) -> list[tuple[Digest, Di
                 parsed = layout.parse(key)
                 if parsed is not None and parsed.subject is not None and parsed.digest is not None:
                     found.append((parsed.subject, parsed.digest, key))
+    return found
+
+
+async def referrers_of(storage: Storage, name: str, subject: Digest) -> list[tuple[Digest, str]]:
+    """(referring manifest, key of its record) for every referrer record of `subject` in `name`."""
+    found = []
+    prefix = layout.referrers(name, subject)
+    for entry in await storage.list(prefix):
+        parsed = layout.parse(f"{prefix}/{entry}")
+        if parsed is not None and parsed.kind == layout.REFERRER and parsed.digest is not None:
+            found.append((parsed.digest, f"{prefix}/{entry}"))
     return found
 
 

@@ -1,7 +1,7 @@
 """A bounded local copy of blobs in front of a remote backend (OSS), so warm pulls go out by
 sendfile from local disk and a replica keeps serving what it holds while the backend is down.
 
-Only `blobs/` keys are kept: they are immutable, so a local copy is never stale. Everything
+Only blob-store keys are kept: they are immutable, so a local copy is never stale. Everything
 else (tags, links, upload state) is shared between replicas and always read from the backend.
 Least recently used blobs go first once the tier passes its size; a file's mtime records its
 last use, so the order survives a restart.
@@ -21,6 +21,7 @@ from typing import Any
 
 import aiofiles
 
+from mirror.storage import layout, migrate
 from mirror.storage.base import Stat, Storage, Writer
 from mirror.storage.filesystem import FilesystemStorage
 from mirror.storage.space import StorageFull
@@ -28,10 +29,6 @@ from mirror.storage.space import StorageFull
 log = logging.getLogger("mirror.storage")
 LOW_WATERMARK = 0.9  # evict down to this share of the size, so eviction is not per blob
 TOUCH_SECONDS = 60.0  # how stale a file's mtime may get before a hit refreshes it
-
-
-def _tiered(key: str) -> bool:
-    return key.startswith("blobs/")
 
 
 class HotTier(Storage):
@@ -47,7 +44,10 @@ class HotTier(Storage):
         self._load()
 
     def _load(self) -> None:
-        for key, st in sorted(self.local.walk("blobs"), key=lambda entry: entry[1].mtime):
+        moved = migrate.local_blobs(self.local)
+        if moved:
+            log.info("hot tier: moved %d blobs from mirror's old layout to registry:2's", moved)
+        for key, st in sorted(self.local.walk(layout.BLOBS), key=lambda entry: entry[1].mtime):
             self._files[key] = st.size
             self.size += st.size
         self._evict()
@@ -136,7 +136,7 @@ class HotTier(Storage):
 
     async def reader(self, key: str, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         hit = self._hit(key) is not None
-        if hit or not _tiered(key) or offset or length is not None:
+        if hit or not layout.is_blob(key) or offset or length is not None:
             source = self.local if hit else self.backend
             async with contextlib.aclosing(source.reader(key, offset, length)) as chunks:
                 async for chunk in chunks:
@@ -177,17 +177,17 @@ class HotTier(Storage):
         if self._hit(key) is not None:
             return await self.local.get_bytes(key)
         data = await self.backend.get_bytes(key)
-        if _tiered(key):
+        if layout.is_blob(key):
             await self._keep_bytes(key, data)
         return data
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         await self.backend.put_bytes(key, data)
-        if _tiered(key):
+        if layout.is_blob(key):
             await self._keep_bytes(key, data)
 
     async def put_file(self, key: str, source: Path) -> None:
-        if not _tiered(key):
+        if not layout.is_blob(key):
             await self.backend.put_file(key, source)
             return
         # A second name for the same inode: the backend takes `source`, the tier keeps the bytes.

@@ -34,6 +34,13 @@ def auth_on(request: web.Request) -> bool:
     return request.app.get(GATE) is not None
 
 
+async def prepare(request: web.Request, name: str) -> None:
+    """Before deciding about repository `name`: with token auth, what a logged-in user's token grants on it."""
+    gate = request.app.get(GATE)
+    if gate is not None:
+        await gate.prepare(request, name)
+
+
 def may_see(request: web.Request, route: Route) -> bool:
     return may(request, route.local, route.private, "pull")
 

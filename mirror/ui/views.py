@@ -59,13 +59,12 @@ def render(request: web.Request, template: str, context: dict[str, Any], status:
 
 
 def _login_available(request: web.Request) -> bool:
-    gate = request.app.get(GATE)
-    return gate is not None and gate.htpasswd is not None
+    return request.app.get(GATE) is not None
 
 
 def page(handler: Handler) -> Handler:
     """Registry errors as an HTML page with the error's status (401 keeps its challenge, so a
-    browser asks for htpasswd credentials)."""
+    browser asks for a registry user's credentials)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -83,7 +82,7 @@ def _refuse(request: web.Request, name: str, action: str) -> RegistryError:
     if guard.caller(request).user is None:
         headers = {}
         gate = request.app.get(GATE)
-        if gate is not None and gate.htpasswd is not None:
+        if gate is not None:
             headers["WWW-Authenticate"] = gate.challenge(request, Need("ui"))
         return RegistryError("UNAUTHORIZED", f"log in to {action} {name}", headers=headers)
     return RegistryError("DENIED", f"{guard.caller(request).user} may not {action} {name}")
@@ -93,6 +92,7 @@ async def _repository(request: web.Request, action: str = "see") -> Route:
     """The repository a page is about: its storage name (registry/namespace.py decides what it is),
     and the caller may see it (or delete from it)."""
     name = parse_name(request.match_info["name"])
+    await guard.prepare(request, name)
     if action == "delete" and not request.app[REGISTRY].deletes_enabled:
         raise RegistryError("UNSUPPORTED", "deletes are disabled (storage.delete.enabled)")
     route = await request.app[REGISTRY].resolve(name, None)
@@ -277,14 +277,12 @@ async def api_overview(request: web.Request) -> web.StreamResponse:
 
 @page
 async def login(request: web.Request) -> web.StreamResponse:
-    """GET /ui/login: with htpasswd, 401 and the Basic challenge until the browser sends credentials
-    (then it sends them with every /ui/ page). Token auth has no credentials a browser could send."""
+    """GET /ui/login: 401 and the Basic challenge until the browser sends a registry user's credentials
+    (then it sends them with every /ui/ page). With token auth the mirror asks the token realm for a
+    token with them, as `docker login` does (auth/login.py)."""
     gate = request.app.get(GATE)
     if gate is None or guard.caller(request).user is not None:
         raise web.HTTPSeeOther(request.app.router["ui_repositories"].url_for())
-    if gate.htpasswd is None:
-        raise RegistryError("UNSUPPORTED", "the mirror uses token auth: the web UI is read-only for anonymous "
-                                           "users, and browsers cannot log in with a token")
     raise RegistryError("UNAUTHORIZED", "log in with your registry username and password",
                         headers={"WWW-Authenticate": gate.challenge(request, Need("ui"))})
 

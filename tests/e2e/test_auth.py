@@ -19,7 +19,7 @@ import pytest
 from tests.e2e.push_helpers import push_config
 from tests.support.clients import Dockerd, skopeo_copy
 from tests.support.images import Layout
-from tests.support.procs import Distribution, Mirror, htpasswd_entry, http
+from tests.support.procs import Distribution, Mirror, htpasswd_entry, http, wait_for
 from tests.support.registry import MANIFEST_ACCEPT, check_oci_copy, oci_error
 from tests.support.tokenserver import ISSUER, SERVICE, TokenServerProc
 
@@ -79,7 +79,9 @@ def test_docker_login_and_push_by_rule_with_htpasswd(docker: Dockerd, mirror_fac
     out = docker.cli("push", ref).stdout
     pushed = re.search(r"v1: digest: (sha256:[0-9a-f]{64})", out)
     assert pushed, out
-    assert [e["user"] for e in mirror.requests() if e["method"] == "PUT" and "/manifests/v1" in e["path"]] == ["alice"]
+    # the access log line is written once the answer went out: docker may be done before it is
+    wait_for(lambda: [e["user"] for e in mirror.requests() if e["method"] == "PUT" and "/manifests/v1" in e["path"]]
+             == ["alice"], 5, "alice's manifest PUT in the access log")
 
     # bob may log in and pull, but not push to team/** (the rule names alice only)
     docker.cli("logout", host)

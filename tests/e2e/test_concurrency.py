@@ -56,7 +56,7 @@ async def test_eight_concurrent_cold_pulls_of_big(mirror: Mirror, upstream: Dist
     assert part.body == data[start:end + 1]
     assert part.headers.get("Content-Range") == f"bytes {start}-{end}/{layer.size}"
     assert not upstream.blob_gets(since=mark)
-    shutil.rmtree(mirror.root / "blobs", ignore_errors=True)  # ~200 MiB: keep retained tmp dirs small
+    shutil.rmtree(mirror.root / "docker", ignore_errors=True)  # ~200 MiB: keep retained tmp dirs small
 
 
 def test_concurrent_skopeo_copies_of_big(skopeo_required: None, mirror: Mirror, upstream: Distribution,
@@ -84,5 +84,5 @@ def test_concurrent_skopeo_copies_of_big(skopeo_required: None, mirror: Mirror, 
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         assert "sha256:" + h.hexdigest() == blob.digest
-    for out in [*outs, mirror.root / "blobs"]:  # ~200 MiB each: keep retained tmp dirs small (on success)
+    for out in [*outs, mirror.root / "docker"]:  # ~200 MiB each: keep retained tmp dirs small (on success)
         shutil.rmtree(out, ignore_errors=True)

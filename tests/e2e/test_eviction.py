@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def build(path: Path, name: str) -> Layout:
 
 
 def stored(mirror: Mirror) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in mirror.blob_files()}
+    return {p.parent.name: p.stat().st_size for p in mirror.blob_files()}
 
 
 def test_lru_eviction_under_real_pulls(docker: Dockerd, docker_mirror: Callable[..., Mirror],
@@ -106,6 +107,7 @@ def test_the_cap_holds_right_after_a_burst_of_pulls(mirror_factory: Callable[...
         th.start()
     for th in threads:
         th.join(120)
+    ended = time.monotonic()
     assert not errors, errors
 
     # The pull in progress finishes: its blobs are still here (never fetched again), byte for byte.
@@ -115,7 +117,11 @@ def test_the_cap_holds_right_after_a_burst_of_pulls(mirror_factory: Callable[...
     assert len(up.blob_gets(slow.layers[0].digest)) == 1, "the slow pull's layer was evicted under it"
 
     # Within seconds of the burst the proxied content is back under the cap (no private content here).
+    peak = sum(stored(mirror).values())
     wait_for(lambda: sum(stored(mirror).values()) <= cap * 0.95, 15, "storage back under the cap")
+    print(f"\nburst of {len(names)} pulls: {peak / MiB:.1f} MiB stored when they ended, "
+          f"{sum(stored(mirror).values()) / MiB:.1f} MiB {time.monotonic() - ended:.1f} s later "
+          f"(cap {cap / MiB:.0f} MiB)")
     evicted = [n for n in names if images[n].image().layers[0].digest.split(":")[1] not in stored(mirror)]
     assert evicted, "nothing was evicted"
     mark = up.mark()

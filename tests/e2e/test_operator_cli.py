@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from mirror.commands.archive import HEADER, TRAILER, member_name
+from mirror.storage.layout import BLOBS
 from tests.e2e.push_helpers import push_config
 from tests.e2e.test_replicas import replica_config
 from tests.support.clients import Dockerd, skopeo, skopeo_copy
@@ -291,7 +292,7 @@ def test_damaged_archives_fail_and_leave_storage_unchanged(mirror_factory: Calla
            multi.oci_ref(), f"docker://{target.host}/team/multi:latest")
     target.stop()  # nothing else writes: the comparison is byte for byte, the journal included
     before = snapshot(target.root, journal=True)
-    assert any(k.startswith("blobs/") for k in before) and any(k.startswith("_mirror/journal/") for k in before)
+    assert any(k.startswith(BLOBS) for k in before) and any(k.startswith("_mirror/journal/") for k in before)
 
     raw = archive.read_bytes()
     largest = max((i for i, _ in members(archive)[1:-1]), key=lambda i: i.size)
@@ -336,7 +337,7 @@ def test_export_import_on_oss(mirror_factory: Callable[..., Mirror], upstream: D
     a = mirror_factory(replica_config(upstream, oss), name="oss-a")
     skopeo_copy(f"oci:{small.path}:latest", f"docker://{a.host}/team/app:v1", "--dest-tls-verify=false")
     skopeo_copy(f"docker://{a.host}/team/app:v1", f"oci:{tmp_path / 'pulled'}:latest")  # fills a's hot tier
-    tier = a.root / "_tier" / "blobs"
+    tier = a.root / "_tier" / BLOBS
     wait_for(lambda: len([p for p in tier.rglob("*") if p.is_file()]) >= 3, 10, "a's hot tier to fill")
     hot = snapshot(tier)
 

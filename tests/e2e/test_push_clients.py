@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlencode
 
 import pytest
 
+from mirror.storage.layout import REPOSITORIES
 from tests.e2e.push_helpers import (
     build_sharing,
     cut_patch,
@@ -109,8 +110,9 @@ def test_docker_push_to_proxied_name_is_denied(docker: Dockerd, docker_mirror: C
                                                         for e in mirror.requests()]
     # nothing was stored under the proxied name: no upload session, no private marker, no manifest
     assert http("GET", f"{mirror.url}/v2/library/whatever/manifests/v1", {"Accept": MANIFEST_ACCEPT}).status == 404
-    leftovers = sorted(str(p.relative_to(mirror.root)) for p in (mirror.root / "repositories").rglob("*")
-                       if "library/whatever" in p.as_posix()) if (mirror.root / "repositories").exists() else []
+    repositories = mirror.root / REPOSITORIES
+    leftovers = sorted(str(p.relative_to(mirror.root)) for p in repositories.rglob("*")
+                       if "library/whatever" in p.as_posix()) if repositories.exists() else []
     assert not leftovers, leftovers
 
 

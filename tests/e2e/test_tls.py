@@ -113,6 +113,24 @@ def test_docker_push_and_pull_over_https(docker: Dockerd, mirror_factory: Callab
     assert [e["status"] for e in pushed] == [201]
 
 
+def test_plain_http_on_the_tls_port_gets_400_and_a_hint(docker: Dockerd, mirror_factory: Callable[..., Mirror],
+                                                        upstream: Distribution, certs: Certs) -> None:
+    """dockerd falls back to plain HTTP for a loopback registry whose TLS handshake it cannot finish
+    (client certificates required here): it used to get an empty reply and say `EOF`; like registry:2's,
+    the answer is a 400, and it says what to do."""
+    mirror = mirror_factory(tls_config(upstream.url, certs, client_cas=True), context=certs.context(client=True))
+    r = run([CURL, "-sS", "-i", "--noproxy", "*", "--max-time", "20", f"http://{mirror.host}/v2/"], timeout=30)
+    assert r.stdout.startswith("HTTP/1.1 400 Bad Request"), r.stdout
+    assert '"code": "TLS_REQUIRED"' in r.stdout and f"use https://{mirror.host}/" in r.stdout
+    out = docker.cli("pull", f"{mirror.host}/team/app:v1", check=False)
+    assert out.returncode != 0
+    assert f"client sent an HTTP request to an HTTPS server: this port speaks HTTPS only; use https://{mirror.host}/" \
+        in out.stderr, out.stderr
+    assert "EOF" not in out.stderr
+    assert curl_status("--cacert", str(certs.ca), "--cert", str(certs.client_cert), "--key", str(certs.client_key),
+                       f"https://{mirror.host}/v2/") == "200"  # and TLS is served as before
+
+
 def test_skopeo_and_curl_trust_the_ca(mirror_factory: Callable[..., Mirror], upstream: Distribution,
                                       layouts: dict[str, Layout], certs: Certs, tmp_path: Path) -> None:
     require(SKOPEO, CURL)

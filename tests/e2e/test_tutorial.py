@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from mirror.storage import layout
 from tests.support.clients import Dockerd
 from tests.support.images import Layout, seed
 from tests.support.procs import Distribution, Mirror, http
@@ -16,7 +17,7 @@ from tests.support.registry import MANIFEST_ACCEPT, manifest_digest
 
 
 def stored_names(root: Path) -> list[str]:
-    repos = root / "repositories"
+    repos = root / layout.REPOSITORIES
     return sorted(str(p.parent.relative_to(repos)) for p in repos.rglob("_mirror")) if repos.exists() else []
 
 
@@ -63,6 +64,6 @@ def test_registry2_tutorials_on_the_embedded_default(docker: Dockerd, mirror_fac
     r = docker.cli("push", f"{local}/someone/app:1", check=False, timeout=120)
     assert r.returncode != 0 and "denied" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     assert stored_names(mirror.root) == before and "someone/app" not in before
-    assert not (mirror.root / "repositories" / "someone").exists()
+    assert not (mirror.root / layout.repository("someone")).exists()
     r = http("GET", f"{mirror.url}/v2/someone/app/manifests/1", {"Accept": MANIFEST_ACCEPT})
     assert r.status == 200 and r.headers["Docker-Content-Digest"] == layouts["quay"].digest  # still the upstream's

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -28,6 +28,7 @@ from tests.support.clients import Dockerd
 from tests.support.images import Layout, seed
 from tests.support.procs import REPO_ROOT, Distribution, Mirror, htpasswd_config, http
 from tests.support.registry import get_manifest
+from tests.support.tokenserver import ISSUER, SERVICE, TokenServerProc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -64,13 +65,21 @@ class Browser:
     def until(self, check: Callable[[], bool], what: str, timeout: float = 15.0, reload: bool = False) -> None:
         """Poll `check` (reloading the page between tries if asked) for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while not check():
+        while not self._holds(check):
             if time.monotonic() > deadline:
                 self.shot("timeout")
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} on {self.driver.current_url}")
             time.sleep(0.3)
             if reload:
                 self.driver.refresh()
+
+    @staticmethod
+    def _holds(check: Callable[[], bool]) -> bool:
+        """`check()`, false while the page it reads is being replaced (a submitted form, a reload)."""
+        try:
+            return check()
+        except StaleElementReferenceException:
+            return False
 
     def fits_width(self) -> bool:
         """Nothing sticks out sideways (the page needs no horizontal scrolling)."""
@@ -198,6 +207,31 @@ def test_push_pull_browse_and_delete(docker: Dockerd, docker_mirror: Callable[..
     browser.shot("phone-overview")
 
 
+def test_a_docker_pull_through_is_listed_within_a_second(docker: Dockerd, docker_mirror: Callable[..., Mirror],
+                                                         upstream: Distribution, layouts: dict[str, Layout]) -> None:
+    """dockerd pulls through `registry-mirrors`: the repository is on the list, at its full size, within a
+    second of `docker pull` returning (not at the next rebuild of the list, 45 s later)."""
+    mirror = docker_mirror(push_config(upstream.url))
+
+    def row() -> dict[str, Any] | None:
+        data = http("GET", f"{mirror.url}/ui/api/repositories").json()
+        return next((r for r in data["repositories"] if r["name"] == "library/multi"), None) if data["ready"] else None
+
+    deadline = time.monotonic() + 10
+    while http("GET", f"{mirror.url}/ui/api/repositories").json()["ready"] is not True:
+        assert time.monotonic() < deadline, "the list was never built"
+        time.sleep(0.05)
+    multi = layouts["multi"]
+    amd64 = multi.image("amd64")
+    size = multi.top.size + amd64.manifest.size + sum(b.size for b in amd64.blobs)
+    docker.pull("multi")  # an index: dockerd takes the linux/amd64 image
+    pulled = time.monotonic()
+    while (found := row()) is None or found["size"] != size:
+        assert time.monotonic() - pulled < 1.0, f"not listed in full a second after the pull: {found}"
+        time.sleep(0.05)
+    assert found["kind"] == "cached" and found["tags"] == 1 and found["manifests"] == 2
+
+
 def test_with_htpasswd_anonymous_users_see_no_delete_button(mirror_factory: Callable[..., Mirror],
                                                              upstream: Distribution, layouts: dict[str, Layout],
                                                              browser: Browser, tmp_path: Path) -> None:
@@ -230,3 +264,59 @@ def test_with_htpasswd_anonymous_users_see_no_delete_button(mirror_factory: Call
     assert "alice" in browser.one(".who").text
     assert [e.text for e in browser.all("#tags a.delete")] == ["delete"]
     browser.shot("alice")
+
+
+def test_with_token_auth_a_browser_logs_in_through_the_token_realm(mirror_factory: Callable[..., Mirror],
+                                                                   upstream: Distribution, layouts: dict[str, Layout],
+                                                                   browser: Browser, tmp_path: Path) -> None:
+    """Token auth: the "Log in" link asks for a username and password as with htpasswd (the browser's
+    own prompt); the mirror asks the token realm for a token with them, as `docker login` does, and
+    shows what the token grants: alice (the realm's admin) the whole list and delete buttons, bob
+    what he may pull, without them."""
+    ts = TokenServerProc(tmp_path / "tokenserver", {"alice": "alice-secret", "bob": "bob-secret"}, anonymous_pull=True,
+                         admins=("alice",)).start()
+    try:
+        config = push_config(upstream.url)
+        config["auth"] = {"token": {"realm": ts.realm, "service": SERVICE, "issuer": ISSUER,
+                                    "rootcertbundle": str(ts.cert_path)}}
+        config["access"] = {"anonymous_pull": True}
+        mirror = mirror_factory(config)
+        seed(layouts["small"], mirror.host, "team/app", tag="v1", creds="alice:alice-secret")  # skopeo's token dance
+        assert manifest_of(mirror, "library/small", "latest")[0] == layouts["small"].digest  # anonymous pull-through
+
+        browser.get(f"{mirror.url}/ui/")
+        browser.until(lambda: browser.texts("a.repo") == ["library/small"], "the cached repository", reload=True)
+        assert browser.one("#login").text == "Log in"
+        r = http("GET", f"{mirror.url}/ui/login")
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == f'Basic realm="{SERVICE}"'
+        r = http("GET", f"{mirror.url}/ui/", {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()})
+        assert r.status == 401  # the realm refused it
+
+        def log_in(user: str, password: str) -> None:  # what the browser sends once its prompt was answered
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            browser.driver.execute_cdp_cmd("Network.enable", {})
+            browser.driver.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                                           {"headers": {"Authorization": f"Basic {token}"}})
+
+        log_in("alice", "alice-secret")
+        browser.get(f"{mirror.url}/ui/")
+        browser.until(lambda: browser.texts("a.repo") == ["library/small", "team/app"], "alice's list", reload=True)
+        assert "alice" in browser.one(".who").text
+        browser.get(f"{mirror.url}/ui/repo/team/app")
+        browser.until(lambda: bool(browser.all("#tags tbody tr")), "alice's view of team/app")
+        assert [e.text for e in browser.all("#tags a.delete")] == ["delete"]
+        browser.shot("token-alice")
+
+        log_in("bob", "bob-secret")
+        browser.get(f"{mirror.url}/ui/")
+        assert browser.texts("a.repo") == ["library/small"] and "bob" in browser.one(".who").text  # no catalog
+        browser.get(f"{mirror.url}/ui/repo/team/app")
+        browser.until(lambda: bool(browser.all("#tags tbody tr")), "bob's view of team/app")
+        assert browser.all(".delete") == []  # pull only
+        browser.shot("token-bob")
+
+        asked = [(t["account"], t["scopes"], t["status"]) for t in ts.requests() if t["account"] in ("alice", "bob")]
+        assert ("alice", ["registry:catalog:*"], 200) in asked and ("alice", ["registry:catalog:*"], 401) in asked
+        assert ("bob", ["repository:team/app:pull,delete"], 200) in asked
+    finally:
+        ts.stop()

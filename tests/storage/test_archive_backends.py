@@ -21,7 +21,7 @@ MiB = 1 << 20
 async def listing(storage: Storage, prefix: str = "") -> dict[str, str]:
     """Every object under the layout's top-level prefixes: key -> sha256 of its bytes."""
     out: dict[str, str] = {}
-    for top in ([prefix] if prefix else ["blobs", "repositories"]):
+    for top in ([prefix] if prefix else [layout.BLOBS, layout.REPOSITORIES]):
         children = await storage.list(top)
         if not children:
             try:
@@ -52,9 +52,10 @@ async def populate(storage: Storage) -> None:
                                            "digest": str(layer), "size": size}]}).encode()
         m = await put_blob(storage, manifest)
         for d in (config, layer):
-            await storage.put_bytes(layout.layer(name, d), str(d).encode())
-        await storage.put_bytes(layout.revision(name, m), str(m).encode())
-        await storage.put_bytes(layout.tag(name, "v1" if private else "latest"), str(m).encode())
+            await storage.put_bytes(layout.layer(name, d), layout.link(d))
+        await storage.put_bytes(layout.revision(name, m), layout.link(m))
+        for key, data in layout.tag_links(name, "v1" if private else "latest", m):
+            await storage.put_bytes(key, data)
         await storage.put_bytes(layout.marker(name, layout.PRIVATE_MARK if private else layout.CACHED_MARK), b"")
 
 
@@ -65,8 +66,8 @@ async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> 
     result = await export(storage, archive, [], None)
     assert [(r.name, r.kind) for r in result.header.repositories] == [("library/cached", "proxied"),
                                                                        ("team/app", "private")]
-    await storage.delete("repositories")
-    await storage.delete("blobs")
+    await storage.delete(layout.REPOSITORIES)
+    await storage.delete(layout.BLOBS)
     assert await listing(storage) == {}
 
     imported = await imported_from(storage, archive, tmp_path)
@@ -76,7 +77,7 @@ async def test_round_trip_on_every_backend(storage: Storage, tmp_path: Path) -> 
     # A damaged copy: one byte of the big layer flipped. It fails and storage stays as it is.
     big = max(result.header.blobs, key=lambda d: result.header.blobs[d])
     await storage.delete(layout.blob(parse_digest(big)))
-    await storage.delete("repositories/team")
+    await storage.delete(layout.repository("team"))
     damaged = bytearray(archive.read_bytes())
     damaged[damaged.index(b"blobs/sha256/" + big.split(":")[1].encode()) + 2048] ^= 1  # inside its data
     (tmp_path / "bad.tar").write_bytes(bytes(damaged))

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mirror.names import Digest
+from mirror.storage import layout
 from tests.support.ossserver import OssServer
 
 pytestmark = pytest.mark.e2e  # runs `python -m mirror` processes
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.e2e  # runs `python -m mirror` processes
 
 def test_du_evict_and_index_rebuild_leave_the_hot_tier_alone(oss_server: OssServer, tmp_path: Path) -> None:
     local = tmp_path / "local"
-    hot = local / "_tier" / "blobs" / "sha256" / "aa" / ("a" * 64)
+    hot = local / "_tier" / layout.blob(Digest("sha256", "a" * 64))
     hot.parent.mkdir(parents=True)
     hot.write_bytes(b"x" * 4096)
     os.utime(hot, (1_000_000_000, 1_000_000_000))  # old: the first to go if anything opened the tier

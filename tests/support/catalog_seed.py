@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from mirror.names import Digest
+from mirror.names import parse_digest
 from mirror.storage import layout
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -23,13 +23,9 @@ def _write(root: Path, key: str, data: bytes) -> None:
 
 
 def _blob(root: Path, data: bytes) -> str:
-    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-    _write(root, layout.blob(digest), data)
-    return str(digest)
-
-
-def _digest(value: str) -> Digest:
-    return Digest(*value.split(":", 1))
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    _write(root, layout.blob(parse_digest(digest)), data)
+    return digest
 
 
 def repository_name(i: int) -> str:
@@ -52,12 +48,14 @@ def seed_repositories(root: Path, count: int, tags: int = 2) -> list[str]:
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
                         "size": len(layer)}]}).encode()
         manifest_digest = _blob(root, manifest)
+        for digest in (config_digest, layer_digest):
+            _write(root, layout.layer(name, parse_digest(digest)), layout.link(digest))
+        m = parse_digest(manifest_digest)
+        _write(root, layout.revision(name, m), layout.link(m))
+        for t in range(tags):
+            for key, data in layout.tag_links(name, f"v{t}", m):
+                _write(root, key, data)
         mark = layout.PRIVATE_MARK if name.startswith("team/") else layout.CACHED_MARK
         _write(root, layout.marker(name, mark), b"")
-        for digest in (config_digest, layer_digest):
-            _write(root, layout.layer(name, _digest(digest)), digest.encode())
-        _write(root, layout.revision(name, _digest(manifest_digest)), manifest_digest.encode())
-        for t in range(tags):
-            _write(root, layout.tag(name, f"v{t}"), manifest_digest.encode())
         names.append(name)
     return sorted(names)

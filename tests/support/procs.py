@@ -31,6 +31,8 @@ from typing import Any, Self
 
 import yaml
 
+from mirror.storage.layout import BLOBS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DISTRIBUTION = "/usr/bin/docker-registry"
 
@@ -364,9 +366,9 @@ class Mirror(RegistryProc):
         return self.proc.logs(lines)
 
     def blob_files(self) -> list[Path]:
-        """Files under the mirror's blobs/ (what it cached), staging excluded."""
-        base = self.root / "blobs"
-        return sorted(p for p in base.rglob("*") if p.is_file()) if base.exists() else []
+        """The data files of the mirror's blob store (what it cached), staging excluded."""
+        base = self.root / BLOBS
+        return sorted(p for p in base.rglob("data") if p.is_file()) if base.exists() else []
 
     def has_blob(self, digest: str) -> bool:
         hexpart = digest.split(":", 1)[1]

@@ -1,6 +1,6 @@
 """A Docker token-spec authorization server for distribution's `auth.token`, run as a process.
 
-    python -m tests.support.tokenserver --port P --dir D [--user u:p ...] [--anonymous-pull]
+    python -m tests.support.tokenserver --port P --dir D [--user u:p ...] [--admin u ...] [--anonymous-pull]
         [--expires-in 300] [--issuer ...] [--service ...]
 
 It issues RS256 JWTs whose header carries the signing certificate in `x5c`; the certificate is
@@ -9,8 +9,9 @@ key and certificate (`key.pem`, `cert.pem`) before either process starts.
 
 `GET /token?service=..&scope=..` (Basic credentials optional) and the OAuth2 form `POST /token`
 (grant_type=password) are both answered. Users given with --user get pull and push on every
-repository; anonymous requests get pull only with --anonymous-pull, else a token with no access
-(distribution then answers 401). Wrong credentials get 401. One JSON line per token request
+repository; those also given with --admin get every action asked for (delete too) and
+`registry:catalog:*`; anonymous requests get pull only with --anonymous-pull, else a token with no
+access (distribution then answers 401). Wrong credentials get 401. One JSON line per token request
 goes to stdout: {"method", "account", "scopes", "granted", "status"}, which tests count.
 """
 
@@ -83,11 +84,12 @@ def parse_scope(scope: str) -> dict[str, Any] | None:
 
 class TokenServer:
     def __init__(self, key_pem: bytes, cert_pem: bytes, users: dict[str, str], anonymous_pull: bool,
-                 expires_in: int, issuer: str, service: str) -> None:
+                 expires_in: int, issuer: str, service: str, admins: frozenset[str] = frozenset()) -> None:
         self.key = serialization.load_pem_private_key(key_pem, password=None)
         cert = x509.load_pem_x509_certificate(cert_pem)
         self.x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         self.users = users
+        self.admins = admins
         self.anonymous_pull = anonymous_pull
         self.expires_in = expires_in
         self.issuer = issuer
@@ -125,11 +127,17 @@ class TokenServer:
             return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
                                      status=401, headers={"WWW-Authenticate": 'Basic realm="e2e-token"'})
         access = []
+        admin = account in self.admins
         for scope in scopes:
             entry = parse_scope(scope)
-            if entry is None or entry["type"] != "repository":
+            if entry is None or entry["type"] not in ("repository", "registry"):
                 continue
-            allowed = {"pull", "push"} if account else ({"pull"} if self.anonymous_pull else set())
+            if entry["type"] == "registry":
+                allowed = {"*"} if admin and entry["name"] == "catalog" else set()
+            elif admin:
+                allowed = set(entry["actions"])
+            else:
+                allowed = {"pull", "push"} if account else ({"pull"} if self.anonymous_pull else set())
             actions = [a for a in entry["actions"] if a in allowed]
             if actions:
                 access.append({**entry, "actions": actions})
@@ -158,7 +166,8 @@ class TokenServer:
 class TokenServerProc:
     """The token server as a process started by a test; `requests()` are its logged token requests."""
 
-    def __init__(self, tmp: Path, users: dict[str, str], anonymous_pull: bool = False, expires_in: int = 300) -> None:
+    def __init__(self, tmp: Path, users: dict[str, str], anonymous_pull: bool = False, expires_in: int = 300,
+                 admins: tuple[str, ...] = ()) -> None:
         from tests.support.procs import REPO_ROOT, Proc, client_env, free_port
 
         self.dir = Path(tmp)
@@ -167,6 +176,7 @@ class TokenServerProc:
         argv = [sys.executable, "-m", "tests.support.tokenserver", "--port", str(self.port), "--dir", str(self.dir),
                 "--expires-in", str(expires_in)]
         argv += [a for user, password in users.items() for a in ("--user", f"{user}:{password}")]
+        argv += [a for admin in admins for a in ("--admin", admin)]
         if anonymous_pull:
             argv.append("--anonymous-pull")
         env = client_env({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--dir", type=Path, required=True, help="holds key.pem and cert.pem (see make_keys)")
     p.add_argument("--user", action="append", default=[], help="user:password (repeatable)")
+    p.add_argument("--admin", action="append", default=[], help="a --user granted everything (repeatable)")
     p.add_argument("--anonymous-pull", action="store_true")
     p.add_argument("--expires-in", type=int, default=300)
     p.add_argument("--issuer", default=ISSUER)
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     users = dict(u.split(":", 1) for u in args.user)
     server = TokenServer((args.dir / "key.pem").read_bytes(), (args.dir / "cert.pem").read_bytes(), users,
-                         args.anonymous_pull, args.expires_in, args.issuer, args.service)
+                         args.anonymous_pull, args.expires_in, args.issuer, args.service, frozenset(args.admin))
     print(json.dumps({"msg": "listening", "port": args.port}), flush=True)
     web.run_app(server.app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
     return 0
