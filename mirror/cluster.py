@@ -32,6 +32,8 @@ log = logging.getLogger("mirror.cluster")
 T = TypeVar("T")
 Handler = Callable[[dict[str, Any]], None]
 RECONNECT_SECONDS = 1.0
+USES_FLUSH = 1.0  # seconds between writes of the last uses other replicas' eviction reads
+USES_KEPT = 300.0  # seconds a last use stays in Redis: far past ledger.FLUSH plus the journal's lag
 FAILURES = (RedisError, OSError, TimeoutError)
 # Release a lease only if it is still ours (a lease that expired may be someone else's by now).
 RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
@@ -64,6 +66,7 @@ class Cluster:
         self._handlers: dict[str, list[Handler]] = {}
         self._joined: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._uses: dict[str, float] = {}
         metrics.redis_up.set(0)
 
     def key(self, *parts: str) -> str:
@@ -132,40 +135,40 @@ class Cluster:
 
     # --- access times ------------------------------------------------------------------------------
 
-    async def touch(self, times: dict[str, float]) -> None:
-        """Last uses (`digest -> wall time`) into the one sorted set every replica's eviction reads; a
-        later time wins (ZADD GT), so replicas flushing in any order keep the latest."""
-        if not times:
+    def used(self, digest: str, at: float) -> None:
+        """A blob or manifest was served here: into the one sorted set every replica's eviction reads
+        within USES_FLUSH (a request never waits on Redis). The ledger's journal carries last uses too,
+        but only every ledger.FLUSH: this is what eviction on another replica could not know yet."""
+        if self.up:
+            self._uses[digest] = at
+
+    async def _flush_uses(self) -> None:
+        uses, self._uses = self._uses, {}
+        if not uses:
             return
         key = self.key("access")
+        newest = max(uses.values())
 
         async def add() -> None:
             pipe = self.redis.pipeline(transaction=False)
-            items = list(times.items())
+            items = list(uses.items())
             for i in range(0, len(items), 1000):
-                pipe.zadd(key, dict(items[i:i + 1000]), gt=True)
+                pipe.zadd(key, dict(items[i:i + 1000]), gt=True)  # replicas flushing in any order: latest wins
+            pipe.zremrangebyscore(key, "-inf", newest - USES_KEPT)  # what every ledger has heard by now
             await pipe.execute()
 
         await self._call(add, None)
 
-    async def access_times(self, digests: list[str]) -> dict[str, float]:
-        """The cluster's last use of each digest that has one (nothing while Redis is away)."""
-        key = self.key("access")
+    async def recent_uses(self, since: float) -> dict[str, float]:
+        """Every digest served on any replica since `since` (wall time), with its last use (nothing
+        while Redis is away: each replica evicts by what its ledger knows)."""
 
         async def read() -> dict[str, float]:
-            found: dict[str, float] = {}
-            for i in range(0, len(digests), 1000):
-                part = digests[i:i + 1000]
-                for digest, score in zip(part, await self.redis.zmscore(key, part), strict=True):
-                    if score is not None:
-                        found[digest] = float(score)
-            return found
+            found: list[tuple[bytes, float]] = await self.redis.zrangebyscore(self.key("access"), since, "+inf",
+                                                                              withscores=True)  # type: ignore[assignment]
+            return {digest.decode(): float(at) for digest, at in found}
 
-        return await self._call(read, {}) if digests else {}
-
-    async def forget_access(self, digests: list[str]) -> None:
-        if digests:
-            await self._call(lambda: self.redis.zrem(self.key("access"), *digests), 0)
+        return await self._call(read, {})
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -188,7 +191,8 @@ class Cluster:
 
     async def run(self) -> None:
         """Subscribe and dispatch; reconnect after a failure, every RECONNECT_SECONDS."""
-        await asyncio.gather(self._listen(), every(RECONNECT_SECONDS, self._ping, first=False))
+        await asyncio.gather(self._listen(), every(RECONNECT_SECONDS, self._ping, first=False),
+                             every(USES_FLUSH, self._flush_uses, first=False))
 
     async def _ping(self) -> None:
         try:

@@ -81,10 +81,10 @@ class Registry:
         self._blob_cache = BlobCache(self._blobs, storage.staging_dir(), metrics, self._namespace.filling, peers)
         self._uploads = Uploads(storage, self._blobs, ledger)
         cache = config.cache
-        self._evictor = Evictor(ledger, self._manifests, metrics, in_use=lambda: self._blob_cache.flights.keys(),
+        self.evictor = Evictor(ledger, self._manifests, metrics, in_use=lambda: self._blob_cache.flights.keys(),
                                 max_size=cache.max_size, ttl=cache.content_ttl, min_idle=cache.min_idle,
-                                high=cache.high_watermark, low=cache.low_watermark, clock=clock)
-        self._blobs.on_growth = self._evictor.grew
+                                high=cache.high_watermark, low=cache.low_watermark, clock=clock, cluster=cluster)
+        self._blobs.on_growth = self.evictor.grew
         ledger.on_change(self._manifests.heard)  # another replica removed links or blobs: memory forgets them
         ledger.on_change(self._blobs.heard)
         self._scrubber = Scrubber(storage, ledger, reads=storage.bulk(), manifests=self._manifests, metrics=metrics)
@@ -104,13 +104,13 @@ class Registry:
         loop = asyncio.get_running_loop()
 
         def pressure() -> None:
-            loop.call_soon_threadsafe(self._evictor.pressure)
+            loop.call_soon_threadsafe(self.evictor.pressure)
 
         if self._storage.name == "filesystem":
             self._storage.space.on_full.append(pressure)
         jobs.start(self.ledger.run(), self._blob_cache.clear_staging_forever(), self._gauges())
         purging = self._config.storage.uploadpurging
-        jobs.start(self._evictor.run_forever())  # passes without a cap or TTL only when the disk fills
+        jobs.start(self.evictor.run_forever())  # passes without a cap or TTL only when the disk fills
         scrub = self._config.scrub
         if scrub.enabled:
             jobs.start(self._scrubber.run_forever(scrub.interval, scrub.rate))

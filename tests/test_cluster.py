@@ -1,6 +1,7 @@
 """Replicas sharing state through a real redis-server (redis:): one revalidation of a tag and one fetch
-of a manifest across them, a 429 seen by one pausing all, a claim known to all at once, and a replica
-that keeps serving on its own while Redis is gone, and rejoins."""
+of a manifest across them, a 429 seen by one pausing all, a claim known to all at once, one eviction
+pass at a time over the last uses every replica wrote, and a replica that keeps serving on its own
+while Redis is gone, and rejoins."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from mirror.cache.eviction import Evictor
 from mirror.service import REGISTRY
 from tests.scripted_upstream import ScriptedUpstream
 from tests.support.clock import ManualClock
@@ -41,7 +43,7 @@ async def replicas(registry: Callable[..., Any], upstream: tuple[ScriptedUpstrea
     """`make(n)` -> n mirrors on one storage root, sharing state on the test's redis-server."""
     _, server = upstream
 
-    async def make(n: int = 2, **up: Any) -> list[TestClient]:
+    async def make(n: int = 2, cache: dict[str, Any] | None = None, **up: Any) -> list[TestClient]:
         settings = {"name": "hub", "url": str(server.make_url("")), "hosts": ["docker.io"], "dockerhub": True,
                     "tag_ttl": "5m", "retries": 1, **up}
         made = []
@@ -53,7 +55,7 @@ async def replicas(registry: Callable[..., Any], upstream: tuple[ScriptedUpstrea
                 http={"secret": "shared by the replicas", "advertise": f"http://127.0.0.1:{port}",
                       "draintimeout": "0s"},
                 redis={"addr": redis_server.addr, "dialtimeout": "200ms", "readtimeout": "200ms",
-                       "writetimeout": "200ms"}))
+                       "writetimeout": "200ms"}, **({"cache": cache} if cache else {})))
         for client in made:
             await until(_redis_is(client, 1.0), "replicas joined")
         return made
@@ -208,3 +210,48 @@ def _following(client: TestClient) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return (await metric(client, "mirror_blob_peer_follows_total") or 0) >= 1
     return check
+
+
+async def test_one_eviction_pass_at_a_time_over_the_last_uses_of_every_replica(
+        replicas: Callable[..., Any], upstream: tuple[ScriptedUpstream, TestServer], clock: ManualClock) -> None:
+    script, _ = upstream
+    images = {}
+    for name in ("kept", "gone"):
+        config_bytes, layer_bytes = f'{{"image":"{name}"}}'.encode(), name.encode() * 1000
+        config, layer = script.add_blob(config_bytes), script.add_blob(layer_bytes)
+        body = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config,
+                           "size": len(config_bytes)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer,
+                            "size": len(layer_bytes)}]}
+        images[name] = (script.add_manifest(f"library/{name}", "latest", body), config, layer)
+    a, b = await replicas(2, cache={"min_idle": "30s"})
+    for name, (_, config, layer) in images.items():  # both pulled whole through A
+        assert (await a.get(f"/v2/{name}/manifests/latest")).status == 200
+        for blob in (config, layer):
+            assert (await (await a.get(f"/v2/{name}/blobs/{blob}")).read())
+    clock.advance(120)  # long idle; then a pull of `kept` starts on B: its manifest, no blob yet
+    assert (await b.get("/v2/kept/manifests/latest")).status == 200
+    evictor_a: Evictor = a.app[REGISTRY].evictor
+    evictor_b: Evictor = b.app[REGISTRY].evictor
+    assert evictor_a.cluster is not None and evictor_b.cluster is not None
+    kept = images["kept"][0]
+
+    async def told() -> bool:
+        return kept in await evictor_a.cluster.recent_uses(clock.time() - 5)  # type: ignore[union-attr]
+
+    await until(told, "B's last use of the manifest in Redis")
+    # B is evicting: A's pass is skipped, nothing removed
+    token = await evictor_b.cluster.lease(30, "evict")
+    assert token is not None
+    assert await evictor_a.run_shared(max_size=1) is None
+    assert (await a.head(f"/v2/gone/blobs/{images['gone'][2]}")).status == 200
+    await evictor_b.cluster.release(token, "evict")
+    # then A's pass: B's pull in progress keeps `kept` (A's ledger has not heard of it: journal flushes
+    # come every 30 s), while `gone`, unused anywhere, goes whole
+    result = await evictor_a.run_shared(max_size=1)
+    assert result is not None
+    assert set(result.evicted) == set(images["gone"]), result.evicted
+    for blob in images["kept"][1:]:
+        assert (await b.get(f"/v2/kept/blobs/{blob}")).status == 200
+    assert script.calls[f"GET /v2/library/kept/blobs/{images['kept'][2]}"] == 1  # served from the cache

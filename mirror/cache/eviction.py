@@ -15,6 +15,12 @@ watermark, and at once when a write finds the disk full: that pass treats what s
 cap, so least recently used proxied content goes down to the low watermark of it (cached content is
 what a full disk can spare; private content never goes). The deletes go through the ledger's fence
 (a push on another replica that references a victim meanwhile keeps it).
+
+With replicas on Redis, one of them evicts at a time (a lease, renewed while its pass runs; the
+others skip theirs and look again soon), and a pass also reads the last uses every replica has
+written there in the last seconds: a manifest served on another replica protects what its pull
+has not fetched yet, and a blob served elsewhere since the ledger last heard is not taken for
+unused (the journal brings last uses only every ledger.FLUSH).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import math
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mirror.clock import SYSTEM, Clock
-from mirror.ledger import ops, queries
-from mirror.ledger.ledger import BlobState, Ledger
+from mirror.cluster import Cluster
+from mirror.ledger import journal, ops, queries
+from mirror.ledger.ledger import FLUSH, BlobState, Ledger
 from mirror.registry.stores import ManifestStore
 from mirror.server.metrics import Metrics
 from mirror.storage.inventory import Progress
@@ -39,6 +47,8 @@ EVICTION_SECONDS = 600.0
 RECHECK_SECONDS = 30.0
 PLAN_CHUNK = 1000  # candidates read from the index per step
 PASS_CHUNK = 5000  # victims planned, then deleted, at a time: what a pass holds stays bounded
+LEASE_SECONDS = 30.0  # the cluster's eviction lease, renewed every third of it while a pass runs
+BUSY_RETRY = 5.0  # another replica holds the lease: look again this soon
 
 
 @dataclass
@@ -70,17 +80,21 @@ Cursor = tuple[float, int]  # a place in the unpinned index: (last use, id)
 
 
 def plan(conn: sqlite3.Connection, ttl: float | None, now: float, target: int | None, usage: int,
-         protected: set[str], after: Cursor, limit: int) -> tuple[list[Victim], Cursor | None]:
+         protected: set[str], after: Cursor, limit: int,
+         elsewhere: dict[str, float] | None = None) -> tuple[list[Victim], Cursor | None]:
     """Least recently used first, from `after`: what has expired, then what takes usage down to
     `target`, at most `limit`; stops at the first candidate neither applies to (everything after it
-    was used more recently still). The victims, and where the next chunk starts (None: done)."""
+    was used more recently still). A candidate `elsewhere` says was used later than the ledger knows
+    (on another replica) is passed over: its place in the order is later. The victims, and where the
+    next chunk starts (None: done)."""
     victims: list[Victim] = []
+    elsewhere = elsewhere or {}
     while rows := queries.unpinned(conn, after, PLAN_CHUNK):
         for digest, size, used, blob_id in rows:
             if len(victims) >= limit:
                 return victims, after
             after = (used, blob_id)
-            if digest in protected:
+            if digest in protected or elsewhere.get(digest, -math.inf) > (used or 0.0):
                 continue
             expired = ttl is not None and now - (used or 0.0) > ttl
             if not expired and (target is None or usage <= target):
@@ -92,17 +106,27 @@ def plan(conn: sqlite3.Connection, ttl: float | None, now: float, target: int | 
     return victims, None
 
 
-def pulls_in_progress(conn: sqlite3.Connection, now: float, min_idle: float) -> dict[str, tuple[float, int]]:
-    """The manifests served within `min_idle`, and the blobs they reference that have not been used since
-    (their pulls are under way), each with when that protection ends and its size."""
+def pulls_in_progress(conn: sqlite3.Connection, now: float, min_idle: float,
+                      elsewhere: dict[str, float] | None = None) -> dict[str, tuple[float, int]]:
+    """The manifests served within `min_idle` (here, or on another replica by `elsewhere`'s last uses),
+    and the blobs they reference that have not been used since (their pulls are under way), each with
+    when that protection ends and its size."""
+    elsewhere = elsewhere or {}
+    served_at = dict(queries.served_since(conn, now - min_idle))
+    for digest, at in elsewhere.items():  # blobs too: those with no children protect nothing more
+        if at >= now - min_idle:
+            served_at[digest] = max(at, served_at.get(digest, -math.inf))
     kept: dict[str, tuple[float, int]] = {}
-    for manifest, served in queries.served_since(conn, now - min_idle):
+    for manifest, served in served_at.items():
+        size, _, pinned, _, _ = queries.blob_state(conn, manifest)
+        if manifest in elsewhere and (pinned or not queries.children(conn, manifest)):
+            continue  # a blob, a private manifest, or one this ledger does not hold
         until = served + min_idle
-        kept[manifest] = (until, queries.blob_state(conn, manifest)[0] or 0)
+        kept[manifest] = (until, size or 0)
         pending = [manifest]
         while pending:
             for child, used in queries.children(conn, pending.pop()):
-                if child in kept or (used or 0.0) >= served:
+                if child in kept or max(used or 0.0, elsewhere.get(child, -math.inf)) >= served:
                     continue  # already protected, or fetched since the manifest was served
                 kept[child] = (until, queries.blob_state(conn, child)[0] or 0)
                 pending.append(child)  # an index's child manifests, and what they reference
@@ -114,7 +138,8 @@ class Evictor:
 
     def __init__(self, ledger: Ledger, manifests: ManifestStore, metrics: Metrics,
                  in_use: Callable[[], Iterable[str]] = tuple, max_size: int | None = None, ttl: float | None = None,
-                 min_idle: float = 30.0, high: float = 0.95, low: float = 0.85, clock: Clock = SYSTEM) -> None:
+                 min_idle: float = 30.0, high: float = 0.95, low: float = 0.85, clock: Clock = SYSTEM,
+                 cluster: Cluster | None = None) -> None:
         self.ledger = ledger
         self.manifests = manifests
         self.metrics = metrics
@@ -122,6 +147,7 @@ class Evictor:
         self.max_size, self.ttl, self.min_idle, self.high, self.low = max_size, ttl, min_idle, high, low
         self.usage: int | None = None  # proxied bytes: from the last pass plus what arrived since
         self.clock = clock
+        self.cluster = cluster
         self.wake = asyncio.Event()
         self.over_cap = False  # the last pass left the cache over its cap because pulls were in progress
         self._next_due: float | None = None  # wall time the protection that kept it over ends
@@ -160,13 +186,14 @@ class Evictor:
         last = -math.inf
         while True:
             due = self.clock.monotonic() - last >= EVICTION_SECONDS or self.wake.is_set() or await self._over()
+            busy = False
             if due and (self.configured or self._pressed):
                 last = self.clock.monotonic()
                 try:
-                    await self.run()
+                    busy = await self.run_shared() is None
                 except Exception:
                     log.exception("eviction pass failed")
-            wait = RECHECK_SECONDS
+            wait = BUSY_RETRY if busy else RECHECK_SECONDS
             if self._next_due is not None:
                 wait = min(wait, max(0.1, self._next_due - self.clock.time()))
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as
@@ -174,6 +201,33 @@ class Evictor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.wake.wait()
+
+    async def run_shared(self, **pass_settings: Any) -> EvictionResult | None:
+        """A pass, unless another replica is running one (None): with Redis, one replica evicts at a
+        time. Its lease is renewed while the pass runs; lost (Redis gone a while), the pass goes on:
+        the fence keeps two passes safe, the lease only keeps them from doing the same work twice."""
+        cluster = self.cluster
+        if cluster is None:
+            return await self.run(**pass_settings)
+        token = await cluster.lease(LEASE_SECONDS, "evict")
+        if token is None:
+            log.debug("eviction: another replica is running a pass")
+            return None
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LEASE_SECONDS / 3)
+                if not await cluster.renew(token, LEASE_SECONDS, "evict"):
+                    log.warning("eviction: the cluster's lease was lost during a pass")
+                    return
+
+        renewing = asyncio.create_task(renew())
+        try:
+            return await self.run(**pass_settings)
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            await cluster.release(token, "evict")
 
     async def _over(self) -> bool:
         """Past the high watermark by the ledger's count (which another replica's fills move too)."""
@@ -196,7 +250,8 @@ class Evictor:
             totals = await self.ledger.totals()
             proxied = totals.unpinned_bytes
             result = EvictionResult(usage_before=totals.bytes, kept_private=totals.private_blobs)
-            pulling = await self.ledger.read(pulls_in_progress, now, self.min_idle)
+            elsewhere = await self._used_elsewhere(now)
+            pulling = await self.ledger.read(pulls_in_progress, now, self.min_idle, elsewhere)
             protected = set(self.in_use()) | pulling.keys()
             result.kept_recent = len(protected)
             target = int(max_size * self.low) if max_size is not None and proxied > max_size * self.high else None
@@ -220,7 +275,8 @@ class Evictor:
             cursor: Cursor | None = (-math.inf, 0)
             while cursor is not None:  # a chunk at a time: a pass of any size holds one chunk
                 usage = proxied - result.evicted_bytes
-                victims, cursor = await self.ledger.read(plan, ttl, now, target, usage, protected, cursor, PASS_CHUNK)
+                victims, cursor = await self.ledger.read(plan, ttl, now, target, usage, protected, cursor, PASS_CHUNK,
+                                                         elsewhere)
                 planned.clear()
                 planned.update((v.digest, v) for v in victims)
                 if dry_run:
@@ -238,6 +294,13 @@ class Evictor:
                          " (dry run)" if dry_run else "", " to make room on a full disk" if pressed else "")
             self._say_if_over(result, max_size, pulling, dry_run)
             return result
+
+    async def _used_elsewhere(self, now: float) -> dict[str, float]:
+        """Last uses on any replica the ledger may not have heard yet (with Redis): those of the last
+        min_idle, or of one journal flush and its lag, whichever is longer."""
+        if self.cluster is None:
+            return {}
+        return await self.cluster.recent_uses(now - max(self.min_idle, FLUSH + journal.LAG))
 
     @staticmethod
     def _count(result: EvictionResult, victim: Victim) -> None:

@@ -112,6 +112,7 @@ class Ledger:
         self._closing: set[asyncio.Task[None]] = set()
         self._backlog: list[ops.Op] = []  # ops the ledger's disk refused (full), applied once it takes them
         self._wake = asyncio.Event()  # another replica wrote a record (redis): look now, not at the next poll
+        self._cluster: Cluster | None = None
 
     # --- files -----------------------------------------------------------------------------------------
 
@@ -315,6 +316,7 @@ class Ledger:
         (the poll stays, for when redis is away)."""
         self.writer.put = lambda: cluster.publish("journal", {})
         cluster.on("journal", lambda event: self._wake.set())
+        self._cluster = cluster  # and last uses, at once: the journal has them only every FLUSH
 
     def on_change(self, listener: Listener) -> None:
         """`listener` hears the ops of other processes once applied (to forget what memory holds of them)."""
@@ -415,8 +417,11 @@ class Ledger:
             self.ready.clear()
 
     def touch(self, digest: str) -> None:
-        """A blob or manifest was served (eviction's order): batched, written every FLUSH seconds."""
-        self._used[digest] = self.clock.time()
+        """A blob or manifest was served (eviction's order): batched, written every FLUSH seconds (and
+        with redis, told to the other replicas' eviction within a second)."""
+        at = self._used[digest] = self.clock.time()
+        if self._cluster is not None:
+            self._cluster.used(digest, at)
 
     def pulled(self, repository: str, digest: str) -> None:
         """A manifest GET was answered (the UI's last pulled): batched like touches."""
