@@ -135,7 +135,8 @@ def test_mirror_serves_a_root_registry2_wrote(written: Written, layouts: dict[st
     assert http("GET", f"{mirror.url}/v2/team/app/blobs/{digest}").body == written.upload_data
     # nothing of mirror's own went where registry:2 reads but its marks
     assert not (root / "docker" / "registry" / "v2" / "_index").exists()
-    assert sorted(p.name for p in root.iterdir()) == ["_index", "_staging", "docker"]
+    assert sorted(p.name for p in root.iterdir()) == ["_index", "_mirror", "_staging", "docker"]
+    assert {p.name for p in (root / "_mirror").iterdir()} <= {"journal", "passes"}  # what replicas share
 
 
 def test_docker_pulls_from_a_root_registry2_wrote(written: Written, docker: Dockerd, tmp_path: Path,

@@ -91,7 +91,11 @@ def test_serve_listens_at_once_on_a_large_storage(seeded: Path, mirror_factory: 
     while http("GET", f"{m.url}/v2/_catalog?n=5", timeout=30).status != 200:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    assert json.loads(http("GET", f"{m.url}/v2/_catalog?n=2").body)["repositories"] == ["team/app"]
+    # registry:2's catalog: every repository with content (the cached ones link blobs), in path order
+    first = json.loads(http("GET", f"{m.url}/v2/_catalog?n=2").body)["repositories"]
+    assert first == ["library/r000", "library/r001"]
+    last = f"library/r{REPOSITORIES - 1:03d}"
+    assert json.loads(http("GET", f"{m.url}/v2/_catalog?n=5&last={last}").body)["repositories"] == ["team/app"]
     m.stop()  # the next test evicts from the seed: this one reads it first
     print(f"listening {listening:.2f}s after the spawn (the process's own start included)")
     assert listening < 10.0
