@@ -559,7 +559,10 @@ def measure_tree(tree: Tree, size: int, work: Path, when: float, args: argparse.
     t0 = time.perf_counter()
     root = work / "data"
     data = seed(root, size, when)
-    log(f"{tree.label} {size:,}: seeded {data.files:,} files ({data.blobs:,} blobs) in {data.seconds}s")
+    synced = time.perf_counter()
+    os.sync()  # the seed's writeback is over before anything is measured
+    log(f"{tree.label} {size:,}: seeded {data.files:,} files ({data.blobs:,} blobs) in {data.seconds}s, synced in "
+        f"{time.perf_counter() - synced:.0f}s")
     port = procs.free_port()
     config = write_config(work / "config.json", root, port)
     base = f"http://127.0.0.1:{port}"
@@ -619,6 +622,7 @@ def remove(path: Path) -> None:
     """rm -rf: millions of small files go faster than shutil.rmtree."""
     if path.exists():
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False, timeout=1800)
+        os.sync()  # nor the deletion's
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -782,30 +786,40 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 try:
                     results.append(measure_tree(tree, size, work, when, args))
+                    save(results, sizes, trees, time.perf_counter() - t0, complete=False)  # kept if we are stopped
                 finally:
                     remove(work)
     finally:
         remove(base)
-    text, summary = table(results, sizes, trees)
-    failed = [f"{r['tree']} {short(r['repositories'])}: {c}" for r in results for c in r["checks"]]
+    text, summary, failed, missed = save(results, sizes, trees, time.perf_counter() - t0, complete=True)
     data = results[-1]["dataset"]
     print(f"\nmirror at scale: {', '.join(short(n) for n in sizes)} repositories "
           f"({data['repositories']:,} repositories: {data['files']:,} files, {data['blobs']:,} blobs), trees "
           + ", ".join(f"{t.label}={t.path}" for t in trees) + f"; {time.perf_counter() - t0:.0f}s in all\n")
     print(text)
-    missed = [k for k, g in summary["goals"].items() if not g["met"]]
     print(f"\ngoals at {short(sizes[-1])} ({summary['judged']}): "
           + (f"missed {', '.join(missed)}" if missed else "all met")
           + f"; extrapolation: per row, the line through {short(sizes[-2]) if len(sizes) > 1 else '-'} and "
           f"{short(sizes[-1])} against objects stored (repositories + blobs), at 1M + 10M")
     print("checks: " + ("all passed" if not failed else "FAILED\n  " + "\n  ".join(failed)))
+    return 1 if failed or missed else 0
+
+
+def save(results: list[dict[str, Any]], sizes: list[int], trees: list[Tree], seconds: float, complete: bool
+         ) -> tuple[str, dict[str, Any], list[str], list[str]]:
+    """bench/results/scale.json from what was measured so far: the table, the goals missed, the checks failed."""
+    done = [n for n in sizes if any(r["repositories"] == n for r in results)]
+    text, summary = table(results, done, trees)
+    failed = [f"{r['tree']} {short(r['repositories'])}: {c}" for r in results for c in r["checks"]]
+    missed = [k for k, g in summary["goals"].items() if not g["met"]]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps({
-        "sizes": sizes, "trees": {t.label: str(t.path) for t in trees}, "results": results, **summary,
-        "checks_failed": failed, "seconds": round(time.perf_counter() - t0), "bench_peak_rss_mb":
-        round(usage.ru_maxrss * 1024 / MB), "rows": [asdict(r) for r in ROWS], "table": text}, indent=2))
-    return 1 if failed or missed else 0
+        "complete": complete, "sizes": sizes, "trees": {t.label: str(t.path) for t in trees}, "results": results,
+        **summary, "checks_failed": failed, "seconds": round(seconds),
+        "bench_peak_rss_mb": round(usage.ru_maxrss * 1024 / MB), "rows": [asdict(r) for r in ROWS], "table": text},
+        indent=2))
+    return text, summary, failed, missed
 
 
 if __name__ == "__main__":
