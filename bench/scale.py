@@ -138,12 +138,13 @@ class Dataset:
     seconds: float = 0.0
     images: list[Image] = field(default_factory=list)  # what the checks pull: one private, one cached
 
-    @property
-    def objects(self) -> int:
-        return self.repositories + self.blobs
-
     def names(self) -> list[str]:
         return sorted(repository_name(i) for i in range(self.repositories))
+
+
+def objects(repositories: int) -> int:
+    """Repositories + blobs `seed` writes for this many repositories."""
+    return repositories + 3 * repositories + SHARED_LAYERS + repositories // ORPHANS_PER
 
 
 def seed(root: Path, repositories: int, when: float) -> Dataset:
@@ -419,7 +420,7 @@ async def first_start(proc: procs.Proc, base: str, data: Dataset, limit: float, 
                 await asyncio.sleep(max(0.0, t + PACE - time.perf_counter()))
 
         loop = asyncio.create_task(hammer())
-        try:
+        try:  # /proc reads of a server that died raise OSError: its cells say so (below)
             v2, catalog, ui = await asyncio.gather(
                 until(s, f"{base}/v2/", lambda st, _: st == 200, t0, deadline, proc),
                 until(s, f"{base}/v2/_catalog?n=1", lambda st, _: st == 200, t0, deadline, proc),
@@ -469,6 +470,14 @@ async def first_start(proc: procs.Proc, base: str, data: Dataset, limit: float, 
             stall = STALL.search(body.decode(errors="replace")) if status == 200 else None
         out["loop_stall"] = Value(round(float(stall.group(1)) * 1000, 1)) if stall else Value(error="n/a")
     return out
+
+
+async def first_start_or_exit(proc: procs.Proc, base: str, data: Dataset, limit: float, idle: float
+                              ) -> dict[str, Value]:
+    try:
+        return await first_start(proc, base, data, limit, idle)
+    except OSError as e:  # /proc/<pid> gone: the server exited under us
+        return {"start": Value(error=f"the server exited ({e})")}
 
 
 async def pull(s: aiohttp.ClientSession, base: str, image: Image) -> str:
@@ -583,7 +592,7 @@ def measure_tree(tree: Tree, size: int, work: Path, when: float, args: argparse.
 
     proc = serve_proc(tree, config, work, "serve-first")
     try:
-        values.update(asyncio.run(first_start(proc, base, data, args.settle_timeout, args.idle_seconds)))
+        values.update(asyncio.run(first_start_or_exit(proc, base, data, args.settle_timeout, args.idle_seconds)))
     finally:
         proc.stop(60)
     lines = read_json_lines(proc.stdout_path)
@@ -731,7 +740,6 @@ def met(row: Row, value: Value, base: Value | None) -> bool | None:
 def table(results: list[dict[str, Any]], sizes: list[int], trees: list[Tree]) -> tuple[str, dict[str, Any]]:
     cell: dict[tuple[int, str], dict[str, Value]] = {
         (r["repositories"], r["tree"]): {k: Value(**v) for k, v in r["values"].items()} for r in results}
-    objects = {r["repositories"]: r["dataset"]["repositories"] + r["dataset"]["blobs"] for r in results}
     judged = "after" if any(t.label == "after" for t in trees) else trees[-1].label
     largest, smallest = short(sizes[-1]), short(sizes[0])
     head = [f"{short(n)} {t.label}" for n in sizes for t in trees]
@@ -748,7 +756,7 @@ def table(results: list[dict[str, Any]], sizes: list[int], trees: list[Tree]) ->
             goals[row.key] = {"goal": goal_of(row, smallest), "met": outcome}
         cells += [goal_of(row, smallest), "" if outcome is None else "✓" if outcome else "✗"]
         for t in trees:
-            points = [(objects[n], cell[(n, t.label)].get(row.key, Value())) for n in sizes if (n, t.label) in cell]
+            points = [(objects(n), cell[(n, t.label)].get(row.key, Value())) for n in sizes if (n, t.label) in cell]
             e = extrapolate(points)
             extrapolated.setdefault(row.key, {})[t.label] = asdict(e)
             cells.append(fmt_value(e, row.unit))
@@ -787,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(x) for x in args.sizes.split(",")) if args.sizes else list(QUICK if args.quick else SIZES)
     trees = parse_trees(args)
     when = float(int(time.time() - AGE))
+
+    def stopped(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # the finally blocks stop the servers and delete the data
+
+    signal.signal(signal.SIGTERM, stopped)
     results: list[dict[str, Any]] = []
     base = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.workdir))
     t0 = time.perf_counter()
@@ -797,13 +810,18 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 try:
                     results.append(measure_tree(tree, size, work, when, args))
-                    save(results, sizes, trees, time.perf_counter() - t0, complete=False)  # kept if we are stopped
+                except Exception as e:  # one tree's failure is its cells, not the run's end
+                    log(f"{tree.label} {size:,}: failed: {e!r}")
+                    results.append({"tree": tree.label, "path": str(tree.path), "repositories": size, "values": {},
+                                    "checks": [f"the measurement failed: {e!r}"[:500]]})
                 finally:
                     remove(work)
+                save(results, sizes, trees, time.perf_counter() - t0, complete=False)  # kept if we are stopped
     finally:
         remove(base)
     text, summary, failed, missed = save(results, sizes, trees, time.perf_counter() - t0, complete=True)
-    data = results[-1]["dataset"]
+    data = next((r["dataset"] for r in reversed(results) if "dataset" in r),
+                {"repositories": 0, "files": 0, "blobs": 0})
     print(f"\nmirror at scale: {', '.join(short(n) for n in sizes)} repositories "
           f"({data['repositories']:,} repositories: {data['files']:,} files, {data['blobs']:,} blobs), trees "
           + ", ".join(f"{t.label}={t.path}" for t in trees) + f"; {time.perf_counter() - t0:.0f}s in all\n")
