@@ -8,8 +8,11 @@ commands on 1,000 / 10,000 / 100,000 repositories, the code before the ledger be
 
 `--before PATH` names a checkout of the code to compare with (without it only this checkout is
 measured); make one with `git worktree add /tmp/before <commit>` (981cad9 is the commit before the
-ledger) and remove it with `git worktree remove /tmp/before`. Each tree's own `mirror` package runs
-(PYTHONPATH and the working directory are the tree), under this Python.
+ledger; `git worktree remove /tmp/before` afterwards), or without touching the repository's worktree
+list, `mkdir /tmp/before && git archive 981cad9 | tar -x -C /tmp/before`. Each tree's own `mirror`
+package runs (PYTHONPATH and the working directory are the tree), under this Python. A full run takes
+about 1.5 hours on a 2-core machine, most of it the code before on 100k repositories (its walks are
+capped, see below) and deleting the two 100k roots (~3M inodes each).
 
 For each size and tree, a storage root is seeded straight in registry:2's layout (through
 mirror/storage/layout.py, plain os.open/os.write as tests/e2e/test_scale.py does), the same bytes and
