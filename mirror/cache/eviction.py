@@ -119,17 +119,18 @@ def pulls_in_progress(conn: sqlite3.Connection, now: float, min_idle: float,
     kept: dict[str, tuple[float, int]] = {}
     for manifest, served in served_at.items():
         size, _, pinned, _, _ = queries.blob_state(conn, manifest)
-        if manifest in elsewhere and (pinned or not queries.children(conn, manifest)):
+        children = queries.children(conn, manifest)
+        if manifest in elsewhere and (pinned or not children):
             continue  # a blob, a private manifest, or one this ledger does not hold
         until = served + min_idle
         kept[manifest] = (until, size or 0)
-        pending = [manifest]
+        pending = [children]
         while pending:
-            for child, used in queries.children(conn, pending.pop()):
+            for child, used in pending.pop():
                 if child in kept or max(used or 0.0, elsewhere.get(child, -math.inf)) >= served:
                     continue  # already protected, or fetched since the manifest was served
                 kept[child] = (until, queries.blob_state(conn, child)[0] or 0)
-                pending.append(child)  # an index's child manifests, and what they reference
+                pending.append(queries.children(conn, child))  # an index's child manifests, and theirs
     return kept
 
 
